@@ -1,1 +1,117 @@
-//! stub
+//! # palisade-testkit
+//!
+//! Starts real `etcd` and `redis-server` processes for tests and benchmarks, on free ports of
+//! 127.0.0.1, each with a fresh temporary data directory, and lets a test kill, pause (`SIGSTOP`),
+//! resume (`SIGCONT`) and restart them to inject faults. Nothing is mocked: the servers are the
+//! ones palisade runs against in production.
+//!
+//! ```no_run
+//! use palisade_testkit::{Etcd, Redis};
+//!
+//! # fn main() -> Result<(), palisade_testkit::Error> {
+//! let etcd = Etcd::start()?; // waits until etcd answers /health
+//! println!("etcd at {:?}", etcd.endpoints());
+//! etcd.pause()?; // SIGSTOP: the server stops answering but keeps its sockets
+//! etcd.resume()?;
+//! etcd.kill()?;
+//! etcd.restart()?; // same ports, same data directory
+//!
+//! let redis = Redis::start()?;
+//! println!("redis at {}", redis.url());
+//! # Ok(()) }
+//! ```
+//!
+//! All calls block the calling thread (startup waits are bounded by [`STARTUP_TIMEOUT`]). In an
+//! async test, use `#[tokio::test(flavor = "multi_thread")]` or `tokio::task::spawn_blocking`.
+//!
+//! Every server is killed when its handle is dropped, and also when the test process dies
+//! (the server gets `SIGKILL` through Linux's parent-death signal), so a failed or killed test
+//! never leaves a server behind.
+//!
+//! A missing binary is reported as [`Error::MissingBinary`], which names the Debian package and
+//! the setup command; a server that does not come up is reported with the end of its log.
+
+mod etcd;
+mod net;
+mod process;
+mod redis;
+
+pub use etcd::{Etcd, EtcdCluster};
+pub use redis::{Redis, RedisCluster, RedisOptions};
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// How long a server may take to answer after it is started or restarted.
+pub const STARTUP_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// What went wrong while starting or controlling a server.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// The server's binary is not installed.
+    #[error(
+        "`{binary}` was not found on PATH (it comes with the Debian package `{package}`): \
+         run `scripts/setup`, or `sudo apt-get install {package}`"
+    )]
+    MissingBinary {
+        /// The program that was looked for.
+        binary: &'static str,
+        /// The Debian package that provides it.
+        package: &'static str,
+    },
+    /// The server did not answer within the startup timeout.
+    #[error("{server} did not answer within {timeout:?}; end of its log ({log_path}):\n{log}")]
+    NotReady {
+        /// Which server.
+        server: String,
+        /// How long we waited.
+        timeout: Duration,
+        /// Where its full log is.
+        log_path: PathBuf,
+        /// The last lines of its log.
+        log: String,
+    },
+    /// The server exited while we waited for it to answer.
+    #[error("{server} exited during startup ({status}); end of its log ({log_path}):\n{log}")]
+    Exited {
+        /// Which server.
+        server: String,
+        /// Its exit status.
+        status: String,
+        /// Where its full log is.
+        log_path: PathBuf,
+        /// The last lines of its log.
+        log: String,
+    },
+    /// A signal was sent to a server that is not running (it was killed and not restarted).
+    #[error("{server} is not running (it was killed): call restart() first")]
+    NotRunning {
+        /// Which server.
+        server: String,
+    },
+    /// An operating-system call failed.
+    #[error("{context}: {source}")]
+    Io {
+        /// What we were doing.
+        context: String,
+        /// The underlying error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Forming a cluster failed (e.g. `redis-cli --cluster create` or an etcd leader election).
+    #[error("forming the {what} cluster failed: {detail}")]
+    Cluster {
+        /// Which kind of cluster.
+        what: &'static str,
+        /// What went wrong, with the tool's output where there is one.
+        detail: String,
+    },
+}
+
+impl Error {
+    pub(crate) fn io(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> Error {
+        let context = context.into();
+        move |source| Error::Io { context, source }
+    }
+}

@@ -1,0 +1,255 @@
+//! One server process: how to start it again, its log, and the signals a test sends it.
+
+use crate::{Error, STARTUP_TIMEOUT};
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+use std::fs::OpenOptions;
+use std::io::{Read, Seek, SeekFrom};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::sync::{Mutex, MutexGuard, OnceLock};
+use std::time::{Duration, Instant};
+
+/// Finds `binary` on PATH (and in the sbin directories Debian uses), or says which package has it.
+pub(crate) fn find_binary(
+    binary: &'static str,
+    package: &'static str,
+    env_override: &str,
+) -> Result<PathBuf, Error> {
+    if let Some(path) = std::env::var_os(env_override) {
+        return Ok(PathBuf::from(path));
+    }
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .chain(["/usr/sbin", "/usr/bin", "/usr/local/bin"].map(PathBuf::from))
+        .map(|dir| dir.join(binary))
+        .find(|candidate| candidate.is_file())
+        .ok_or(Error::MissingBinary { binary, package })
+}
+
+type SpawnRequest = (Command, mpsc::Sender<std::io::Result<Child>>);
+
+/// Spawns every server from one thread that lives as long as the process.
+///
+/// Linux delivers the parent-death signal when the *thread* that forked the child exits, not the
+/// process; spawning from a test's own thread (or a `spawn_blocking` thread that is reaped when
+/// idle) would kill servers early. This thread never exits, so the signal fires only when the
+/// test process itself dies.
+fn spawn(command: Command) -> std::io::Result<Child> {
+    static SPAWNER: OnceLock<Mutex<mpsc::Sender<SpawnRequest>>> = OnceLock::new();
+    let sender = SPAWNER.get_or_init(|| {
+        let (tx, rx) = mpsc::channel::<SpawnRequest>();
+        std::thread::Builder::new()
+            .name("palisade-testkit-spawner".into())
+            .spawn(move || {
+                for (mut command, reply) in rx {
+                    let _ = reply.send(command.spawn());
+                }
+            })
+            .expect("the OS refused to start the testkit's spawner thread");
+        Mutex::new(tx)
+    });
+    let (reply_tx, reply_rx) = mpsc::channel();
+    lock(sender)
+        .send((command, reply_tx))
+        .map_err(|_| std::io::Error::other("the testkit's spawner thread is gone"))?;
+    reply_rx
+        .recv()
+        .map_err(|_| std::io::Error::other("the testkit's spawner thread is gone"))?
+}
+
+/// Locks a mutex, ignoring poisoning: a panicking test must not make cleanup panic too.
+pub(crate) fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// A server process that can be killed, paused, resumed and started again with the same
+/// arguments (and so the same ports and data directory).
+#[derive(Debug)]
+pub(crate) struct Server {
+    pub(crate) label: String,
+    program: PathBuf,
+    args: Vec<String>,
+    log_path: PathBuf,
+    /// `None` after `kill()`, until the next `spawn()`.
+    child: Mutex<Option<Child>>,
+}
+
+impl Server {
+    pub(crate) fn new(
+        label: String,
+        program: PathBuf,
+        args: Vec<String>,
+        log_path: PathBuf,
+    ) -> Self {
+        Server {
+            label,
+            program,
+            args,
+            log_path,
+            child: Mutex::new(None),
+        }
+    }
+
+    /// Starts the process (it must not be running).
+    pub(crate) fn spawn(&self) -> Result<(), Error> {
+        let log = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log_path)
+            .map_err(Error::io(format!("opening {}", self.log_path.display())))?;
+        let log_err = log
+            .try_clone()
+            .map_err(Error::io("duplicating the log file handle"))?;
+        let mut command = Command::new(&self.program);
+        command
+            .args(&self.args)
+            .stdin(Stdio::null())
+            .stdout(log)
+            .stderr(log_err);
+        // SAFETY: the closure runs in the forked child before exec and only makes one
+        // async-signal-safe system call (prctl), allocating nothing and taking no lock.
+        #[allow(unsafe_code)]
+        unsafe {
+            command.pre_exec(|| {
+                nix::sys::prctl::set_pdeathsig(Signal::SIGKILL).map_err(std::io::Error::from)
+            });
+        }
+        let child = spawn(command).map_err(Error::io(format!("starting {}", self.label)))?;
+        *lock(&self.child) = Some(child);
+        Ok(())
+    }
+
+    pub(crate) fn pid(&self) -> Option<u32> {
+        lock(&self.child).as_ref().map(Child::id)
+    }
+
+    /// Kills the process with SIGKILL (works on a paused process too) and reaps it.
+    pub(crate) fn kill(&self) -> Result<(), Error> {
+        if let Some(mut child) = lock(&self.child).take() {
+            let _ = child.kill();
+            child
+                .wait()
+                .map_err(Error::io(format!("waiting for {} to exit", self.label)))?;
+        }
+        Ok(())
+    }
+
+    pub(crate) fn signal(&self, signal: Signal) -> Result<(), Error> {
+        let pid = self.pid().ok_or_else(|| Error::NotRunning {
+            server: self.label.clone(),
+        })?;
+        kill(Pid::from_raw(pid as i32), signal).map_err(|errno| Error::Io {
+            context: format!("sending {signal} to {}", self.label),
+            source: errno.into(),
+        })
+    }
+
+    /// Polls `ready` until it says yes, the process exits, or [`STARTUP_TIMEOUT`] passes.
+    pub(crate) fn wait_ready(&self, mut ready: impl FnMut() -> bool) -> Result<(), Error> {
+        let deadline = Instant::now() + STARTUP_TIMEOUT;
+        loop {
+            if ready() {
+                return Ok(());
+            }
+            if let Some(status) = self.exit_status() {
+                return Err(Error::Exited {
+                    server: self.label.clone(),
+                    status,
+                    log_path: self.log_path.clone(),
+                    log: self.log_tail(),
+                });
+            }
+            if Instant::now() >= deadline {
+                return Err(Error::NotReady {
+                    server: self.label.clone(),
+                    timeout: STARTUP_TIMEOUT,
+                    log_path: self.log_path.clone(),
+                    log: self.log_tail(),
+                });
+            }
+            std::thread::sleep(Duration::from_millis(25));
+        }
+    }
+
+    fn exit_status(&self) -> Option<String> {
+        let mut guard = lock(&self.child);
+        match guard.as_mut().map(Child::try_wait) {
+            None => Some("killed".into()),
+            Some(Ok(Some(status))) => Some(status.to_string()),
+            Some(_) => None,
+        }
+    }
+
+    /// Whether the last start failed because a port was taken (another test won the race
+    /// for a port we picked), which is worth another try on other ports.
+    pub(crate) fn port_was_taken(error: &Error) -> bool {
+        match error {
+            Error::Exited { log, .. } => log.contains("address already in use"),
+            _ => false,
+        }
+    }
+
+    /// The last 40 lines of the server's log.
+    pub(crate) fn log_tail(&self) -> String {
+        read_tail(&self.log_path, 40)
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.kill();
+    }
+}
+
+fn read_tail(path: &Path, lines: usize) -> String {
+    let Ok(mut file) = std::fs::File::open(path) else {
+        return String::from("(no log)");
+    };
+    let len = file.metadata().map(|m| m.len()).unwrap_or(0);
+    let _ = file.seek(SeekFrom::Start(len.saturating_sub(16 * 1024)));
+    let mut raw = Vec::new();
+    let _ = file.read_to_end(&mut raw);
+    let text = String::from_utf8_lossy(&raw);
+    let all: Vec<&str> = text.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_missing_binary_names_its_package_and_the_setup_command() {
+        let error = find_binary(
+            "palisade-no-such-server",
+            "palisade-no-such-package",
+            "PALISADE_TESTKIT_UNSET_VARIABLE",
+        )
+        .expect_err("the binary does not exist");
+        let message = error.to_string();
+        assert!(matches!(error, Error::MissingBinary { .. }));
+        assert!(message.contains("palisade-no-such-package"), "{message}");
+        assert!(message.contains("scripts/setup"), "{message}");
+    }
+
+    #[test]
+    fn a_server_that_exits_at_once_reports_its_log() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let server = Server::new(
+            "false-server".into(),
+            PathBuf::from("/bin/sh"),
+            vec!["-c".into(), "echo bad configuration >&2; exit 3".into()],
+            dir.path().join("log"),
+        );
+        server.spawn().expect("spawn");
+        let error = server.wait_ready(|| false).expect_err("never ready");
+        let message = error.to_string();
+        assert!(matches!(error, Error::Exited { .. }), "{message}");
+        assert!(message.contains("bad configuration"), "{message}");
+    }
+}
