@@ -1,5 +1,31 @@
-//! # palisade-idempotency
+#![doc = include_str!("../README.md")]
 //!
-//! This crate will hold the content-hash `PartitionedWriter` on `object_store` (writes only the
-//! partitions whose content changed, commits through an atomic manifest, survives crashes),
-//! the canonical row `ContentHasher`, and run-once idempotency keys on Redis, files or memory.
+//! # Modules
+//!
+//! - [`writer`]: the content-hash [`PartitionedWriter`], its commit protocol and what readers see.
+//! - [`manifest`]: the [`Manifest`], the dataset's commit point.
+//! - [`hash`]: [`ContentHash`] and the canonical row [`ContentHasher`].
+//! - [`keys`]: run-once keys ([`IdempotencyStore`], [`MemoryStore`], [`FileStore`], [`RedisStore`]).
+
+mod error;
+pub mod hash;
+pub mod keys;
+pub mod manifest;
+mod partition;
+mod reader;
+mod storage;
+pub mod writer;
+
+pub use error::{Error, Result};
+pub use hash::{
+    CANONICAL_ENCODING_VERSION, ContentHash, ContentHasher, HASH_ALGORITHM, RowOrder,
+    canonical_bytes, fingerprint,
+};
+pub use keys::{
+    Claim, FileStore, IdempotencyStore, MemoryStore, OnceOptions, Outcome, OwnerToken, RedisStore,
+};
+pub use manifest::{Manifest, PartitionEntry};
+pub use partition::validate_partition;
+pub use reader::Dataset;
+pub use storage::{DatasetStore, store_from_url};
+pub use writer::{PartitionedWriter, Report, WriterBuilder};

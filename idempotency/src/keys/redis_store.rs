@@ -1,0 +1,193 @@
+//! Run-once records on Redis: one hash per key, every operation one Lua script.
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use redis::aio::ConnectionManager;
+
+use super::{Claim, IdempotencyStore, OwnerToken};
+use crate::error::{Error, Result};
+
+/// Returns `{"acquired"}` after claiming, or `{state, fingerprint, result}` of the record there.
+/// KEYS[1] record; ARGV: fingerprint, owner, in_progress_ttl ms.
+const CLAIM: &str = r"
+local state = redis.call('HGET', KEYS[1], 'state')
+if state then
+  return {state, redis.call('HGET', KEYS[1], 'fp') or '', redis.call('HGET', KEYS[1], 'result') or ''}
+end
+redis.call('HSET', KEYS[1], 'state', 'in_progress', 'fp', ARGV[1], 'owner', ARGV[2])
+redis.call('PEXPIRE', KEYS[1], ARGV[3])
+return {'acquired'}
+";
+
+/// 1 if `owner` held the claim and the result is recorded, else 0.
+/// KEYS[1] record; ARGV: owner, result, ttl ms.
+const COMPLETE: &str = r"
+if redis.call('HGET', KEYS[1], 'state') == 'in_progress' and redis.call('HGET', KEYS[1], 'owner') == ARGV[1] then
+  redis.call('HSET', KEYS[1], 'state', 'completed', 'result', ARGV[2])
+  redis.call('HDEL', KEYS[1], 'owner')
+  redis.call('PEXPIRE', KEYS[1], ARGV[3])
+  return 1
+end
+return 0
+";
+
+/// Deletes the record if `owner` holds its claim. KEYS[1] record; ARGV: owner.
+const RELEASE: &str = r"
+if redis.call('HGET', KEYS[1], 'state') == 'in_progress' and redis.call('HGET', KEYS[1], 'owner') == ARGV[1] then
+  return redis.call('DEL', KEYS[1])
+end
+return 0
+";
+
+/// Run-once records on Redis, shared by every process of a fleet.
+///
+/// Each key is a hash `<prefix><key>` with fields `state`, `fp`, `owner`, `result`; claims and
+/// results expire with Redis's own `PEXPIRE` (the server's clock). Claim, complete and release are
+/// each one Lua script (run with EVALSHA, reloaded on NOSCRIPT), so the owner-token comparison and
+/// the write are atomic. Credentials and TLS come from the URL (`redis://user:pw@host/`,
+/// `rediss://`).
+#[derive(Clone)]
+pub struct RedisStore {
+    conn: ConnectionManager,
+    prefix: String,
+    claim: redis::Script,
+    complete: redis::Script,
+    release: redis::Script,
+}
+
+impl std::fmt::Debug for RedisStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisStore")
+            .field("prefix", &self.prefix)
+            .finish_non_exhaustive()
+    }
+}
+
+impl RedisStore {
+    /// Connects to `url` with the key prefix `palisade:idem:`.
+    pub async fn connect(url: &str) -> Result<Self> {
+        let client = redis::Client::open(url).map_err(|source| Error::Redis {
+            op: "open client",
+            source,
+        })?;
+        let conn = client
+            .get_connection_manager()
+            .await
+            .map_err(|source| Error::Redis {
+                op: "connect",
+                source,
+            })?;
+        Ok(Self::with_connection(conn, "palisade:idem:"))
+    }
+
+    /// Uses an existing connection manager and key prefix.
+    pub fn with_connection(conn: ConnectionManager, prefix: impl Into<String>) -> Self {
+        Self {
+            conn,
+            prefix: prefix.into(),
+            claim: redis::Script::new(CLAIM),
+            complete: redis::Script::new(COMPLETE),
+            release: redis::Script::new(RELEASE),
+        }
+    }
+
+    /// The key prefix.
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
+    fn key(&self, key: &str) -> String {
+        format!("{}{}", self.prefix, key)
+    }
+}
+
+fn ms(d: Duration) -> u64 {
+    (d.as_millis() as u64).max(1)
+}
+
+#[async_trait]
+impl IdempotencyStore for RedisStore {
+    async fn claim(
+        &self,
+        key: &str,
+        fingerprint: &str,
+        in_progress_ttl: Duration,
+    ) -> Result<Claim> {
+        let owner = OwnerToken::random();
+        let mut conn = self.conn.clone();
+        let reply: Vec<String> = self
+            .claim
+            .key(self.key(key))
+            .arg(fingerprint)
+            .arg(owner.as_str())
+            .arg(ms(in_progress_ttl))
+            .invoke_async(&mut conn)
+            .await
+            .map_err(|source| Error::Redis {
+                op: "claim",
+                source,
+            })?;
+        match reply.as_slice() {
+            [s] if s == "acquired" => Ok(Claim::Acquired(owner)),
+            [s, fp, _] if s == "in_progress" => Ok(Claim::InProgress {
+                fingerprint: fp.clone(),
+            }),
+            [s, fp, result] if s == "completed" => Ok(Claim::Completed {
+                fingerprint: fp.clone(),
+                result: result.clone(),
+            }),
+            _ => Err(Error::Redis {
+                op: "claim",
+                source: redis::RedisError::from((
+                    redis::ErrorKind::UnexpectedReturnType,
+                    "unexpected reply from the claim script",
+                )),
+            }),
+        }
+    }
+
+    async fn complete(
+        &self,
+        key: &str,
+        owner: &OwnerToken,
+        result: &str,
+        ttl: Duration,
+    ) -> Result<()> {
+        let mut conn = self.conn.clone();
+        let done: i64 = self
+            .complete
+            .key(self.key(key))
+            .arg(owner.as_str())
+            .arg(result)
+            .arg(ms(ttl))
+            .invoke_async(&mut conn)
+            .await
+            .map_err(|source| Error::Redis {
+                op: "complete",
+                source,
+            })?;
+        if done == 1 {
+            Ok(())
+        } else {
+            Err(Error::OwnershipLost {
+                key: key.to_string(),
+            })
+        }
+    }
+
+    async fn release(&self, key: &str, owner: &OwnerToken) -> Result<()> {
+        let mut conn = self.conn.clone();
+        let _: i64 = self
+            .release
+            .key(self.key(key))
+            .arg(owner.as_str())
+            .invoke_async(&mut conn)
+            .await
+            .map_err(|source| Error::Redis {
+                op: "release",
+                source,
+            })?;
+        Ok(())
+    }
+}

@@ -1,0 +1,114 @@
+//! Reading a dataset through its manifest: one committed version of every partition.
+
+use bytes::Bytes;
+use object_store::ObjectStoreExt;
+
+use crate::error::{Error, Result, io, store as store_err};
+use crate::hash::ContentHash;
+use crate::manifest::{MANIFEST_FILE, Manifest};
+use crate::storage::{Backend, DatasetStore, blocking};
+
+/// A committed version of a dataset, for readers.
+///
+/// ```
+/// # tokio_test_block(async {
+/// use palisade_idempotency::{Dataset, DatasetStore, PartitionedWriter};
+/// let store = DatasetStore::memory();
+/// let mut w = PartitionedWriter::open(&store, "sales").await?;
+/// w.put("date=2024-01-01", "a,b\n1,2\n").await?;
+/// w.commit().await?;
+/// let ds = Dataset::open(&store, "sales").await?;
+/// assert_eq!(ds.read("date=2024-01-01").await?.unwrap(), "a,b\n1,2\n");
+/// # Ok::<(), palisade_idempotency::Error>(()) });
+/// # fn tokio_test_block<F: std::future::Future<Output = Result<(), palisade_idempotency::Error>>>(f: F) {
+/// #     tokio::runtime::Runtime::new().unwrap().block_on(f).unwrap() }
+/// ```
+#[derive(Debug, Clone)]
+pub struct Dataset {
+    backend: Backend,
+    prefix: String,
+    manifest: Option<Manifest>,
+}
+
+impl Dataset {
+    /// Reads the manifest under `prefix` (a missing manifest is an empty dataset).
+    pub async fn open(store: impl Into<DatasetStore>, prefix: &str) -> Result<Self> {
+        let backend = store.into().backend;
+        let prefix = prefix.trim_matches('/').to_string();
+        let manifest = match &backend {
+            Backend::Local(root) => {
+                let dir = root.join(&prefix);
+                blocking(move || crate::writer::local_manifest(&dir)).await?
+            }
+            Backend::Object { store, base } => {
+                let path = join(base, &prefix, MANIFEST_FILE);
+                match store.get(&path).await {
+                    Ok(got) => {
+                        let bytes = got.bytes().await.map_err(store_err("read", &path))?;
+                        Some(Manifest::decode(&bytes, path.as_ref(), true)?)
+                    }
+                    Err(object_store::Error::NotFound { .. }) => None,
+                    Err(e) => return Err(store_err("read", &path)(e)),
+                }
+            }
+        };
+        Ok(Self {
+            backend,
+            prefix,
+            manifest,
+        })
+    }
+
+    /// The manifest, if anything was ever committed.
+    pub fn manifest(&self) -> Option<&Manifest> {
+        self.manifest.as_ref()
+    }
+
+    /// The live partition names, sorted.
+    pub fn partitions(&self) -> Vec<String> {
+        self.manifest
+            .as_ref()
+            .map(|m| m.partitions.keys().cloned().collect())
+            .unwrap_or_default()
+    }
+
+    /// Reads a partition's committed content and checks it against its hash (`None`: no such
+    /// partition).
+    pub async fn read(&self, partition: &str) -> Result<Option<Bytes>> {
+        let Some(entry) = self
+            .manifest
+            .as_ref()
+            .and_then(|m| m.partitions.get(partition))
+        else {
+            return Ok(None);
+        };
+        let (bytes, shown) = match &self.backend {
+            Backend::Local(root) => {
+                let path = root.join(&self.prefix).join(&entry.object);
+                let p = path.clone();
+                let b = blocking(move || std::fs::read(&p).map_err(io("read", &p))).await?;
+                (Bytes::from(b), path.display().to_string())
+            }
+            Backend::Object { store, base } => {
+                let path = join(base, &self.prefix, &entry.object);
+                let got = store.get(&path).await.map_err(store_err("read", &path))?;
+                let b = got.bytes().await.map_err(store_err("read", &path))?;
+                (b, path.to_string())
+            }
+        };
+        if ContentHash::of_bytes(&bytes) != entry.hash {
+            return Err(Error::CorruptObject { path: shown });
+        }
+        Ok(Some(bytes))
+    }
+}
+
+fn join(base: &object_store::path::Path, prefix: &str, rel: &str) -> object_store::path::Path {
+    let mut p = base.clone();
+    for seg in prefix.split('/').chain(rel.split('/')) {
+        if !seg.is_empty() {
+            p = p.join(seg);
+        }
+    }
+    p
+}

@@ -1,0 +1,249 @@
+//! Where datasets live: a local directory (the embedded default) or any `object_store`.
+
+use std::fs::{File, OpenOptions, TryLockError};
+use std::io::Write;
+use std::path::{Path as FsPath, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use object_store::ObjectStore;
+use object_store::memory::InMemory;
+use object_store::path::Path as ObjPath;
+
+use crate::error::{Error, Result, io};
+
+/// A place that holds datasets: a local directory, or an object store.
+///
+/// The local directory is handled by this crate's own file code (not `object_store`'s
+/// `LocalFileSystem`), because committing needs what that store does not offer: fsync of data,
+/// manifest and directories, and an exclusive lock file for optimistic concurrency. Object stores
+/// need conditional puts (`PutMode::Create`/`PutMode::Update`): S3, GCS, Azure and `InMemory`
+/// have them.
+#[derive(Clone, Debug)]
+pub struct DatasetStore {
+    pub(crate) backend: Backend,
+}
+
+#[derive(Clone, Debug)]
+pub(crate) enum Backend {
+    Local(PathBuf),
+    Object {
+        store: Arc<dyn ObjectStore>,
+        base: ObjPath,
+    },
+}
+
+impl DatasetStore {
+    /// A local directory (created on first use).
+    pub fn local(root: impl Into<PathBuf>) -> Self {
+        Self {
+            backend: Backend::Local(root.into()),
+        }
+    }
+
+    /// An object store, with datasets under `base` (use `""` for the store's root).
+    pub fn object_store(store: Arc<dyn ObjectStore>, base: &str) -> Result<Self> {
+        let base = ObjPath::parse(base).map_err(|e| Error::UnsupportedUrl {
+            url: base.to_string(),
+            reason: e.to_string(),
+        })?;
+        Ok(Self {
+            backend: Backend::Object { store, base },
+        })
+    }
+
+    /// A fresh in-memory store (for tests and examples).
+    pub fn memory() -> Self {
+        Self {
+            backend: Backend::Object {
+                store: Arc::new(InMemory::new()),
+                base: ObjPath::default(),
+            },
+        }
+    }
+
+    /// Whether this is the local-directory backend.
+    pub fn is_local(&self) -> bool {
+        matches!(self.backend, Backend::Local(_))
+    }
+}
+
+impl From<Arc<dyn ObjectStore>> for DatasetStore {
+    fn from(store: Arc<dyn ObjectStore>) -> Self {
+        Self {
+            backend: Backend::Object {
+                store,
+                base: ObjPath::default(),
+            },
+        }
+    }
+}
+
+impl<T: ObjectStore> From<Arc<T>> for DatasetStore {
+    fn from(store: Arc<T>) -> Self {
+        let store: Arc<dyn ObjectStore> = store;
+        store.into()
+    }
+}
+
+impl From<&DatasetStore> for DatasetStore {
+    fn from(s: &DatasetStore) -> Self {
+        s.clone()
+    }
+}
+
+/// Opens a dataset store from a URL.
+///
+/// - `file:///data/out`: a local directory, the embedded default (fsync + rename + lock file).
+/// - `memory://` (or `memory:///base`): a fresh in-memory object store.
+/// - `s3://bucket/path`, `gs://bucket/path`, `az://container/path`: with this crate's `aws`,
+///   `gcp` or `azure` feature; credentials come from the environment as `object_store` reads them.
+pub fn store_from_url(url: &str) -> Result<DatasetStore> {
+    let unsupported = |reason: String| Error::UnsupportedUrl {
+        url: url.to_string(),
+        reason,
+    };
+    let parsed = url::Url::parse(url).map_err(|e| unsupported(e.to_string()))?;
+    match parsed.scheme() {
+        "file" => {
+            let path = parsed
+                .to_file_path()
+                .map_err(|()| unsupported("not an absolute local path".into()))?;
+            Ok(DatasetStore::local(path))
+        }
+        "memory" => {
+            let base = parsed.path().trim_matches('/').to_string();
+            DatasetStore::object_store(Arc::new(InMemory::new()), &base)
+        }
+        scheme => {
+            let (store, base) = object_store::parse_url(&parsed).map_err(|e| {
+                unsupported(format!(
+                    "{e}; remote stores need this crate's `aws` (s3://), `gcp` (gs://) or \
+                     `azure` (az://) feature"
+                ))
+            })?;
+            if matches!(
+                scheme,
+                "s3" | "s3a" | "gs" | "az" | "abfs" | "abfss" | "azure" | "http" | "https"
+            ) {
+                Ok(DatasetStore {
+                    backend: Backend::Object {
+                        store: Arc::from(store),
+                        base,
+                    },
+                })
+            } else {
+                Err(unsupported(format!("unknown scheme {scheme:?}")))
+            }
+        }
+    }
+}
+
+// ---------- local file helpers (blocking; called from spawn_blocking) ----------
+
+pub(crate) fn fsync_dir(dir: &FsPath) -> Result<()> {
+    File::open(dir)
+        .and_then(|f| f.sync_all())
+        .map_err(io("fsync directory", dir))
+}
+
+/// Writes `bytes` to a new file and fsyncs it (not its directory).
+pub(crate) fn write_synced(path: &FsPath, bytes: &[u8]) -> Result<()> {
+    let mut f = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(path)
+        .map_err(io("create", path))?;
+    f.write_all(bytes).map_err(io("write", path))?;
+    f.sync_all().map_err(io("fsync", path))
+}
+
+/// Takes an exclusive `flock` on `path` (created if missing), waiting at most `timeout`.
+///
+/// The kernel drops the lock when the process dies, so a crashed writer never leaves it held.
+pub(crate) fn lock_exclusive(path: &FsPath, timeout: Duration) -> Result<File> {
+    let f = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(path)
+        .map_err(io("open lock file", path))?;
+    let start = Instant::now();
+    loop {
+        match f.try_lock() {
+            Ok(()) => return Ok(f),
+            Err(TryLockError::WouldBlock) => {
+                if start.elapsed() >= timeout {
+                    return Err(Error::LockTimeout {
+                        path: path.to_path_buf(),
+                        waited: start.elapsed(),
+                    });
+                }
+                // A blocking-pool thread; commits hold this lock for milliseconds.
+                std::thread::sleep(Duration::from_millis(2));
+            }
+            Err(TryLockError::Error(e)) => return Err(io("lock", path)(e)),
+        }
+    }
+}
+
+/// Tries to take an exclusive lock without waiting: `Ok(Some(file))` if we got it.
+pub(crate) fn try_lock(path: &FsPath) -> Result<Option<File>> {
+    let f = match OpenOptions::new().read(true).write(true).open(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(io("open lock file", path)(e)),
+    };
+    match f.try_lock() {
+        Ok(()) => Ok(Some(f)),
+        Err(TryLockError::WouldBlock) => Ok(None),
+        Err(TryLockError::Error(e)) => Err(io("lock", path)(e)),
+    }
+}
+
+pub(crate) fn remove_file_if_exists(path: &FsPath) -> Result<()> {
+    match std::fs::remove_file(path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(io("remove", path)(e)),
+        _ => Ok(()),
+    }
+}
+
+pub(crate) fn remove_dir_all_if_exists(path: &FsPath) -> Result<()> {
+    match std::fs::remove_dir_all(path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(io("remove", path)(e)),
+        _ => Ok(()),
+    }
+}
+
+/// Runs blocking file work on tokio's blocking pool.
+pub(crate) async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T> + Send + 'static,
+) -> Result<T> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| Error::Io {
+            op: "run blocking file task",
+            path: PathBuf::new(),
+            source: std::io::Error::other(e.to_string()),
+        })?
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls() {
+        assert!(store_from_url("file:///tmp/x").unwrap().is_local());
+        assert!(!store_from_url("memory://").unwrap().is_local());
+        assert!(matches!(
+            store_from_url("nope://x"),
+            Err(Error::UnsupportedUrl { .. })
+        ));
+        assert!(matches!(
+            store_from_url("not a url"),
+            Err(Error::UnsupportedUrl { .. })
+        ));
+    }
+}
