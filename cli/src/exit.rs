@@ -1,0 +1,88 @@
+//! Exit codes, and the one-line error every failure becomes.
+
+use std::fmt;
+
+/// A network service is unavailable: etcd or Redis could not be reached (sysexits EX_UNAVAILABLE).
+pub const UNAVAILABLE: u8 = 69;
+/// Something went wrong inside palisade itself or with the operating system (EX_SOFTWARE/EX_OSERR).
+pub const INTERNAL: u8 = 70;
+/// The command could not be started (EX_NOINPUT is taken by shells as "not found"; we use 127).
+pub const NOT_STARTED: u8 = 127;
+/// Not run because someone else holds the lock or runs the key (sysexits EX_TEMPFAIL).
+pub const HELD: u8 = 75;
+/// The lease was lost while the command ran; the command was terminated.
+pub const LEASE_LOST: u8 = 76;
+/// The configuration is invalid: a bad flag value, an unreadable file (sysexits EX_CONFIG).
+pub const CONFIG: u8 = 78;
+
+/// The exit-code table, as printed by `--help`.
+pub const TABLE: &str = "\
+Exit codes:
+  N    the command ran: its own exit code (128+SIGNAL when a signal ended it)
+  2    bad command line
+  69   etcd or Redis could not be reached
+  70   internal or operating-system error
+  75   not run: the lock is held (or the key runs elsewhere) and the wait ran out
+  76   the lease was lost while the command ran: it got SIGTERM, then SIGKILL after --grace
+  78   invalid configuration (a flag value, a TLS file, a store URL)
+  127  the command could not be started";
+
+/// A failure of the `palisade` command: one line for stderr and the exit code.
+#[derive(Debug)]
+pub struct CliError {
+    /// The process exit code.
+    pub code: u8,
+    /// One line, without the `palisade:` prefix.
+    pub message: String,
+}
+
+impl CliError {
+    /// A failure with this code and message.
+    pub fn new(code: u8, message: impl Into<String>) -> Self {
+        CliError {
+            code,
+            message: message.into(),
+        }
+    }
+
+    /// An invalid configuration.
+    pub fn config(message: impl Into<String>) -> Self {
+        CliError::new(CONFIG, message)
+    }
+}
+
+impl fmt::Display for CliError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // One line: nested causes are joined, never printed as a debug dump.
+        f.write_str(&self.message.replace('\n', " "))
+    }
+}
+
+impl From<palisade_lock::LockError> for CliError {
+    fn from(error: palisade_lock::LockError) -> Self {
+        use palisade_lock::LockError;
+        let code = match &error {
+            LockError::Backend { .. } => UNAVAILABLE,
+            LockError::Config { .. } | LockError::InvalidName { .. } => CONFIG,
+            LockError::Held { .. } | LockError::Timeout { .. } => HELD,
+            LockError::Lost => LEASE_LOST,
+            _ => INTERNAL,
+        };
+        CliError::new(code, chain(&error))
+    }
+}
+
+/// An error and its sources, as one line.
+pub fn chain(error: &dyn std::error::Error) -> String {
+    let mut line = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        let text = cause.to_string();
+        if !line.contains(&text) {
+            line.push_str(": ");
+            line.push_str(&text);
+        }
+        source = cause.source();
+    }
+    line
+}

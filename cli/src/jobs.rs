@@ -1,0 +1,121 @@
+//! `palisade jobs`: the jobs that run under `palisade run` (or `run_exclusive`) right now.
+
+use crate::backend::BackendArgs;
+use crate::exit::{CliError, INTERNAL};
+use clap::Args;
+use futures::StreamExt;
+use palisade_lock::{JobEvent, JobInfo};
+use std::io::Write;
+use std::time::Duration;
+
+/// Flags of `palisade jobs`.
+#[derive(Debug, Args)]
+pub struct JobsArgs {
+    /// Print one JSON object per line instead of a table.
+    #[arg(long)]
+    pub json: bool,
+
+    /// After the list, print Started/Finished/Expired events as they happen (until Ctrl-C).
+    #[arg(long)]
+    pub watch: bool,
+
+    #[command(flatten)]
+    pub backend: BackendArgs,
+}
+
+/// Lists (and optionally watches) the running jobs.
+pub async fn jobs(args: JobsArgs) -> Result<u8, CliError> {
+    let coordinator = args.backend.coordinator(Duration::from_secs(30)).await?;
+    let registry = coordinator.registry();
+    // Subscribe before listing, so that nothing that happens in between is missed.
+    let mut events = args.watch.then(|| registry.watch());
+    let running = registry.running().await?;
+    let mut out = std::io::stdout().lock();
+    if args.json {
+        for job in &running {
+            writeln!(out, "{}", json_line(None, job)).map_err(io)?;
+        }
+    } else {
+        print_table(&mut out, &running).map_err(io)?;
+    }
+    out.flush().map_err(io)?;
+    drop(out);
+    if let Some(events) = events.as_mut() {
+        while let Some(event) = events.next().await {
+            let (kind, job) = match &event {
+                JobEvent::Started(j) => ("started", j),
+                JobEvent::Finished(j) => ("finished", j),
+                JobEvent::Expired(j) => ("expired", j),
+                _ => continue,
+            };
+            let mut out = std::io::stdout().lock();
+            if args.json {
+                writeln!(out, "{}", json_line(Some(kind), job)).map_err(io)?;
+            } else {
+                writeln!(
+                    out,
+                    "{:<9} {} (job `{}` on {} pid {}, token {})",
+                    kind.to_uppercase(),
+                    job.lock,
+                    job.name,
+                    job.host,
+                    job.pid,
+                    token(job)
+                )
+                .map_err(io)?;
+            }
+            out.flush().map_err(io)?;
+        }
+    }
+    Ok(0)
+}
+
+fn io(error: std::io::Error) -> CliError {
+    CliError::new(INTERNAL, format!("writing to stdout: {error}"))
+}
+
+fn token(job: &JobInfo) -> String {
+    job.fencing_token
+        .map_or_else(|| "-".into(), |t| t.to_string())
+}
+
+fn json_line(event: Option<&str>, job: &JobInfo) -> String {
+    let mut value = serde_json::to_value(job).unwrap_or_default();
+    if let (Some(event), Some(map)) = (event, value.as_object_mut()) {
+        map.insert("event".into(), event.into());
+    }
+    value.to_string()
+}
+
+fn print_table(out: &mut impl Write, jobs: &[JobInfo]) -> std::io::Result<()> {
+    let rows: Vec<[String; 6]> = jobs
+        .iter()
+        .map(|j| {
+            [
+                j.lock.clone(),
+                j.host.clone(),
+                j.pid.to_string(),
+                humantime::format_rfc3339_seconds(j.started_at()).to_string(),
+                token(j),
+                j.command.join(" "),
+            ]
+        })
+        .collect();
+    let header = ["NAME", "HOST", "PID", "SINCE", "TOKEN", "COMMAND"].map(String::from);
+    let mut widths = header.clone().map(|h| h.len());
+    for row in &rows {
+        for (width, cell) in widths.iter_mut().zip(row) {
+            *width = (*width).max(cell.len());
+        }
+    }
+    for row in std::iter::once(&header).chain(&rows) {
+        let line = row
+            .iter()
+            .zip(widths)
+            .map(|(cell, width)| format!("{cell:<width$}"))
+            .collect::<Vec<_>>()
+            .join("  ");
+        writeln!(out, "{}", line.trim_end())?;
+    }
+    Ok(())
+}

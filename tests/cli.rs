@@ -1,0 +1,245 @@
+//! End-to-end tests of the `palisade` command, with real etcd from the testkit.
+//!
+//! They run the `palisade` binary that `cargo test --workspace` / `cargo nextest run
+//! --workspace` build next to this test (scripts/test does both).
+
+mod common;
+
+use common::{Palisade, wait_for_file};
+use palisade_testkit::Etcd;
+
+/// A command that says it started, then runs until `release` appears in the working directory.
+const HOLD: &str = "echo $PALISADE_FENCING_TOKEN > started.$$; touch started; \
+                    while [ ! -e release ]; do sleep 0.05; done";
+
+fn backends() -> Vec<(&'static str, Option<Etcd>)> {
+    vec![
+        ("file", None),
+        ("etcd", Some(Etcd::start().expect("etcd starts"))),
+    ]
+}
+
+#[test]
+fn a_second_run_of_a_held_lock_exits_75_and_names_the_holder() {
+    for (label, etcd) in backends() {
+        let p = Palisade::new(etcd.as_ref());
+        let holder = p.spawn(&[
+            "run",
+            "--lock",
+            "x",
+            "--meta",
+            "owner=tests",
+            "--",
+            "sh",
+            "-c",
+            HOLD,
+        ]);
+        wait_for_file(
+            &p.dir.path().join("started"),
+            "the holder's command to start",
+        );
+
+        let second = p.output(&["run", "--lock", "x", "--", "sh", "-c", "touch second-ran"]);
+        assert_eq!(second.status.code(), Some(75), "[{label}] {second:?}");
+        let stderr = String::from_utf8_lossy(&second.stderr);
+        assert!(
+            stderr.contains(&format!("pid {}", holder.id())) || stderr.contains("held by job `x`"),
+            "[{label}] the refusal names the holder: {stderr}"
+        );
+        assert!(
+            !p.dir.path().join("second-ran").exists(),
+            "[{label}] the second command never ran"
+        );
+
+        std::fs::write(p.dir.path().join("release"), "").unwrap();
+        let status = p.finish(holder);
+        assert_eq!(
+            status.code(),
+            Some(0),
+            "[{label}] the holder's command exit code is passed on"
+        );
+    }
+}
+
+#[test]
+fn waiting_runs_one_after_the_other_with_increasing_fencing_tokens() {
+    for (label, etcd) in backends() {
+        let p = Palisade::new(etcd.as_ref());
+        let first = p.spawn(&["run", "--lock", "x", "--", "sh", "-c", HOLD]);
+        wait_for_file(&p.dir.path().join("started"), "the first command to start");
+        let token_first: u64 = read_token(&p, first.id());
+
+        let script = "echo $PALISADE_FENCING_TOKEN > second-token; \
+                      if [ -e release ]; then echo after > order; else echo overlap > order; fi";
+        let second = p.spawn(&["run", "--lock", "x", "--wait", "--", "sh", "-c", script]);
+        std::fs::write(p.dir.path().join("release"), "").unwrap();
+        assert_eq!(p.finish(first).code(), Some(0));
+        assert_eq!(p.finish(second).code(), Some(0));
+        let order = std::fs::read_to_string(p.dir.path().join("order")).unwrap();
+        assert_eq!(order.trim(), "after", "[{label}] the runs did not overlap");
+        let token_second: u64 = std::fs::read_to_string(p.dir.path().join("second-token"))
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        assert!(
+            token_second > token_first,
+            "[{label}] tokens increase: {token_first} then {token_second}"
+        );
+    }
+}
+
+fn read_token(p: &Palisade, _palisade_pid: u32) -> u64 {
+    // `HOLD` writes its token into started.<shell pid>; there is one such file per holder.
+    let entry = std::fs::read_dir(p.dir.path())
+        .unwrap()
+        .filter_map(Result::ok)
+        .find(|e| e.file_name().to_string_lossy().starts_with("started."))
+        .expect("the holder wrote its token");
+    std::fs::read_to_string(entry.path())
+        .unwrap()
+        .trim()
+        .parse()
+        .expect("a numeric token")
+}
+
+#[test]
+fn jobs_lists_a_running_job_and_not_a_finished_one() {
+    for (label, etcd) in backends() {
+        let p = Palisade::new(etcd.as_ref());
+        let holder = p.spawn(&[
+            "run",
+            "--lock",
+            "nightly",
+            "--meta",
+            "team=data",
+            "--",
+            "sh",
+            "-c",
+            HOLD,
+        ]);
+        wait_for_file(&p.dir.path().join("started"), "the job to start");
+
+        let listed = p.output(&["jobs", "--json"]);
+        assert_eq!(listed.status.code(), Some(0), "[{label}] {listed:?}");
+        let lines: Vec<serde_json::Value> = String::from_utf8_lossy(&listed.stdout)
+            .lines()
+            .map(|l| serde_json::from_str(l).expect("JSON lines"))
+            .collect();
+        assert_eq!(lines.len(), 1, "[{label}] one running job: {lines:?}");
+        assert_eq!(lines[0]["lock"], "nightly");
+        assert_eq!(lines[0]["metadata"]["team"], "data");
+        assert_eq!(lines[0]["pid"], holder.id());
+
+        let table = p.output(&["jobs"]);
+        let table = String::from_utf8_lossy(&table.stdout);
+        assert!(
+            table.starts_with("NAME"),
+            "[{label}] a table with a header: {table}"
+        );
+        assert!(table.contains("nightly"), "[{label}] {table}");
+
+        std::fs::write(p.dir.path().join("release"), "").unwrap();
+        assert_eq!(p.finish(holder).code(), Some(0));
+        let after = p.output(&["jobs", "--json"]);
+        assert!(
+            String::from_utf8_lossy(&after.stdout).trim().is_empty(),
+            "[{label}] a finished job is not listed: {after:?}"
+        );
+    }
+}
+
+#[test]
+fn a_paused_holder_loses_its_lease_and_its_command_is_terminated() {
+    let etcd = Etcd::start().expect("etcd starts");
+    let p = Palisade::new(Some(&etcd));
+    let script = "touch started; trap 'echo terminated > a-term; exit 143' TERM; \
+                  while true; do sleep 0.05; done";
+    let a = p.spawn(&[
+        "run", "--lock", "x", "--ttl", "2s", "--grace", "5s", "--", "sh", "-c", script,
+    ]);
+    wait_for_file(&p.dir.path().join("started"), "A's command to start");
+
+    // A stops answering (as a process stuck in swap or on a frozen VM would) past its TTL.
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(a.id() as i32),
+        nix::sys::signal::Signal::SIGSTOP,
+    )
+    .unwrap();
+    let b = p.output(&[
+        "run",
+        "--lock",
+        "x",
+        "--wait-for",
+        "20s",
+        "--",
+        "sh",
+        "-c",
+        "touch b-ran",
+    ]);
+    assert_eq!(
+        b.status.code(),
+        Some(0),
+        "B takes the lock once A's lease expired: {b:?}"
+    );
+    assert!(p.dir.path().join("b-ran").exists());
+
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(a.id() as i32),
+        nix::sys::signal::Signal::SIGCONT,
+    )
+    .unwrap();
+    let output = a.wait_with_output().expect("A exits");
+    assert_eq!(
+        output.status.code(),
+        Some(76),
+        "A exits with the lease-lost code: {output:?}"
+    );
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("lease"), "A says why: {stderr}");
+    wait_for_file(&p.dir.path().join("a-term"), "A's command to get SIGTERM");
+}
+
+#[test]
+fn errors_are_one_line_with_distinct_codes() {
+    let p = Palisade::new(None);
+    // etcd that nobody listens on: a connection error, not a hang or a panic.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let out = p.output(&[
+        "run",
+        "--lock",
+        "x",
+        "--etcd",
+        &format!("http://127.0.0.1:{port}"),
+        "--connect-timeout",
+        "1s",
+        "--",
+        "true",
+    ]);
+    assert_eq!(out.status.code(), Some(69), "{out:?}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(stderr.trim().lines().count(), 1, "one line: {stderr}");
+    assert!(stderr.starts_with("palisade: "), "{stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+
+    let out = p.output(&["run", "--lock", "x", "--", "/nonexistent/program"]);
+    assert_eq!(out.status.code(), Some(127), "{out:?}");
+
+    let out = p.output(&["run", "--lock", "x", "--ttl", "soon", "--", "true"]);
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "a bad flag value is a usage error: {out:?}"
+    );
+
+    let out = p.output(&["run", "--lock", "x", "--", "sh", "-c", "exit 7"]);
+    assert_eq!(
+        out.status.code(),
+        Some(7),
+        "the command's own exit code: {out:?}"
+    );
+}
