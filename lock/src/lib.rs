@@ -1,9 +1,41 @@
-//! # palisade-lock
+#![doc = include_str!("../README.md")]
 //!
-//! Distributed locks that are safe to build on: every guard carries a fencing token that strictly
-//! increases across holders, and the guarded work is cancelled when the lease behind it is lost.
+//! # Backends
 //!
-//! This crate will hold the `Coordinator` with its three backends behind one `LockBackend`
-//! trait (etcd with sessions and keepalive, `flock` files for one host, memory for one process),
-//! `LockGuard`s with fencing tokens, `run_exclusive`, the `JobRegistry` of running jobs and
-//! leader `Election`.
+//! - **etcd** (feature `etcd`, on by default): the revision-ordered recipe of etcd's Go
+//!   `concurrency` package on a kept-alive session lease. See [`Session`] for when a lease counts
+//!   as lost.
+//! - **file** ([`Coordinator::file`]): one host, many processes. A lock is a `flock(2)` on a file
+//!   per name; the kernel releases it when the holder's process dies, so the session is never
+//!   lost while the process lives. Fencing tokens come from a counter stored in the lock file,
+//!   incremented and fsynced by each new holder under the lock. Ordering: the tasks of one
+//!   process queue in FIFO order; between processes `flock` makes no ordering promise (the
+//!   kernel wakes the blocked processes and one of them wins). A waiter that times out leaves a
+//!   thread blocked in `flock` that releases the lock as soon as it gets it. Observing holders
+//!   and watching the registry poll the directory every 100 ms.
+//! - **memory** ([`Coordinator::memory`]): the tasks of one process, strict FIFO.
+
+mod backend;
+mod coordinator;
+mod election;
+mod error;
+#[cfg(feature = "etcd")]
+mod etcd;
+mod file;
+mod guard;
+mod job;
+mod memory;
+mod session;
+
+pub use backend::{HeldLock, Holder, Kind, LockBackend, LostSignalHandle, Registration};
+pub use coordinator::{Coordinator, JobContext, RunOutcome, Wait};
+pub use election::{Election, Leader, Leadership};
+pub use error::LockError;
+#[cfg(feature = "etcd")]
+pub use etcd::EtcdBuilder;
+#[cfg(feature = "etcd")]
+#[doc(hidden)]
+pub use etcd::stats;
+pub use guard::LockGuard;
+pub use job::{JobEvent, JobInfo, JobRegistry};
+pub use session::Session;

@@ -1,0 +1,287 @@
+//! The entry point: locks, exclusive jobs, the registry and elections over one backend.
+
+use std::future::Future;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tracing::Instrument;
+
+use crate::backend::{Kind, LockBackend};
+use crate::election::Election;
+use crate::error::{LockError, validate_name};
+use crate::guard::LockGuard;
+use crate::job::{JobInfo, JobRegistry};
+use crate::session::{LostSignal, Session};
+
+/// How long to wait for a lock that someone else holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Wait {
+    /// Do not wait: give up at once.
+    No,
+    /// Wait until the lock is free (in arrival order).
+    Forever,
+    /// Wait at most this long.
+    Up(Duration),
+}
+
+/// What `run_exclusive` did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[must_use]
+pub enum RunOutcome<T> {
+    /// The job ran to completion while holding the lock; here is what it returned.
+    Ran(T),
+    /// The job did not run: the lock was held (and `Wait` ran out).
+    Skipped {
+        /// The holder's job, when it registered one.
+        holder: Option<JobInfo>,
+    },
+}
+
+impl<T> RunOutcome<T> {
+    /// The job's result, if it ran.
+    pub fn ran(self) -> Option<T> {
+        match self {
+            RunOutcome::Ran(t) => Some(t),
+            RunOutcome::Skipped { .. } => None,
+        }
+    }
+}
+
+/// What a job running under `run_exclusive` can see of its lock.
+#[derive(Debug, Clone)]
+pub struct JobContext {
+    name: String,
+    token: u64,
+    lost: LostSignal,
+}
+
+impl JobContext {
+    /// The lock name.
+    pub fn lock_name(&self) -> &str {
+        &self.name
+    }
+
+    /// The fencing token to pass to the storage the job writes.
+    pub fn fencing_token(&self) -> u64 {
+        self.token
+    }
+
+    /// Resolves when the lease is lost. The job's own future is dropped at that moment; this is
+    /// for work the job handed to other tasks, threads or processes, to stop them.
+    pub async fn cancelled(&self) {
+        self.lost.0.lost().await;
+    }
+
+    /// Whether the lease is lost now (local monotonic clock). Check it before each write from
+    /// blocking code.
+    pub fn is_cancelled(&self) -> bool {
+        self.lost.0.is_lost()
+    }
+}
+
+/// Takes locks, runs exclusive jobs, lists them and elects leaders, over one backend: etcd
+/// (`Coordinator::etcd`), files on one host (`Coordinator::file`) or one process
+/// (`Coordinator::memory`). Cloning is cheap and shares the session.
+#[derive(Clone)]
+pub struct Coordinator {
+    backend: Arc<dyn LockBackend>,
+}
+
+impl std::fmt::Debug for Coordinator {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Coordinator").finish_non_exhaustive()
+    }
+}
+
+impl Coordinator {
+    /// A coordinator for the tasks of this process only.
+    pub fn memory() -> Self {
+        Coordinator::from_backend(Arc::new(crate::memory::MemoryBackend::new()))
+    }
+
+    /// A coordinator for the processes of one host, with `flock` files under `dir` (created if
+    /// missing). See the crate docs for what it guarantees.
+    pub fn file(dir: impl Into<PathBuf>) -> Result<Self, LockError> {
+        Ok(Coordinator::from_backend(Arc::new(
+            crate::file::FileBackend::open(dir.into())?,
+        )))
+    }
+
+    /// A builder for a coordinator on etcd. Endpoints, TLS and user/password are set on the
+    /// `etcd_client::Client` (through `etcd_client::ConnectOptions`).
+    #[cfg(feature = "etcd")]
+    pub fn etcd(client: etcd_client::Client) -> crate::etcd::EtcdBuilder {
+        crate::etcd::EtcdBuilder::new(client)
+    }
+
+    /// A coordinator over any backend.
+    pub fn from_backend(backend: Arc<dyn LockBackend>) -> Self {
+        Coordinator { backend }
+    }
+
+    /// The backend.
+    pub fn backend(&self) -> &Arc<dyn LockBackend> {
+        &self.backend
+    }
+
+    /// The current session.
+    pub fn session(&self) -> Session {
+        self.backend.session()
+    }
+
+    /// Waits (in arrival order) until `name` is free and takes it.
+    pub async fn lock(&self, name: &str) -> Result<LockGuard, LockError> {
+        self.acquire(name, Vec::new(), Wait::Forever).await
+    }
+
+    /// Like [`Coordinator::lock`], but gives up with [`LockError::Timeout`] after `timeout`. Our
+    /// queue entry is removed in the background, so a grant that arrives late is released.
+    pub async fn lock_timeout(
+        &self,
+        name: &str,
+        timeout: Duration,
+    ) -> Result<LockGuard, LockError> {
+        self.acquire(name, Vec::new(), Wait::Up(timeout)).await
+    }
+
+    /// Takes `name` if it is free; otherwise fails at once with [`LockError::Held`], naming the
+    /// holder's job when it registered one.
+    pub async fn try_lock(&self, name: &str) -> Result<LockGuard, LockError> {
+        self.acquire(name, Vec::new(), Wait::No).await
+    }
+
+    async fn acquire(
+        &self,
+        name: &str,
+        value: Vec<u8>,
+        wait: Wait,
+    ) -> Result<LockGuard, LockError> {
+        validate_name(name)?;
+        let span = tracing::debug_span!("palisade_lock.acquire", lock = name, ?wait);
+        async {
+            let held = self.backend.acquire(Kind::Lock, name, value, wait).await?;
+            let guard = LockGuard::new(name, held);
+            tracing::debug!(fencing_token = guard.fencing_token(), "acquired");
+            #[cfg(feature = "metrics")]
+            metrics::counter!("palisade_lock_acquired_total").increment(1);
+            Ok(guard)
+        }
+        .instrument(span)
+        .await
+    }
+
+    /// How many contenders wait for `name` behind its holder (on the file backend: the waiters
+    /// of this process only).
+    pub async fn queue_len(&self, name: &str) -> Result<usize, LockError> {
+        validate_name(name)?;
+        self.backend.queue_len(Kind::Lock, name).await
+    }
+
+    /// Runs `job` while holding `name`, registered in the [`JobRegistry`] as `info`.
+    ///
+    /// - `Ok(RunOutcome::Ran(t))`: the job completed under the lock.
+    /// - `Ok(RunOutcome::Skipped { holder })`: the lock was held and `wait` ran out (at once for
+    ///   `Wait::No`); `holder` is the running job, when it registered one.
+    /// - `Err(LockError::Lost)`: the lease was lost mid-run. The job's future was dropped at that
+    ///   moment (before it was polled again), and `ctx.cancelled()` fired for work it spawned.
+    pub async fn run_exclusive<F, Fut, T>(
+        &self,
+        name: &str,
+        info: JobInfo,
+        wait: Wait,
+        job: F,
+    ) -> Result<RunOutcome<T>, LockError>
+    where
+        F: FnOnce(JobContext) -> Fut,
+        Fut: Future<Output = T>,
+    {
+        validate_name(name)?;
+        let mut info = info;
+        info.lock = name.to_string();
+        let guard = match self.acquire(name, info.to_bytes(), wait).await {
+            Ok(guard) => guard,
+            Err(LockError::Held { holder }) => {
+                tracing::info!(lock = name, "skipped: lock held");
+                return Ok(RunOutcome::Skipped {
+                    holder: holder.map(|h| *h),
+                });
+            }
+            Err(LockError::Timeout { .. }) => {
+                let holder = self
+                    .backend
+                    .holder(Kind::Lock, name)
+                    .await
+                    .ok()
+                    .flatten()
+                    .and_then(|h| JobInfo::from_holder_value(&h.value))
+                    .map(|h| *h);
+                tracing::info!(lock = name, "skipped: wait ran out");
+                return Ok(RunOutcome::Skipped { holder });
+            }
+            Err(e) => return Err(e),
+        };
+        info.fencing_token = Some(guard.fencing_token());
+        let registration = match self.backend.register(info).await {
+            Ok(r) => r,
+            Err(e) => {
+                let _ = guard.release().await;
+                return Err(e);
+            }
+        };
+        let lost = guard.lost_signal();
+        let ctx = JobContext {
+            name: name.to_string(),
+            token: guard.fencing_token(),
+            lost: lost.clone(),
+        };
+        let span = tracing::info_span!(
+            "palisade_lock.run_exclusive",
+            lock = name,
+            fencing_token = guard.fencing_token()
+        );
+        let job = job(ctx);
+        let outcome = async {
+            tokio::select! {
+                // Polled first on every wake-up: a job resumed after its lease ran out is dropped
+                // before it runs another step.
+                biased;
+                _ = lost.0.lost() => None,
+                out = job => Some(out),
+            }
+        }
+        .instrument(span)
+        .await;
+        match outcome {
+            Some(out) => {
+                let finished = registration.finish().await;
+                let released = guard.release().await;
+                finished?;
+                released?;
+                Ok(RunOutcome::Ran(out))
+            }
+            None => {
+                tracing::warn!(lock = name, "lease lost mid-run: job cancelled");
+                #[cfg(feature = "metrics")]
+                metrics::counter!("palisade_lock_lost_total").increment(1);
+                drop(registration);
+                drop(guard);
+                Err(LockError::Lost)
+            }
+        }
+    }
+
+    /// The registry of jobs running under `run_exclusive`.
+    pub fn registry(&self) -> JobRegistry {
+        JobRegistry {
+            backend: self.backend.clone(),
+        }
+    }
+
+    /// Leader election on the same backend and session.
+    pub fn election(&self) -> Election {
+        Election {
+            backend: self.backend.clone(),
+        }
+    }
+}

@@ -1,0 +1,384 @@
+//! The lock recipe: one key per contender, owner = lowest create revision, each waiter watches
+//! only its predecessor (and its own key).
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use etcd_client::{
+    Client, Compare, CompareOp, EventType, GetOptions, PutOptions, SortOrder, SortTarget, Txn,
+    TxnOp, TxnOpResponse, WatchOptions,
+};
+use tokio::time::Instant;
+
+use super::session::EtcdSession;
+use super::{EtcdBackend, WAKEUPS, backoff, budget, count_request, retry, while_alive};
+use crate::backend::{HeldLock, Holder, Kind, LostSignalHandle};
+use crate::coordinator::Wait;
+use crate::error::LockError;
+use crate::job::JobInfo;
+use crate::session::LostSignal;
+
+fn first_created() -> GetOptions {
+    GetOptions::new()
+        .with_prefix()
+        .with_sort(SortTarget::Create, SortOrder::Ascend)
+        .with_limit(1)
+}
+
+/// The key created just before `rev` under `prefix` (etcd's `WithLastCreate` +
+/// `WithMaxCreateRev(rev - 1)`).
+fn predecessor(rev: i64) -> GetOptions {
+    GetOptions::new()
+        .with_prefix()
+        .with_sort(SortTarget::Create, SortOrder::Descend)
+        .with_max_create_revision(rev - 1)
+        .with_limit(1)
+}
+
+fn range_kvs(resp: Option<&TxnOpResponse>) -> Vec<etcd_client::KeyValue> {
+    match resp {
+        Some(TxnOpResponse::Get(g)) => g.kvs().to_vec(),
+        _ => Vec::new(),
+    }
+}
+
+fn owned_by(key: &str, rev: i64) -> Compare {
+    Compare::create_revision(key, CompareOp::Equal, rev)
+}
+
+/// Deletes `key` if it still has create revision `rev`: never a newer holder's key, even when a
+/// lost response makes us retry.
+async fn delete_owned(
+    client: &Client,
+    key: &str,
+    rev: i64,
+    give_up: impl Fn() -> bool,
+    rpc_timeout: Duration,
+) -> Result<(), LockError> {
+    retry("release lock", rpc_timeout, give_up, || {
+        let mut c = client.clone();
+        let txn = Txn::new()
+            .when([owned_by(key, rev)])
+            .and_then([TxnOp::delete(key, None)]);
+        async move { c.txn(txn).await }
+    })
+    .await
+    .map(|_| ())
+}
+
+/// Our key while we wait: deleted from a background task if the acquire is dropped, times out
+/// or fails, so a grant that arrives after we stopped waiting is given back.
+struct PendingKey {
+    client: Client,
+    key: String,
+    rev: i64,
+    rpc_timeout: Duration,
+    armed: bool,
+}
+
+impl Drop for PendingKey {
+    fn drop(&mut self) {
+        if !self.armed {
+            return;
+        }
+        let client = self.client.clone();
+        let key = std::mem::take(&mut self.key);
+        let (rev, rpc_timeout) = (self.rev, self.rpc_timeout);
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            rt.spawn(async move {
+                tracing::debug!(key, "acquire abandoned: deleting our waiter key");
+                let _ = delete_owned(
+                    &client,
+                    &key,
+                    rev,
+                    budget(Duration::from_secs(30)),
+                    rpc_timeout,
+                )
+                .await;
+            });
+        }
+    }
+}
+
+pub(crate) async fn acquire(
+    backend: &EtcdBackend,
+    kind: Kind,
+    name: &str,
+    value: Vec<u8>,
+    wait: Wait,
+) -> Result<Box<dyn HeldLock>, LockError> {
+    let started = Instant::now();
+    let session = backend.ensure_session().await?;
+    let rpc_timeout = backend.rpc_timeout();
+    let prefix = backend.prefix(kind, name);
+    let seq = backend.seq.fetch_add(1, Ordering::Relaxed);
+    // One key per acquire: a session may hold or wait for the same name from several tasks.
+    let key = format!("{prefix}{:016x}-{seq:x}", session.lease);
+    let alive = while_alive(&session.liveness);
+
+    // Put our key (unless a retried request already did) and read the owner, in one request.
+    let resp = retry("acquire lock", rpc_timeout, &alive, || {
+        let mut c = backend.client.clone();
+        let txn = Txn::new()
+            .when([Compare::create_revision(key.as_str(), CompareOp::Equal, 0)])
+            .and_then([
+                TxnOp::put(
+                    key.as_str(),
+                    value.clone(),
+                    Some(PutOptions::new().with_lease(session.lease)),
+                ),
+                TxnOp::get(prefix.as_str(), Some(first_created())),
+            ])
+            .or_else([
+                TxnOp::get(key.as_str(), None),
+                TxnOp::get(prefix.as_str(), Some(first_created())),
+            ]);
+        async move { c.txn(txn).await }
+    })
+    .await?;
+    let ops = resp.op_responses();
+    let rev = if resp.succeeded() {
+        resp.header().map_or(0, |h| h.revision())
+    } else {
+        range_kvs(ops.first())
+            .first()
+            .map_or(0, |kv| kv.create_revision())
+    };
+    if rev == 0 {
+        return Err(LockError::Lost);
+    }
+    let mut pending = PendingKey {
+        client: backend.client.clone(),
+        key: key.clone(),
+        rev,
+        rpc_timeout,
+        armed: true,
+    };
+    let owner = range_kvs(ops.get(1)).into_iter().next();
+    let owned = owner.as_ref().is_some_and(|kv| kv.create_revision() == rev);
+    if !owned {
+        if wait == Wait::No {
+            drop(pending); // deletes our key in the background
+            return Err(LockError::Held {
+                holder: owner.and_then(|kv| JobInfo::from_holder_value(kv.value())),
+            });
+        }
+        let waited = wait_turn(&backend.client, &session, &prefix, &key, rev, rpc_timeout);
+        let result = match wait {
+            Wait::Up(d) => {
+                let left = d.saturating_sub(started.elapsed());
+                tokio::select! {
+                    r = waited => r,
+                    _ = tokio::time::sleep(left) => Err(LockError::Timeout { name: name.to_string(), waited: d }),
+                }
+            }
+            _ => waited.await,
+        };
+        result?;
+    }
+    if session.liveness.is_lost() {
+        return Err(LockError::Lost);
+    }
+    pending.armed = false;
+    Ok(Box::new(EtcdHeld {
+        client: backend.client.clone(),
+        session,
+        key,
+        rev,
+        rpc_timeout,
+    }))
+}
+
+/// Waits until no key created before ours remains, watching only the one just before ours and
+/// our own key. Returns once our key is the owner (checked in the same read that found no
+/// predecessor); fails with `Lost` if our key or our session disappears meanwhile.
+async fn wait_turn(
+    client: &Client,
+    session: &Arc<EtcdSession>,
+    prefix: &str,
+    key: &str,
+    rev: i64,
+    rpc_timeout: Duration,
+) -> Result<(), LockError> {
+    let alive = while_alive(&session.liveness);
+    let mut delays = backoff();
+    loop {
+        if session.liveness.is_lost() {
+            return Err(LockError::Lost);
+        }
+        let resp = retry("wait for lock", rpc_timeout, &alive, || {
+            let mut c = client.clone();
+            let txn = Txn::new().and_then([
+                TxnOp::get(prefix, Some(predecessor(rev))),
+                TxnOp::get(key, None),
+            ]);
+            async move { c.txn(txn).await }
+        })
+        .await?;
+        let ops = resp.op_responses();
+        if range_kvs(ops.get(1)).is_empty() {
+            // Our key is gone: our lease expired or someone deleted it. Do not wait for the
+            // others (etcd issue 19597), and never report it as acquired (Jepsen).
+            tracing::warn!(key, "our waiter key vanished while waiting");
+            return Err(LockError::Lost);
+        }
+        let Some(pred) = range_kvs(ops.first()).into_iter().next() else {
+            return Ok(());
+        };
+        let seen = resp.header().map_or(0, |h| h.revision());
+        let pred_key = pred.key().to_vec();
+        tracing::trace!(key, predecessor = %String::from_utf8_lossy(&pred_key), "waiting for predecessor");
+        match watch_deletion(client, session, &pred_key, key, seen).await {
+            Ok(Deleted::Predecessor) => {
+                WAKEUPS.fetch_add(1, Ordering::Relaxed);
+                tracing::debug!(key, "predecessor released: re-checking");
+                delays = backoff();
+            }
+            Ok(Deleted::Ours) => {
+                tracing::warn!(key, "our waiter key was deleted while waiting");
+                return Err(LockError::Lost);
+            }
+            Ok(Deleted::Resync) => {}
+            Err(e) => {
+                tracing::debug!(key, error = %e, "watch failed; re-reading");
+                let delay = delays.next().unwrap_or(Duration::from_secs(1));
+                tokio::select! {
+                    _ = tokio::time::sleep(delay) => {}
+                    _ = session.liveness.lost() => return Err(LockError::Lost),
+                }
+            }
+        }
+    }
+}
+
+enum Deleted {
+    Predecessor,
+    Ours,
+    /// The watch was compacted or cancelled: read again.
+    Resync,
+}
+
+/// One watch stream with two watches, both from the revision after `seen`: the predecessor's
+/// key and our own.
+async fn watch_deletion(
+    client: &Client,
+    session: &Arc<EtcdSession>,
+    pred: &[u8],
+    ours: &str,
+    seen: i64,
+) -> Result<Deleted, LockError> {
+    let mut c = client.clone();
+    count_request();
+    let mut stream = c
+        .watch(
+            pred,
+            Some(WatchOptions::new().with_start_revision(seen + 1)),
+        )
+        .await
+        .map_err(|e| LockError::backend("watch predecessor", e))?;
+    count_request();
+    stream
+        .watch(
+            ours,
+            Some(WatchOptions::new().with_start_revision(seen + 1)),
+        )
+        .await
+        .map_err(|e| LockError::backend("watch own key", e))?;
+    loop {
+        let msg = tokio::select! {
+            m = stream.message() => m,
+            _ = session.liveness.lost() => return Err(LockError::Lost),
+        };
+        let Some(resp) = msg.map_err(|e| LockError::backend("watch", e))? else {
+            return Err(LockError::Backend {
+                op: "watch",
+                source: "watch stream ended".into(),
+            });
+        };
+        if resp.compact_revision() > 0 || resp.canceled() {
+            return Ok(Deleted::Resync);
+        }
+        for ev in resp.events() {
+            if ev.event_type() != EventType::Delete {
+                continue;
+            }
+            let Some(kv) = ev.kv() else { continue };
+            if kv.key() == ours.as_bytes() {
+                return Ok(Deleted::Ours);
+            }
+            if kv.key() == pred {
+                return Ok(Deleted::Predecessor);
+            }
+        }
+    }
+}
+
+pub(crate) async fn holder(
+    client: &Client,
+    prefix: &str,
+    rpc_timeout: Duration,
+) -> Result<Option<Holder>, LockError> {
+    let resp = retry(
+        "read lock holder",
+        rpc_timeout,
+        budget(rpc_timeout * 3),
+        || {
+            let mut c = client.clone();
+            async move { c.get(prefix, Some(first_created())).await }
+        },
+    )
+    .await?;
+    Ok(resp.kvs().first().map(|kv| Holder {
+        value: kv.value().to_vec(),
+        fencing_token: u64::try_from(kv.create_revision()).unwrap_or(0),
+    }))
+}
+
+struct EtcdHeld {
+    client: Client,
+    session: Arc<EtcdSession>,
+    key: String,
+    rev: i64,
+    rpc_timeout: Duration,
+}
+
+impl std::fmt::Debug for EtcdHeld {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EtcdHeld")
+            .field("key", &self.key)
+            .field("rev", &self.rev)
+            .finish_non_exhaustive()
+    }
+}
+
+#[async_trait]
+impl HeldLock for EtcdHeld {
+    fn fencing_token(&self) -> u64 {
+        u64::try_from(self.rev).unwrap_or(0)
+    }
+    fn lost_signal(&self) -> LostSignalHandle {
+        LostSignalHandle(LostSignal(self.session.liveness.clone()))
+    }
+    async fn release(self: Box<Self>) -> Result<(), LockError> {
+        // Once the session is lost the key goes with the lease; stop retrying then.
+        let alive = while_alive(&self.session.liveness);
+        let result = delete_owned(&self.client, &self.key, self.rev, alive, self.rpc_timeout).await;
+        tracing::debug!(key = self.key, ok = result.is_ok(), "released");
+        match result {
+            Err(_) if self.session.liveness.is_lost() => Ok(()),
+            r => r,
+        }
+    }
+    fn release_in_background(self: Box<Self>) {
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            rt.spawn(async move {
+                let _ = self.release().await;
+            });
+        }
+    }
+    fn etcd_ownership(&self) -> Option<(Vec<u8>, i64)> {
+        Some((self.key.clone().into_bytes(), self.rev))
+    }
+}

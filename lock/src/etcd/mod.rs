@@ -1,0 +1,305 @@
+//! The etcd backend: etcd's revision-ordered lock recipe on a kept-alive session lease.
+//!
+//! Keys (under the namespace, `palisade/` by default):
+//! - `lock/<name>/<lease-hex>-<seq>`: one key per holder or waiter, on the session's lease. The
+//!   owner is the key with the lowest create revision; that revision is the fencing token.
+//! - `election/<name>/<lease-hex>-<seq>`: the same recipe for leader election, the value being
+//!   the candidate's.
+//! - `jobs/run/<lock>`: a running job (`JobInfo` as JSON) on the session's lease.
+//! - `jobs/done/<lock>`: written in the same transaction that deletes `jobs/run/<lock>` when the
+//!   job finishes, so watchers can tell `Finished` from `Expired`.
+
+mod lock;
+mod registry;
+mod session;
+
+use std::future::Future;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use etcd_client::Client;
+use futures::stream::BoxStream;
+
+use crate::backend::{HeldLock, Holder, Kind, LockBackend, Registration};
+use crate::coordinator::{Coordinator, Wait};
+use crate::error::LockError;
+use crate::job::{JobEvent, JobInfo};
+use crate::session::{Liveness, Session};
+
+use self::session::EtcdSession;
+
+/// Requests this process sent to etcd through palisade-lock (keepalives excluded).
+static REQUESTS: AtomicU64 = AtomicU64::new(0);
+/// Times a waiter woke up because the key it watched was deleted.
+static WAKEUPS: AtomicU64 = AtomicU64::new(0);
+
+/// Counters for tests and benchmarks.
+#[doc(hidden)]
+pub mod stats {
+    use super::*;
+    /// Requests sent to etcd by the lock, registry and election code of this process.
+    pub fn requests() -> u64 {
+        REQUESTS.load(Ordering::Relaxed)
+    }
+    /// Wake-ups of waiters by a deletion they watched.
+    pub fn wakeups() -> u64 {
+        WAKEUPS.load(Ordering::Relaxed)
+    }
+}
+
+pub(crate) fn count_request() {
+    REQUESTS.fetch_add(1, Ordering::Relaxed);
+}
+
+/// Builds a [`Coordinator`] on etcd: `Coordinator::etcd(client).namespace("palisade/")
+/// .lease_ttl(Duration::from_secs(10)).connect().await`.
+#[derive(Clone)]
+#[must_use]
+pub struct EtcdBuilder {
+    client: Client,
+    namespace: String,
+    lease_ttl: Duration,
+}
+
+impl std::fmt::Debug for EtcdBuilder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EtcdBuilder")
+            .field("namespace", &self.namespace)
+            .field("lease_ttl", &self.lease_ttl)
+            .finish_non_exhaustive()
+    }
+}
+
+impl EtcdBuilder {
+    pub(crate) fn new(client: Client) -> Self {
+        EtcdBuilder {
+            client,
+            namespace: "palisade/".into(),
+            lease_ttl: Duration::from_secs(10),
+        }
+    }
+
+    /// The key prefix for everything this coordinator writes (default `palisade/`). Give each
+    /// application its own, and grant its etcd user access to that prefix only.
+    pub fn namespace(mut self, namespace: impl Into<String>) -> Self {
+        self.namespace = namespace.into();
+        self
+    }
+
+    /// The session lease TTL (default 10 s; whole seconds, at least 2). A holder whose process
+    /// stops or loses etcd for longer loses its locks; a shorter TTL frees them sooner after a
+    /// crash but tolerates shorter pauses.
+    pub fn lease_ttl(mut self, ttl: Duration) -> Self {
+        self.lease_ttl = ttl;
+        self
+    }
+
+    /// Validates the configuration, grants the session lease and starts its keepalive.
+    pub async fn connect(self) -> Result<Coordinator, LockError> {
+        if self.lease_ttl < Duration::from_secs(2) || self.lease_ttl.subsec_nanos() != 0 {
+            return Err(LockError::Config {
+                field: "lease_ttl",
+                reason: format!(
+                    "{:?} is not a whole number of seconds of at least 2 s (etcd lease TTLs are whole seconds)",
+                    self.lease_ttl
+                ),
+            });
+        }
+        if self.namespace.chars().any(char::is_control) {
+            return Err(LockError::Config {
+                field: "namespace",
+                reason: "contains control characters".into(),
+            });
+        }
+        let backend = EtcdBackend {
+            client: self.client,
+            ns: self.namespace,
+            ttl: self.lease_ttl,
+            session: tokio::sync::Mutex::new(None),
+            current: std::sync::Mutex::new(None),
+            seq: AtomicU64::new(0),
+        };
+        backend.ensure_session().await?;
+        Ok(Coordinator::from_backend(Arc::new(backend)))
+    }
+}
+
+pub(crate) struct EtcdBackend {
+    client: Client,
+    ns: String,
+    ttl: Duration,
+    /// The session new locks are taken under; replaced when lost.
+    session: tokio::sync::Mutex<Option<Arc<EtcdSession>>>,
+    /// The same, for synchronous `session()`.
+    current: std::sync::Mutex<Option<Arc<EtcdSession>>>,
+    seq: AtomicU64,
+}
+
+impl EtcdBackend {
+    /// The current session, or a new one if it was lost.
+    async fn ensure_session(&self) -> Result<Arc<EtcdSession>, LockError> {
+        let mut slot = self.session.lock().await;
+        if let Some(s) = slot.as_ref().filter(|s| !s.liveness.is_lost()) {
+            return Ok(s.clone());
+        }
+        let session = EtcdSession::grant(self.client.clone(), self.ttl, self.rpc_timeout()).await?;
+        *slot = Some(session.clone());
+        *self.current.lock().unwrap_or_else(|p| p.into_inner()) = Some(session.clone());
+        Ok(session)
+    }
+
+    /// The time one request may take before we retry it (elsewhere, with a new connection).
+    fn rpc_timeout(&self) -> Duration {
+        (self.ttl / 3).clamp(Duration::from_millis(500), Duration::from_secs(5))
+    }
+
+    fn prefix(&self, kind: Kind, name: &str) -> String {
+        let k = match kind {
+            Kind::Lock => "lock",
+            Kind::Election => "election",
+        };
+        format!("{}{k}/{name}/", self.ns)
+    }
+}
+
+/// Whether an etcd error may go away on retry (connection lost, leader change, timeout).
+pub(crate) fn transient(e: &etcd_client::Error) -> bool {
+    use etcd_client::Error as E;
+    match e {
+        E::TransportError(_) | E::IoError(_) | E::WatchError(_) | E::LeaseKeepAliveError(_) => true,
+        // gRPC codes: CANCELLED 1, UNKNOWN 2, DEADLINE_EXCEEDED 4, ABORTED 10, INTERNAL 13,
+        // UNAVAILABLE 14 (numbers, to avoid depending on tonic for its enum).
+        E::GRpcStatus(s) => matches!(i32::from(s.code()), 1 | 2 | 4 | 10 | 13 | 14),
+        _ => false,
+    }
+}
+
+/// A backoff schedule for retries against etcd.
+pub(crate) fn backoff() -> impl Iterator<Item = Duration> {
+    use backon::BackoffBuilder;
+    backon::ExponentialBuilder::default()
+        .with_min_delay(Duration::from_millis(50))
+        .with_max_delay(Duration::from_secs(1))
+        .with_jitter()
+        .without_max_times()
+        .build()
+}
+
+/// Runs one request with a timeout, retrying transient failures with backoff until `give_up`
+/// says stop (session lost, budget spent). Each attempt counts as one request.
+pub(crate) async fn retry<T, F, Fut>(
+    op: &'static str,
+    rpc_timeout: Duration,
+    give_up: impl Fn() -> bool,
+    mut f: F,
+) -> Result<T, LockError>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, etcd_client::Error>>,
+{
+    let mut delays = backoff();
+    loop {
+        count_request();
+        let err = match tokio::time::timeout(rpc_timeout, f()).await {
+            Ok(Ok(v)) => return Ok(v),
+            Ok(Err(e)) if transient(&e) => LockError::backend(op, e),
+            Ok(Err(e)) => return Err(LockError::backend(op, e)),
+            Err(elapsed) => LockError::backend(op, elapsed),
+        };
+        if give_up() {
+            return Err(err);
+        }
+        tracing::debug!(op, error = %err, "etcd request failed; retrying");
+        tokio::time::sleep(delays.next().unwrap_or(Duration::from_secs(1))).await;
+    }
+}
+
+/// A give-up rule: after `budget` has passed.
+pub(crate) fn budget(budget: Duration) -> impl Fn() -> bool {
+    let start = tokio::time::Instant::now();
+    move || start.elapsed() >= budget
+}
+
+/// A give-up rule: once the session is lost.
+pub(crate) fn while_alive(liveness: &Arc<Liveness>) -> impl Fn() -> bool + use<> {
+    let liveness = liveness.clone();
+    move || liveness.is_lost()
+}
+
+#[async_trait]
+impl LockBackend for EtcdBackend {
+    fn session(&self) -> Session {
+        match self
+            .current
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+        {
+            Some(s) => s.handle(),
+            None => Session::forever(),
+        }
+    }
+
+    async fn acquire(
+        &self,
+        kind: Kind,
+        name: &str,
+        value: Vec<u8>,
+        wait: Wait,
+    ) -> Result<Box<dyn HeldLock>, LockError> {
+        lock::acquire(self, kind, name, value, wait).await
+    }
+
+    async fn holder(&self, kind: Kind, name: &str) -> Result<Option<Holder>, LockError> {
+        lock::holder(&self.client, &self.prefix(kind, name), self.rpc_timeout()).await
+    }
+
+    async fn queue_len(&self, kind: Kind, name: &str) -> Result<usize, LockError> {
+        let prefix = self.prefix(kind, name);
+        let resp = retry(
+            "count waiters",
+            self.rpc_timeout(),
+            budget(self.rpc_timeout() * 3),
+            || {
+                let mut c = self.client.clone();
+                let prefix = prefix.clone();
+                async move {
+                    c.get(
+                        prefix,
+                        Some(
+                            etcd_client::GetOptions::new()
+                                .with_prefix()
+                                .with_count_only(),
+                        ),
+                    )
+                    .await
+                }
+            },
+        )
+        .await?;
+        Ok(usize::try_from(resp.count()).unwrap_or(0).saturating_sub(1))
+    }
+
+    fn observe(&self, kind: Kind, name: &str) -> BoxStream<'static, Option<Holder>> {
+        registry::observe(
+            self.client.clone(),
+            self.prefix(kind, name),
+            self.rpc_timeout(),
+        )
+    }
+
+    async fn register(&self, job: JobInfo) -> Result<Box<dyn Registration>, LockError> {
+        let session = self.ensure_session().await?;
+        registry::register(self, &session, job).await
+    }
+
+    async fn running(&self) -> Result<Vec<JobInfo>, LockError> {
+        registry::running(self).await
+    }
+
+    fn watch_jobs(&self) -> BoxStream<'static, JobEvent> {
+        registry::watch(self.client.clone(), self.ns.clone(), self.rpc_timeout())
+    }
+}

@@ -1,0 +1,159 @@
+//! What a running job says about itself, and the registry that lists running jobs.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use futures::stream::BoxStream;
+use serde::{Deserialize, Serialize};
+
+use crate::backend::LockBackend;
+use crate::error::LockError;
+
+/// A job that runs (or wants to run) under a lock: who it is and where it runs.
+///
+/// `run_exclusive` stores it as the lock holder's value and registers it in the
+/// [`JobRegistry`] for as long as the job runs, under the session's lease, so the entry vanishes
+/// when the process dies.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JobInfo {
+    /// The job's name (for example `daily_etl`).
+    pub name: String,
+    /// The lock the job runs under; set by `run_exclusive`.
+    #[serde(default)]
+    pub lock: String,
+    /// The host the job runs on.
+    pub host: String,
+    /// The process id of the job's process.
+    pub pid: u32,
+    /// When the job started, in milliseconds since the Unix epoch.
+    pub started_at_ms: u64,
+    /// The command line, when the job is a command (the `palisade` CLI sets it).
+    #[serde(default)]
+    pub command: Vec<String>,
+    /// Free-form metadata (owner, run id, …). Never put secrets here: anyone who can read the
+    /// coordination store can read it.
+    #[serde(default)]
+    pub metadata: BTreeMap<String, String>,
+    /// The fencing token of the lock the job holds; set by `run_exclusive`.
+    #[serde(default)]
+    pub fencing_token: Option<u64>,
+}
+
+impl JobInfo {
+    /// Describes a job named `name` running now in this process on this host.
+    pub fn new(name: impl Into<String>) -> Self {
+        JobInfo {
+            name: name.into(),
+            lock: String::new(),
+            host: hostname(),
+            pid: std::process::id(),
+            started_at_ms: now_ms(),
+            command: Vec::new(),
+            metadata: BTreeMap::new(),
+            fencing_token: None,
+        }
+    }
+
+    /// Sets the command line.
+    pub fn command<I, S>(mut self, argv: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        self.command = argv.into_iter().map(Into::into).collect();
+        self
+    }
+
+    /// Adds one metadata entry.
+    pub fn meta(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
+        self.metadata.insert(key.into(), value.into());
+        self
+    }
+
+    /// When the job started.
+    pub fn started_at(&self) -> SystemTime {
+        UNIX_EPOCH + Duration::from_millis(self.started_at_ms)
+    }
+
+    pub(crate) fn to_bytes(&self) -> Vec<u8> {
+        // Serialising a struct of strings, integers and maps cannot fail.
+        serde_json::to_vec(self).unwrap_or_default()
+    }
+
+    pub(crate) fn from_bytes(what: &str, bytes: &[u8]) -> Result<Self, LockError> {
+        serde_json::from_slice(bytes).map_err(|e| LockError::Corrupt {
+            what: what.to_string(),
+            detail: e.to_string(),
+        })
+    }
+
+    /// Decodes a holder's value, if it is a job description.
+    pub(crate) fn from_holder_value(bytes: &[u8]) -> Option<Box<Self>> {
+        if bytes.is_empty() {
+            return None;
+        }
+        serde_json::from_slice(bytes).ok().map(Box::new)
+    }
+}
+
+pub(crate) fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+pub(crate) fn hostname() -> String {
+    let uname = rustix::system::uname();
+    uname.nodename().to_string_lossy().into_owned()
+}
+
+/// A change in the set of running jobs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum JobEvent {
+    /// A job registered: it holds its lock and runs.
+    Started(JobInfo),
+    /// A job finished (its closure returned or was cancelled) and removed its entry.
+    Finished(JobInfo),
+    /// A job's entry vanished without it finishing: its process died or its lease expired.
+    Expired(JobInfo),
+}
+
+impl JobEvent {
+    /// The job this event is about.
+    pub fn job(&self) -> &JobInfo {
+        match self {
+            JobEvent::Started(j) | JobEvent::Finished(j) | JobEvent::Expired(j) => j,
+        }
+    }
+}
+
+/// The jobs that run right now under `run_exclusive`, on every process that shares the backend.
+#[derive(Clone)]
+pub struct JobRegistry {
+    pub(crate) backend: Arc<dyn LockBackend>,
+}
+
+impl std::fmt::Debug for JobRegistry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("JobRegistry").finish_non_exhaustive()
+    }
+}
+
+impl JobRegistry {
+    /// The jobs running now, ordered by lock name. Entries of dead processes are not listed.
+    pub async fn running(&self) -> Result<Vec<JobInfo>, LockError> {
+        let mut jobs = self.backend.running().await?;
+        jobs.sort_by(|a, b| a.lock.cmp(&b.lock));
+        Ok(jobs)
+    }
+
+    /// A stream of `Started`, `Finished` and `Expired` events from now on. It never ends on its
+    /// own: after a server restart or a compaction it re-reads the registry and carries on, so a
+    /// change is reported even if the events that made it were lost (as `Expired` when it cannot
+    /// tell whether the job finished).
+    pub fn watch(&self) -> BoxStream<'static, JobEvent> {
+        self.backend.watch_jobs()
+    }
+}

@@ -1,0 +1,354 @@
+//! The in-process backend: a FIFO queue per name behind one mutex.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use async_trait::async_trait;
+use futures::StreamExt;
+use futures::stream::BoxStream;
+use tokio::sync::{broadcast, oneshot, watch};
+
+use crate::backend::{HeldLock, Holder, Kind, LockBackend, LostSignalHandle, Registration};
+use crate::coordinator::Wait;
+use crate::error::LockError;
+use crate::job::{JobEvent, JobInfo};
+use crate::session::{LostSignal, Session};
+
+type SlotKey = (Kind, String);
+
+struct Waiter {
+    id: u64,
+    value: Vec<u8>,
+    grant: oneshot::Sender<u64>,
+}
+
+struct Slot {
+    /// The holder's ticket id and public description.
+    holder: Option<(u64, Holder)>,
+    /// Waiters in arrival order; the front one is granted next.
+    queue: VecDeque<Waiter>,
+    /// The last token handed out; tokens only grow, so slots are never removed.
+    last_token: u64,
+    observers: watch::Sender<Option<Holder>>,
+}
+
+impl Slot {
+    fn new() -> Self {
+        Slot {
+            holder: None,
+            queue: VecDeque::new(),
+            last_token: 0,
+            observers: watch::Sender::new(None),
+        }
+    }
+
+    fn grant(&mut self, id: u64, value: Vec<u8>) -> u64 {
+        self.last_token += 1;
+        let holder = Holder {
+            value,
+            fencing_token: self.last_token,
+        };
+        self.observers.send_replace(Some(holder.clone()));
+        self.holder = Some((id, holder));
+        self.last_token
+    }
+
+    /// Hands the lock to the first waiter that is still waiting.
+    fn release(&mut self, id: u64) {
+        if self.holder.as_ref().map(|(h, _)| *h) != Some(id) {
+            return;
+        }
+        self.holder = None;
+        while let Some(waiter) = self.queue.pop_front() {
+            let token = self.grant(waiter.id, waiter.value);
+            if waiter.grant.send(token).is_ok() {
+                return;
+            }
+            self.holder = None;
+        }
+        self.observers.send_replace(None);
+    }
+}
+
+pub(crate) struct Inner {
+    slots: Mutex<HashMap<SlotKey, Slot>>,
+    next_id: AtomicU64,
+    jobs: Mutex<BTreeMap<String, (u64, JobInfo)>>,
+    events: broadcast::Sender<JobEvent>,
+}
+
+impl Inner {
+    fn slots(&self) -> MutexGuard<'_, HashMap<SlotKey, Slot>> {
+        // A panic while holding this mutex leaves the maps consistent (every update is a single
+        // step), so a poisoned mutex is still usable.
+        self.slots.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn jobs(&self) -> MutexGuard<'_, BTreeMap<String, (u64, JobInfo)>> {
+        self.jobs.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn release(&self, key: &SlotKey, id: u64) {
+        if let Some(slot) = self.slots().get_mut(key) {
+            slot.release(id);
+        }
+    }
+
+    /// Called when a waiter gives up: leave the queue, or pass on a grant that came too late.
+    fn abandon(&self, key: &SlotKey, id: u64) {
+        let mut slots = self.slots();
+        if let Some(slot) = slots.get_mut(key) {
+            slot.queue.retain(|w| w.id != id);
+            slot.release(id);
+        }
+    }
+}
+
+/// One process, many tasks: strict FIFO, fencing tokens from a counter per name, a session that
+/// is never lost.
+pub(crate) struct MemoryBackend {
+    inner: Arc<Inner>,
+}
+
+impl MemoryBackend {
+    pub(crate) fn new() -> Self {
+        MemoryBackend {
+            inner: Arc::new(Inner {
+                slots: Mutex::new(HashMap::new()),
+                next_id: AtomicU64::new(1),
+                jobs: Mutex::new(BTreeMap::new()),
+                events: broadcast::channel(1024).0,
+            }),
+        }
+    }
+}
+
+/// Removes a waiter from the queue if its acquire is dropped or times out.
+struct WaitTicket {
+    inner: Arc<Inner>,
+    key: SlotKey,
+    id: u64,
+    done: bool,
+}
+
+impl Drop for WaitTicket {
+    fn drop(&mut self) {
+        if !self.done {
+            self.inner.abandon(&self.key, self.id);
+        }
+    }
+}
+
+#[derive(Debug)]
+struct MemoryHeld {
+    inner: Arc<Inner>,
+    key: SlotKey,
+    id: u64,
+    token: u64,
+    lost: LostSignal,
+}
+
+impl std::fmt::Debug for Inner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MemoryBackend").finish_non_exhaustive()
+    }
+}
+
+#[async_trait]
+impl HeldLock for MemoryHeld {
+    fn fencing_token(&self) -> u64 {
+        self.token
+    }
+    fn lost_signal(&self) -> LostSignalHandle {
+        LostSignalHandle(self.lost.clone())
+    }
+    async fn release(self: Box<Self>) -> Result<(), LockError> {
+        self.inner.release(&self.key, self.id);
+        Ok(())
+    }
+    fn release_in_background(self: Box<Self>) {
+        self.inner.release(&self.key, self.id);
+    }
+}
+
+#[derive(Debug)]
+struct MemoryRegistration {
+    inner: Arc<Inner>,
+    lock: String,
+    id: u64,
+    finished: bool,
+}
+
+impl MemoryRegistration {
+    fn remove(&mut self, finished: bool) {
+        let removed = {
+            let mut jobs = self.inner.jobs();
+            match jobs.get(&self.lock) {
+                Some((id, _)) if *id == self.id => jobs.remove(&self.lock).map(|(_, j)| j),
+                _ => None,
+            }
+        };
+        if let Some(job) = removed {
+            let event = if finished {
+                JobEvent::Finished(job)
+            } else {
+                JobEvent::Expired(job)
+            };
+            let _ = self.inner.events.send(event);
+        }
+        self.finished = true;
+    }
+}
+
+#[async_trait]
+impl Registration for MemoryRegistration {
+    async fn finish(mut self: Box<Self>) -> Result<(), LockError> {
+        self.remove(true);
+        Ok(())
+    }
+}
+
+impl Drop for MemoryRegistration {
+    fn drop(&mut self) {
+        if !self.finished {
+            self.remove(false);
+        }
+    }
+}
+
+#[async_trait]
+impl LockBackend for MemoryBackend {
+    fn session(&self) -> Session {
+        Session::forever()
+    }
+
+    async fn acquire(
+        &self,
+        kind: Kind,
+        name: &str,
+        value: Vec<u8>,
+        wait: Wait,
+    ) -> Result<Box<dyn HeldLock>, LockError> {
+        let key = (kind, name.to_string());
+        let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
+        let held = |token| -> Box<dyn HeldLock> {
+            Box::new(MemoryHeld {
+                inner: self.inner.clone(),
+                key: key.clone(),
+                id,
+                token,
+                lost: LostSignal::never(),
+            })
+        };
+        let rx = {
+            let mut slots = self.inner.slots();
+            let slot = slots.entry(key.clone()).or_insert_with(Slot::new);
+            if slot.holder.is_none() && slot.queue.is_empty() {
+                let token = slot.grant(id, value);
+                return Ok(held(token));
+            }
+            if wait == Wait::No {
+                let holder = slot
+                    .holder
+                    .as_ref()
+                    .and_then(|(_, h)| JobInfo::from_holder_value(&h.value));
+                return Err(LockError::Held { holder });
+            }
+            let (tx, rx) = oneshot::channel();
+            slot.queue.push_back(Waiter {
+                id,
+                value,
+                grant: tx,
+            });
+            rx
+        };
+        let mut ticket = WaitTicket {
+            inner: self.inner.clone(),
+            key: key.clone(),
+            id,
+            done: false,
+        };
+        let token = match wait {
+            Wait::Up(d) => match tokio::time::timeout(d, rx).await {
+                Ok(r) => r,
+                Err(_) => {
+                    return Err(LockError::Timeout {
+                        name: name.to_string(),
+                        waited: d,
+                    });
+                }
+            },
+            _ => rx.await,
+        };
+        // The sender lives in the queue until it is used, so an error means the slot vanished,
+        // which does not happen; report it as lost rather than panic.
+        let token = token.map_err(|_| LockError::Lost)?;
+        ticket.done = true;
+        Ok(held(token))
+    }
+
+    async fn holder(&self, kind: Kind, name: &str) -> Result<Option<Holder>, LockError> {
+        let slots = self.inner.slots();
+        Ok(slots
+            .get(&(kind, name.to_string()))
+            .and_then(|s| s.holder.as_ref().map(|(_, h)| h.clone())))
+    }
+
+    async fn queue_len(&self, kind: Kind, name: &str) -> Result<usize, LockError> {
+        let slots = self.inner.slots();
+        Ok(slots
+            .get(&(kind, name.to_string()))
+            .map_or(0, |s| s.queue.len()))
+    }
+
+    fn observe(&self, kind: Kind, name: &str) -> BoxStream<'static, Option<Holder>> {
+        let rx = {
+            let mut slots = self.inner.slots();
+            slots
+                .entry((kind, name.to_string()))
+                .or_insert_with(Slot::new)
+                .observers
+                .subscribe()
+        };
+        futures::stream::unfold((rx, true), |(mut rx, first)| async move {
+            if !first {
+                rx.changed().await.ok()?;
+            }
+            let value = rx.borrow_and_update().clone();
+            Some((value, (rx, false)))
+        })
+        .boxed()
+    }
+
+    async fn register(&self, job: JobInfo) -> Result<Box<dyn Registration>, LockError> {
+        let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
+        let lock = job.lock.clone();
+        self.inner.jobs().insert(lock.clone(), (id, job.clone()));
+        let _ = self.inner.events.send(JobEvent::Started(job));
+        Ok(Box::new(MemoryRegistration {
+            inner: self.inner.clone(),
+            lock,
+            id,
+            finished: false,
+        }))
+    }
+
+    async fn running(&self) -> Result<Vec<JobInfo>, LockError> {
+        Ok(self.inner.jobs().values().map(|(_, j)| j.clone()).collect())
+    }
+
+    fn watch_jobs(&self) -> BoxStream<'static, JobEvent> {
+        let rx = self.inner.events.subscribe();
+        futures::stream::unfold(rx, |mut rx| async move {
+            loop {
+                match rx.recv().await {
+                    Ok(event) => return Some((event, rx)),
+                    Err(broadcast::error::RecvError::Lagged(_)) => continue,
+                    Err(broadcast::error::RecvError::Closed) => return None,
+                }
+            }
+        })
+        .boxed()
+    }
+}

@@ -1,0 +1,154 @@
+//! The session: the liveness of everything a process holds, and how its loss is signalled.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::watch;
+use tokio::time::Instant;
+
+/// Shared liveness of a lease.
+///
+/// Invariant: once `lost` is true it never becomes false again, and `deadline` only moves forward
+/// while `lost` is false. A lease is alive only while `lost` is false *and* the local monotonic
+/// clock is before `deadline` (the send time of the last renewal etcd acknowledged plus the TTL it
+/// granted), so a paused or partitioned process finds its lease lost the moment it looks, even
+/// before its keepalive task has run.
+#[derive(Debug)]
+pub(crate) struct Liveness {
+    lost: watch::Sender<bool>,
+    deadline: Mutex<Option<Instant>>,
+}
+
+impl Liveness {
+    /// A liveness that is never lost (memory and file backends: the lock lives as long as the
+    /// process, and the kernel releases a `flock` when the process dies).
+    pub(crate) fn forever() -> Arc<Self> {
+        Arc::new(Liveness {
+            lost: watch::Sender::new(false),
+            deadline: Mutex::new(None),
+        })
+    }
+
+    /// A liveness that is lost at `deadline` unless renewed.
+    #[cfg_attr(not(feature = "etcd"), allow(dead_code))]
+    pub(crate) fn until(deadline: Instant) -> Arc<Self> {
+        Arc::new(Liveness {
+            lost: watch::Sender::new(false),
+            deadline: Mutex::new(Some(deadline)),
+        })
+    }
+
+    /// Moves the deadline forward (never backward).
+    #[cfg_attr(not(feature = "etcd"), allow(dead_code))]
+    pub(crate) fn renew(&self, deadline: Instant) {
+        let mut d = self.deadline.lock().unwrap_or_else(|p| p.into_inner());
+        if d.is_none_or(|old| old < deadline) {
+            *d = Some(deadline);
+        }
+    }
+
+    /// Marks the lease lost for good.
+    #[cfg_attr(not(feature = "etcd"), allow(dead_code))]
+    pub(crate) fn mark_lost(&self) {
+        self.lost.send_replace(true);
+    }
+
+    pub(crate) fn deadline(&self) -> Option<Instant> {
+        *self.deadline.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub(crate) fn is_lost(&self) -> bool {
+        *self.lost.borrow() || self.deadline().is_some_and(|d| Instant::now() >= d)
+    }
+
+    /// Resolves when the lease is lost; never resolves for a liveness that is never lost.
+    pub(crate) async fn lost(&self) {
+        let mut rx = self.lost.subscribe();
+        loop {
+            if *rx.borrow_and_update() {
+                return;
+            }
+            match self.deadline() {
+                Some(deadline) => {
+                    if Instant::now() >= deadline {
+                        return;
+                    }
+                    tokio::select! {
+                        _ = rx.changed() => {}
+                        // Wakes at the old deadline; the loop re-reads a renewed one.
+                        _ = tokio::time::sleep_until(deadline) => {}
+                    }
+                }
+                None => {
+                    // The sender lives in `self`, so `changed` only fails if `self` is gone.
+                    if rx.changed().await.is_err() {
+                        std::future::pending::<()>().await;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// A cheap, cloneable view of whether a lease is still alive.
+#[derive(Debug, Clone)]
+pub(crate) struct LostSignal(pub(crate) Arc<Liveness>);
+
+impl LostSignal {
+    pub(crate) fn never() -> Self {
+        LostSignal(Liveness::forever())
+    }
+}
+
+/// A session: the lease under which a process holds its locks, registry entries and
+/// leaderships, kept alive in the background.
+///
+/// On etcd the session is a lease renewed about every third of its TTL (over another endpoint,
+/// with backoff, when one fails). [`Session::lost`] resolves when the lease can no longer be
+/// proven alive: revoked, expired, or no renewal acknowledged by etcd within the TTL, measured on
+/// the local monotonic clock from the send time of the last acknowledged renewal. After that the
+/// coordinator starts a new session for new locks; guards taken under the old one stay lost.
+///
+/// The file and memory backends have a session that is never lost: their locks live exactly as
+/// long as the process.
+#[derive(Debug, Clone)]
+pub struct Session {
+    pub(crate) liveness: Arc<Liveness>,
+    pub(crate) lease_id: Option<i64>,
+    pub(crate) ttl: Option<Duration>,
+}
+
+impl Session {
+    pub(crate) fn forever() -> Self {
+        Session {
+            liveness: Liveness::forever(),
+            lease_id: None,
+            ttl: None,
+        }
+    }
+
+    /// Resolves when the session's lease can no longer be proven alive.
+    pub async fn lost(&self) {
+        self.liveness.lost().await;
+    }
+
+    /// Whether the lease is lost now (checked against the local clock, not only the keepalive).
+    pub fn is_lost(&self) -> bool {
+        self.liveness.is_lost()
+    }
+
+    /// The etcd lease id, if the session is an etcd lease.
+    pub fn lease_id(&self) -> Option<i64> {
+        self.lease_id
+    }
+
+    /// The TTL etcd granted, if the session is an etcd lease.
+    pub fn ttl(&self) -> Option<Duration> {
+        self.ttl
+    }
+
+    /// The instant (local monotonic clock) after which the lease counts as lost unless renewed.
+    pub fn deadline(&self) -> Option<Instant> {
+        self.liveness.deadline()
+    }
+}
