@@ -1,5 +1,28 @@
-//! # palisade-breaker
-//!
-//! This crate will hold a circuit breaker whose closed-state path is lock-free: count- and
-//! time-based sliding windows, slow-call detection, half-open probing with permits, forced and
-//! disabled states, events, metrics, and a tower layer.
+#![doc = include_str!("../README.md")]
+
+mod breaker;
+mod clock;
+mod config;
+#[cfg(feature = "serde")]
+mod config_serde;
+mod counters;
+mod error;
+pub mod events;
+#[cfg(feature = "metrics")]
+mod facade;
+mod machine;
+mod state;
+mod sync;
+mod tower;
+#[doc(hidden)]
+pub mod window;
+
+pub use crate::breaker::{CircuitBreaker, Metrics, Outcome, Permit};
+pub use crate::clock::{Clock, FakeClock, MonotonicClock, TokioClock};
+pub use crate::config::{BreakerBuilder, MAX_COUNT_WINDOW, MAX_TIME_WINDOW, OpenBackoff, Window};
+#[cfg(feature = "serde")]
+pub use crate::config_serde::{BreakerConfig, OpenBackoffConfig, WindowConfig};
+pub use crate::error::{BreakerError, ConfigError, Rejected};
+pub use crate::events::{Event, EventReceiver};
+pub use crate::state::State;
+pub use crate::tower::{BreakerLayer, BreakerService, Classifier, Classify, ResponseFuture};

@@ -1,0 +1,178 @@
+//! The cost per call of a circuit breaker, palisade-breaker against failsafe and recloser, in one
+//! run, with a plain function call as the floor:
+//!
+//! - `closed_success`: a successful call in the closed state;
+//! - `open_rejected`: a call rejected in the open state;
+//!
+//! each single-threaded and with 2 threads on one shared breaker (the time per call that each
+//! thread sees). Every breaker runs with its default configuration for `closed_success`.
+//!
+//! cargo bench -p palisade-breaker --bench overhead -- --warm-up-time 1 --measurement-time 3
+
+use std::hint::black_box;
+use std::sync::Barrier;
+use std::time::{Duration, Instant};
+
+use criterion::{Criterion, criterion_group, criterion_main};
+use failsafe::CircuitBreaker as _;
+use palisade_breaker::{CircuitBreaker, Window};
+
+#[inline(never)]
+fn work() -> Result<u64, ()> {
+    Ok(black_box(42))
+}
+
+#[inline(never)]
+fn failing() -> Result<u64, u64> {
+    Err(black_box(7))
+}
+
+/// Runs `op` `iters` times on each of `threads` threads started together; the wall time is the
+/// time per call each thread experiences (× iters).
+fn threaded<F: Fn() + Sync>(threads: usize, iters: u64, op: F) -> Duration {
+    if threads == 1 {
+        let start = Instant::now();
+        for _ in 0..iters {
+            op();
+        }
+        return start.elapsed();
+    }
+    let barrier = Barrier::new(threads + 1);
+    std::thread::scope(|s| {
+        for _ in 0..threads {
+            s.spawn(|| {
+                barrier.wait();
+                for _ in 0..iters {
+                    op();
+                }
+                barrier.wait();
+            });
+        }
+        barrier.wait();
+        let start = Instant::now();
+        barrier.wait();
+        start.elapsed()
+    })
+}
+
+fn palisade_default() -> CircuitBreaker {
+    CircuitBreaker::builder("bench").build().unwrap()
+}
+
+fn palisade_untimed() -> CircuitBreaker {
+    CircuitBreaker::builder("bench")
+        .slow_call_detection(false)
+        .build()
+        .unwrap()
+}
+
+fn palisade_open() -> CircuitBreaker {
+    let b = CircuitBreaker::builder("bench")
+        .sliding_window(Window::Count(1))
+        .minimum_calls(1)
+        .wait_in_open(Duration::from_secs(3600))
+        .build()
+        .unwrap();
+    let _ = b.call_blocking(failing);
+    assert!(b.call_blocking(work).is_err());
+    b
+}
+
+fn failsafe_open() -> impl failsafe::CircuitBreaker + Sync {
+    let policy = failsafe::failure_policy::consecutive_failures(
+        1,
+        failsafe::backoff::constant(Duration::from_secs(3600)),
+    );
+    let b = failsafe::Config::new().failure_policy(policy).build();
+    let _ = b.call(failing);
+    assert!(matches!(b.call(work), Err(failsafe::Error::Rejected)));
+    b
+}
+
+fn recloser_open() -> recloser::Recloser {
+    let b = recloser::Recloser::custom()
+        .closed_len(1)
+        .open_wait(Duration::from_secs(3600))
+        .build();
+    for _ in 0..3 {
+        let _ = b.call(failing);
+    }
+    assert!(matches!(b.call(work), Err(recloser::Error::Rejected)));
+    b
+}
+
+fn bench(c: &mut Criterion) {
+    for threads in [1usize, 2] {
+        let mut g = c.benchmark_group(format!("closed_success/{threads}t"));
+        g.bench_function("plain_call", |b| {
+            b.iter_custom(|iters| {
+                threaded(threads, iters, || {
+                    let _ = black_box(work());
+                })
+            })
+        });
+        let p = palisade_default();
+        g.bench_function("palisade", |b| {
+            b.iter_custom(|iters| {
+                threaded(threads, iters, || {
+                    let _ = black_box(p.call_blocking(work));
+                })
+            })
+        });
+        let p = palisade_untimed();
+        g.bench_function("palisade_no_slow_detection", |b| {
+            b.iter_custom(|iters| {
+                threaded(threads, iters, || {
+                    let _ = black_box(p.call_blocking(work));
+                })
+            })
+        });
+        let f = failsafe::Config::new().build();
+        g.bench_function("failsafe", |b| {
+            b.iter_custom(|iters| {
+                threaded(threads, iters, || {
+                    let _ = black_box(f.call(work));
+                })
+            })
+        });
+        let r = recloser::Recloser::default();
+        g.bench_function("recloser", |b| {
+            b.iter_custom(|iters| {
+                threaded(threads, iters, || {
+                    let _ = black_box(r.call(work));
+                })
+            })
+        });
+        g.finish();
+
+        let mut g = c.benchmark_group(format!("open_rejected/{threads}t"));
+        let p = palisade_open();
+        g.bench_function("palisade", |b| {
+            b.iter_custom(|iters| {
+                threaded(threads, iters, || {
+                    let _ = black_box(p.call_blocking(work));
+                })
+            })
+        });
+        let f = failsafe_open();
+        g.bench_function("failsafe", |b| {
+            b.iter_custom(|iters| {
+                threaded(threads, iters, || {
+                    let _ = black_box(f.call(work));
+                })
+            })
+        });
+        let r = recloser_open();
+        g.bench_function("recloser", |b| {
+            b.iter_custom(|iters| {
+                threaded(threads, iters, || {
+                    let _ = black_box(r.call(work));
+                })
+            })
+        });
+        g.finish();
+    }
+}
+
+criterion_group!(benches, bench);
+criterion_main!(benches);
