@@ -1,5 +1,23 @@
-//! # palisade-ratelimit
-//!
-//! This crate will hold exact sliding-window rate limiters on Redis (sliding log, sliding window
-//! counter and GCRA, each one atomic Lua script per decision, timed by the server's clock), the
-//! in-process `LocalLimiter` on governor, one `RateLimiter` trait for both, and a tower layer.
+#![doc = include_str!("../README.md")]
+
+pub mod algorithm;
+mod decision;
+mod error;
+mod layer;
+mod limit;
+mod limiter;
+mod local;
+mod redis;
+
+pub use decision::{Decision, RateLimitHeaders};
+pub use error::Error;
+pub use layer::{BoxError, Mode, RateLimit, RateLimitLayer, Rejected};
+pub use limit::{Algorithm, Limit, MAX_WINDOW, MIN_WINDOW};
+pub use limiter::RateLimiter;
+pub use local::{LocalLimiter, TokioClock, TokioInstant};
+pub use redis::{
+    DEFAULT_TIMEOUT, Policy, RedisLimiter, RedisLimiterBuilder, connect, connect_cluster,
+};
+
+/// The redis crate this limiter is built on (for its connection types).
+pub use ::redis as redis_crate;

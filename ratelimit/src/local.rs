@@ -1,0 +1,184 @@
+//! The embedded default: an in-process keyed limiter on `governor`, timed by tokio's clock.
+
+use std::future::Future;
+use std::num::NonZeroU32;
+use std::sync::Arc;
+use std::time::Duration;
+
+use dashmap::DashMap;
+use governor::clock::{Clock, Reference};
+use governor::middleware::StateInformationMiddleware;
+use governor::state::{InMemoryState, NotKeyed};
+use governor::{Quota, nanos::Nanos};
+
+use crate::{Decision, Error, Limit, RateLimiter};
+
+/// Governor's clock reading tokio's [`tokio::time::Instant`], so that paused tokio time
+/// (`tokio::time::pause`, `start_paused`) drives the local limiter in tests.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct TokioClock;
+
+/// An instant of [`TokioClock`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct TokioInstant(tokio::time::Instant);
+
+impl std::ops::Add<Nanos> for TokioInstant {
+    type Output = TokioInstant;
+    fn add(self, other: Nanos) -> TokioInstant {
+        TokioInstant(self.0 + Duration::from(other))
+    }
+}
+
+impl Reference for TokioInstant {
+    fn duration_since(&self, earlier: Self) -> Nanos {
+        self.0.saturating_duration_since(earlier.0).into()
+    }
+    fn saturating_sub(&self, duration: Nanos) -> Self {
+        TokioInstant(self.0.checked_sub(duration.into()).unwrap_or(self.0))
+    }
+}
+
+impl Clock for TokioClock {
+    type Instant = TokioInstant;
+    fn now(&self) -> TokioInstant {
+        TokioInstant(tokio::time::Instant::now())
+    }
+}
+
+type Direct =
+    governor::RateLimiter<NotKeyed, InMemoryState, TokioClock, StateInformationMiddleware>;
+
+/// The embedded default limiter: in-process, keyed, no server.
+///
+/// It runs governor's GCRA with one unit replenished every `window / max` and a burst of `max`
+/// (or the burst given to [`LocalLimiter::with_burst`]): a quiet key may take `max` units at once,
+/// then units come back at the steady rate. Unlike the Redis sliding log this is not a hard cap
+/// per sliding window (a full burst followed by the steady rate admits up to about `2 × max` in
+/// one window); it limits one process only. Cloning shares the state.
+#[derive(Debug, Clone)]
+pub struct LocalLimiter {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    quota: Quota,
+    burst: u32,
+    window: Duration,
+    keys: DashMap<Box<str>, Direct>,
+}
+
+impl LocalLimiter {
+    /// A limiter admitting `limit.max()` units per `limit.window()` for each key, in bursts of up
+    /// to `limit.max()`.
+    pub fn new(limit: Limit) -> Result<Self, Error> {
+        Self::with_burst(limit, limit.max())
+    }
+
+    /// Like [`LocalLimiter::new`] with an explicit burst (units admitted back to back, ≥ 1).
+    pub fn with_burst(limit: Limit, burst: u32) -> Result<Self, Error> {
+        let burst_nz = NonZeroU32::new(burst).ok_or_else(|| Error::InvalidConfig {
+            field: "burst",
+            reason: "must be at least 1".into(),
+        })?;
+        let period = limit.window() / limit.max();
+        let quota = Quota::with_period(period)
+            .ok_or_else(|| Error::InvalidConfig {
+                field: "max",
+                reason: format!(
+                    "{} per {:?} is finer than 1 ns per unit; use a longer window",
+                    limit.max(),
+                    limit.window()
+                ),
+            })?
+            .allow_burst(burst_nz);
+        Ok(Self {
+            inner: Arc::new(Inner {
+                quota,
+                burst,
+                window: period * burst,
+                keys: DashMap::new(),
+            }),
+        })
+    }
+
+    /// Decides `n` units for `key` now, synchronously (the async trait methods call this).
+    pub fn check_n_now(&self, key: &str, n: u32) -> Result<Decision, Error> {
+        let cells = NonZeroU32::new(n).ok_or(Error::ZeroCost)?;
+        if n > self.inner.burst {
+            return Err(Error::CostExceedsLimit {
+                cost: n,
+                capacity: self.inner.burst,
+            });
+        }
+        let outcome = match self.inner.keys.get(key) {
+            Some(limiter) => limiter.check_n(cells),
+            None => {
+                let entry = self.inner.keys.entry(key.into()).or_insert_with(|| {
+                    governor::RateLimiter::direct_with_clock(self.inner.quota, TokioClock)
+                        .with_middleware()
+                });
+                entry.check_n(cells)
+            }
+        };
+        let per_unit = self.inner.quota.replenish_interval();
+        Ok(match outcome {
+            Ok(Ok(snapshot)) => {
+                let remaining = snapshot.remaining_burst_capacity();
+                Decision {
+                    allowed: true,
+                    limit: self.inner.burst,
+                    remaining,
+                    retry_after: None,
+                    reset_after: per_unit * (self.inner.burst - remaining.min(self.inner.burst)),
+                    window: self.inner.window,
+                    server_time: None,
+                }
+            }
+            Ok(Err(not_until)) => {
+                let wait = not_until.wait_time_from(TokioClock.now());
+                Decision {
+                    allowed: false,
+                    limit: self.inner.burst,
+                    remaining: 0,
+                    retry_after: Some(wait.max(Duration::from_nanos(1))),
+                    reset_after: wait + per_unit * self.inner.burst,
+                    window: self.inner.window,
+                    server_time: None,
+                }
+            }
+            Err(insufficient) => {
+                return Err(Error::CostExceedsLimit {
+                    cost: n,
+                    capacity: insufficient.0,
+                });
+            }
+        })
+    }
+
+    /// Forgets keys whose limit is fully replenished, so memory follows the active keys.
+    pub fn retain_recent(&self) {
+        let full = self.inner.burst;
+        // A key is idle if its whole burst would be admitted now. Such a check consumes the
+        // burst, which is harmless because the key is dropped; a failed check consumes nothing.
+        self.inner.keys.retain(|_, limiter| {
+            NonZeroU32::new(full).is_none_or(|b| !matches!(limiter.check_n(b), Ok(Ok(_))))
+        });
+    }
+
+    /// The number of keys currently tracked.
+    pub fn len(&self) -> usize {
+        self.inner.keys.len()
+    }
+
+    /// Whether no key is tracked.
+    pub fn is_empty(&self) -> bool {
+        self.inner.keys.is_empty()
+    }
+}
+
+impl RateLimiter for LocalLimiter {
+    fn check_n(&self, key: &str, n: u32) -> impl Future<Output = Result<Decision, Error>> + Send {
+        std::future::ready(self.check_n_now(key, n))
+    }
+}

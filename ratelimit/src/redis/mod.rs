@@ -1,0 +1,518 @@
+//! The distributed engine: one atomic Lua script per decision on Redis or Redis Cluster.
+
+mod cache;
+pub(crate) mod scripts;
+#[cfg(test)]
+mod tests;
+
+use std::future::Future;
+use std::sync::{Arc, LazyLock};
+use std::time::Duration;
+
+use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
+use redis::{ErrorKind, RedisError, Script, ServerErrorKind};
+use tokio::time::Instant;
+
+use crate::algorithm::{Params, Verdict};
+use crate::{Algorithm, Decision, Error, Limit, LocalLimiter, RateLimiter};
+use cache::DenialCache;
+
+static SLIDING_LOG: LazyLock<Script> =
+    LazyLock::new(|| Script::new(&scripts::full(scripts::SLIDING_LOG)));
+static WINDOW_COUNTER: LazyLock<Script> =
+    LazyLock::new(|| Script::new(&scripts::full(scripts::WINDOW_COUNTER)));
+static GCRA: LazyLock<Script> = LazyLock::new(|| Script::new(&scripts::full(scripts::GCRA)));
+
+/// The default bound on one decision's round trip.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_millis(500);
+
+/// What a [`RedisLimiter`] answers when Redis is unreachable or does not answer within
+/// `.timeout`.
+#[derive(Debug, Clone, Default)]
+pub enum Policy {
+    /// Admit the request (a decision with `allowed: true`, `remaining` = the limit, no
+    /// `server_time`). Availability over protection.
+    FailOpen,
+    /// Return [`Error::Timeout`] or [`Error::Unavailable`]: nothing is admitted while Redis is
+    /// away, and the caller learns why. The default.
+    #[default]
+    FailClosed,
+    /// Decide with this in-process limiter until Redis is back (each process then enforces the
+    /// limit on its own, so a fleet of N admits up to N times the limit meanwhile).
+    Local(LocalLimiter),
+}
+
+/// Connects to a standalone Redis for a limiter: a [`ConnectionManager`] (one multiplexed
+/// connection that reconnects by itself) whose connection attempts and responses time out after
+/// `timeout`. `url` may carry an ACL user and password (`redis://user:password@host:6379/0`);
+/// `rediss://` needs this crate's `tls` feature.
+pub async fn connect(url: &str, timeout: Duration) -> Result<ConnectionManager, Error> {
+    let client = redis::Client::open(url).map_err(Error::Redis)?;
+    let config = ConnectionManagerConfig::new()
+        .set_connection_timeout(Some(timeout))
+        .set_response_timeout(Some(timeout))
+        .set_number_of_retries(2)
+        .set_max_delay(Duration::from_secs(1));
+    ConnectionManager::new_with_config(client, config)
+        .await
+        .map_err(classify_unavailable)
+}
+
+/// Connects to a Redis Cluster for a limiter (the cluster's async connection, which follows
+/// slot moves and reconnects by itself). `urls` are some of its nodes.
+pub async fn connect_cluster<I, T>(
+    urls: I,
+) -> Result<redis::cluster_async::ClusterConnection, Error>
+where
+    I: IntoIterator<Item = T>,
+    T: redis::IntoConnectionInfo,
+{
+    let client = redis::cluster::ClusterClient::new(urls).map_err(Error::Redis)?;
+    client
+        .get_async_connection()
+        .await
+        .map_err(classify_unavailable)
+}
+
+fn classify_unavailable(e: RedisError) -> Error {
+    if is_unavailable(&e) {
+        Error::Unavailable(e)
+    } else {
+        Error::Redis(e)
+    }
+}
+
+/// Whether an error means "Redis is not there right now" (the policy applies) rather than
+/// "Redis refused" (a typed error, whatever the policy).
+fn is_unavailable(e: &RedisError) -> bool {
+    e.is_io_error()
+        || e.is_connection_dropped()
+        || e.is_connection_refusal()
+        || e.is_timeout()
+        || e.is_cluster_error()
+        || matches!(
+            e.kind(),
+            ErrorKind::Io
+                | ErrorKind::ClusterConnectionNotFound
+                | ErrorKind::Server(
+                    ServerErrorKind::BusyLoading
+                        | ServerErrorKind::TryAgain
+                        | ServerErrorKind::ClusterDown
+                        | ServerErrorKind::MasterDown
+                        | ServerErrorKind::ReadOnly
+                )
+        )
+        || e.code() == Some("BUSY")
+}
+
+/// A rate limiter shared by every process that uses the same Redis and prefix.
+///
+/// Each decision is one `EVALSHA` of an atomic Lua script (reloaded by itself after `NOSCRIPT`,
+/// e.g. after a restart, failover or `SCRIPT FLUSH`), timed by the server's clock. All keys of
+/// one decision share the hash tag `{prefix:key}`, so several limits are decided together on
+/// Redis Cluster too. Cloning is cheap and shares the connection.
+///
+/// `C` is the connection: a [`ConnectionManager`] for standalone Redis (see [`connect`]), a
+/// [`redis::cluster_async::ClusterConnection`] for Redis Cluster (see [`connect_cluster`]), or
+/// any other cloneable async connection.
+pub struct RedisLimiter<C = ConnectionManager> {
+    inner: Arc<Inner<C>>,
+}
+
+impl<C> Clone for RedisLimiter<C> {
+    fn clone(&self) -> Self {
+        Self {
+            inner: self.inner.clone(),
+        }
+    }
+}
+
+impl<C> std::fmt::Debug for RedisLimiter<C> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisLimiter")
+            .field("prefix", &self.inner.prefix)
+            .field("limits", &self.inner.limits)
+            .field("algorithm", &self.inner.algorithm)
+            .field("timeout", &self.inner.timeout)
+            .field("policy", &self.inner.policy)
+            .finish_non_exhaustive()
+    }
+}
+
+struct Inner<C> {
+    conn: C,
+    prefix: String,
+    limits: Vec<Limit>,
+    algorithm: Algorithm,
+    /// `max, window_us, burst` of every limit, as script arguments, in order.
+    args: Vec<i64>,
+    /// The key suffix of every limit (algorithm and parameters, so that changing a limit or the
+    /// algorithm starts a fresh key instead of misreading an old one).
+    suffixes: Vec<String>,
+    /// What each limit reports in a `Decision`: its capacity and window.
+    reported: Vec<(u32, Duration)>,
+    capacity: u32,
+    script: &'static Script,
+    policy: Policy,
+    timeout: Duration,
+    cache: Option<DenialCache>,
+}
+
+/// Configures a [`RedisLimiter`]; see [`RedisLimiter::builder`].
+#[derive(Debug)]
+#[must_use]
+pub struct RedisLimiterBuilder<C> {
+    conn: C,
+    limits: Vec<Limit>,
+    algorithm: Algorithm,
+    prefix: String,
+    policy: Policy,
+    timeout: Duration,
+    cache_denials: bool,
+}
+
+impl<C> RedisLimiterBuilder<C>
+where
+    C: ConnectionLike + Clone + Send + Sync + 'static,
+{
+    /// Adds one limit (call several times, or use [`limits`](Self::limits), to decide several
+    /// limits together).
+    pub fn limit(mut self, limit: Limit) -> Self {
+        self.limits.push(limit);
+        self
+    }
+
+    /// Adds several limits, decided together and atomically: a request is admitted only if
+    /// every limit admits it, and nothing is recorded in any of them otherwise.
+    pub fn limits(mut self, limits: impl IntoIterator<Item = Limit>) -> Self {
+        self.limits.extend(limits);
+        self
+    }
+
+    /// The algorithm (default: [`Algorithm::SlidingLog`], exact).
+    pub fn algorithm(mut self, algorithm: Algorithm) -> Self {
+        self.algorithm = algorithm;
+        self
+    }
+
+    /// The namespace of every key this limiter writes (default `palisade:rl`). Limiters with the
+    /// same prefix, limits and algorithm share their counts.
+    pub fn prefix(mut self, prefix: impl Into<String>) -> Self {
+        self.prefix = prefix.into();
+        self
+    }
+
+    /// What to answer when Redis is unreachable or slow (default [`Policy::FailClosed`]).
+    pub fn on_unavailable(mut self, policy: Policy) -> Self {
+        self.policy = policy;
+        self
+    }
+
+    /// The bound on one decision's round trip (default 500 ms); past it the policy answers.
+    pub fn timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = timeout;
+        self
+    }
+
+    /// Remember denials in this process: a key denied with `retry_after = t` is denied locally
+    /// for `t` (for the same or a larger cost) without asking Redis. Default off.
+    pub fn cache_denials(mut self, on: bool) -> Self {
+        self.cache_denials = on;
+        self
+    }
+
+    /// Validates the configuration.
+    pub fn build(self) -> Result<RedisLimiter<C>, Error> {
+        if self.limits.is_empty() {
+            return Err(Error::InvalidConfig {
+                field: "limits",
+                reason: "is empty; add at least one with `.limit(Limit::per_second(..)?)`".into(),
+            });
+        }
+        if self.limits.len() > 16 {
+            return Err(Error::InvalidConfig {
+                field: "limits",
+                reason: format!(
+                    "has {} limits; at most 16 are decided together",
+                    self.limits.len()
+                ),
+            });
+        }
+        for (i, a) in self.limits.iter().enumerate() {
+            if self.limits[..i].contains(a) {
+                return Err(Error::InvalidConfig {
+                    field: "limits",
+                    reason: format!("contains {a:?} twice"),
+                });
+            }
+        }
+        if self.prefix.is_empty() || self.prefix.contains(['{', '}']) {
+            return Err(Error::InvalidConfig {
+                field: "prefix",
+                reason: "must be non-empty and contain no `{` or `}` (they delimit the Cluster hash tag)".into(),
+            });
+        }
+        if self.timeout.is_zero() {
+            return Err(Error::InvalidConfig {
+                field: "timeout",
+                reason: "must be longer than zero".into(),
+            });
+        }
+        let (script, tag, burst): (&'static Script, String, Option<u32>) = match self.algorithm {
+            Algorithm::SlidingLog => (&SLIDING_LOG, "log".into(), None),
+            Algorithm::SlidingWindowCounter => (&WINDOW_COUNTER, "swc".into(), None),
+            Algorithm::Gcra { burst: 0 } => {
+                return Err(Error::InvalidConfig {
+                    field: "algorithm",
+                    reason: "Gcra { burst: 0 } admits nothing; burst must be at least 1".into(),
+                });
+            }
+            Algorithm::Gcra { burst } => (&GCRA, format!("gcra{burst}"), Some(burst)),
+        };
+        let mut args = Vec::new();
+        let mut suffixes = Vec::new();
+        let mut reported = Vec::new();
+        for l in &self.limits {
+            let p = Params {
+                max: l.max(),
+                window_us: l.window_us(),
+                burst: burst.unwrap_or(l.max()),
+            };
+            args.extend([i64::from(p.max), p.window_us, i64::from(p.burst)]);
+            suffixes.push(format!("{tag}:{}:{}", p.max, p.window_us));
+            reported.push(match burst {
+                None => (l.max(), l.window()),
+                Some(b) => {
+                    let t = crate::algorithm::Gcra::emission_us(&p) as u64;
+                    (b, Duration::from_micros(t * u64::from(b)))
+                }
+            });
+        }
+        let capacity = reported.iter().map(|r| r.0).min().unwrap_or(1);
+        Ok(RedisLimiter {
+            inner: Arc::new(Inner {
+                conn: self.conn,
+                prefix: self.prefix,
+                limits: self.limits,
+                algorithm: self.algorithm,
+                args,
+                suffixes,
+                reported,
+                capacity,
+                script,
+                policy: self.policy,
+                timeout: self.timeout,
+                cache: self.cache_denials.then(DenialCache::default),
+            }),
+        })
+    }
+}
+
+impl<C> RedisLimiter<C>
+where
+    C: ConnectionLike + Clone + Send + Sync + 'static,
+{
+    /// Starts configuring a limiter over `conn`.
+    pub fn builder(conn: C) -> RedisLimiterBuilder<C> {
+        RedisLimiterBuilder {
+            conn,
+            limits: Vec::new(),
+            algorithm: Algorithm::default(),
+            prefix: "palisade:rl".into(),
+            policy: Policy::default(),
+            timeout: DEFAULT_TIMEOUT,
+            cache_denials: false,
+        }
+    }
+
+    /// The limits decided together, in order.
+    pub fn limits(&self) -> &[Limit] {
+        &self.inner.limits
+    }
+
+    /// The most units one request may cost (the smallest capacity among the limits).
+    pub fn capacity(&self) -> u32 {
+        self.inner.capacity
+    }
+
+    /// The SHA1 of the script this limiter calls with `EVALSHA`.
+    pub fn script_sha(&self) -> &'static str {
+        self.inner.script.get_hash()
+    }
+
+    /// The Redis keys of `key`'s limits, in order (all in one Cluster slot).
+    pub fn redis_keys(&self, key: &str) -> Vec<String> {
+        let tag = format!("{{{}:{key}}}", self.inner.prefix);
+        self.inner
+            .suffixes
+            .iter()
+            .map(|s| format!("{tag}:{s}"))
+            .collect()
+    }
+
+    /// The arguments of one script call (after the keys): time (empty = server `TIME`), cost,
+    /// nonce, then `max, window_us, burst` per limit.
+    fn invocation(
+        &self,
+        key: &str,
+        n: u32,
+        now_us: Option<i64>,
+    ) -> redis::ScriptInvocation<'static> {
+        let mut inv = self.inner.script.prepare_invoke();
+        for k in self.redis_keys(key) {
+            inv.key(k);
+        }
+        match now_us {
+            Some(t) => inv.arg(t),
+            None => inv.arg(""),
+        };
+        inv.arg(n).arg(format!("{:016x}", rand::random::<u64>()));
+        inv.arg(&self.inner.args[..]);
+        inv
+    }
+
+    async fn run_script(&self, key: &str, n: u32, now_us: Option<i64>) -> Result<Decision, Error> {
+        let inv = self.invocation(key, n, now_us);
+        let mut conn = self.inner.conn.clone();
+        let reply: Vec<i64> =
+            match tokio::time::timeout(self.inner.timeout, inv.invoke_async(&mut conn)).await {
+                Err(_elapsed) => return Err(Error::Timeout(self.inner.timeout)),
+                Ok(Err(e)) => return Err(classify_unavailable(e)),
+                Ok(Ok(reply)) => reply,
+            };
+        self.parse(&reply)
+    }
+
+    fn parse(&self, reply: &[i64]) -> Result<Decision, Error> {
+        let n = self.inner.limits.len();
+        if reply.len() != 2 + 3 * n {
+            return Err(Error::UnexpectedReply(format!(
+                "{} integers for {n} limits",
+                reply.len()
+            )));
+        }
+        let verdicts: Vec<Verdict> = reply[2..]
+            .chunks_exact(3)
+            .map(|c| Verdict {
+                allowed: c[1] == 0,
+                remaining: c[0].clamp(0, i64::from(u32::MAX)) as u32,
+                retry_after_us: c[1],
+                reset_after_us: c[2],
+            })
+            .collect();
+        let allowed = reply[0] == 1;
+        let server_time = Duration::from_micros(reply[1].max(0) as u64);
+        Ok(Decision::combine(
+            allowed,
+            &verdicts,
+            &self.inner.reported,
+            Some(server_time),
+        ))
+    }
+
+    fn validate_cost(&self, n: u32) -> Result<(), Error> {
+        if n == 0 {
+            return Err(Error::ZeroCost);
+        }
+        if n > self.inner.capacity {
+            return Err(Error::CostExceedsLimit {
+                cost: n,
+                capacity: self.inner.capacity,
+            });
+        }
+        Ok(())
+    }
+
+    /// Decides with an injected time (µs) instead of the server's clock; tests only.
+    #[cfg(test)]
+    pub(crate) async fn check_at(
+        &self,
+        key: &str,
+        n: u32,
+        now_us: i64,
+    ) -> Result<(bool, Vec<Verdict>), Error> {
+        self.validate_cost(n)?;
+        let inv = self.invocation(key, n, Some(now_us));
+        let mut conn = self.inner.conn.clone();
+        let reply: Vec<i64> = inv.invoke_async(&mut conn).await.map_err(Error::Redis)?;
+        let verdicts = reply[2..]
+            .chunks_exact(3)
+            .map(|c| Verdict {
+                allowed: c[1] == 0,
+                remaining: c[0] as u32,
+                retry_after_us: c[1],
+                reset_after_us: c[2],
+            })
+            .collect();
+        Ok((reply[0] == 1, verdicts))
+    }
+
+    async fn decide(&self, key: &str, n: u32) -> Result<Decision, Error> {
+        self.validate_cost(n)?;
+        if let Some(cache) = &self.inner.cache
+            && let Some(d) = cache.lookup(key, n, Instant::now())
+        {
+            count("cached");
+            return Ok(d);
+        }
+        match self.run_script(key, n, None).await {
+            Ok(d) => {
+                if !d.allowed
+                    && let (Some(cache), Some(retry)) = (&self.inner.cache, d.retry_after)
+                {
+                    cache.insert(key, n, d, Instant::now() + retry);
+                }
+                count(if d.allowed { "allowed" } else { "denied" });
+                Ok(d)
+            }
+            Err(e @ (Error::Timeout(_) | Error::Unavailable(_))) => {
+                tracing::warn!(key, error = %e, policy = ?self.inner.policy_name(), "rate limit: Redis unavailable, applying policy");
+                count("unavailable");
+                match &self.inner.policy {
+                    Policy::FailClosed => Err(e),
+                    Policy::FailOpen => {
+                        let (limit, window) = self.inner.reported[0];
+                        Ok(Decision {
+                            allowed: true,
+                            limit,
+                            remaining: limit,
+                            retry_after: None,
+                            reset_after: Duration::ZERO,
+                            window,
+                            server_time: None,
+                        })
+                    }
+                    Policy::Local(local) => local.check_n_now(key, n),
+                }
+            }
+            Err(e) => Err(e),
+        }
+    }
+}
+
+impl<C> Inner<C> {
+    fn policy_name(&self) -> &'static str {
+        match self.policy {
+            Policy::FailOpen => "fail_open",
+            Policy::FailClosed => "fail_closed",
+            Policy::Local(_) => "local",
+        }
+    }
+}
+
+#[cfg(feature = "metrics")]
+fn count(outcome: &'static str) {
+    metrics::counter!("palisade_ratelimit_decisions_total", "outcome" => outcome).increment(1);
+}
+
+#[cfg(not(feature = "metrics"))]
+fn count(_outcome: &'static str) {}
+
+impl<C> RateLimiter for RedisLimiter<C>
+where
+    C: ConnectionLike + Clone + Send + Sync + 'static,
+{
+    fn check_n(&self, key: &str, n: u32) -> impl Future<Output = Result<Decision, Error>> + Send {
+        self.decide(key, n)
+    }
+}
