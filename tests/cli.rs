@@ -243,3 +243,106 @@ fn errors_are_one_line_with_distinct_codes() {
         "the command's own exit code: {out:?}"
     );
 }
+
+fn once_stores() -> Vec<(&'static str, Option<palisade_testkit::Redis>)> {
+    vec![
+        ("file", None),
+        (
+            "redis",
+            Some(palisade_testkit::Redis::start().expect("redis starts")),
+        ),
+    ]
+}
+
+#[test]
+fn once_runs_a_command_once_across_eight_concurrent_invocations() {
+    for (label, redis) in once_stores() {
+        let p = Palisade::new(None);
+        let mut args = vec!["once", "--key", "load-2024-01-31"];
+        let url = redis.as_ref().map(|r| r.url());
+        if let Some(url) = &url {
+            args.extend(["--store", url]);
+        }
+        // The run takes a while, so the other invocations find it in progress and wait.
+        args.extend(["--", "sh", "-c", "echo ran >> runs; sleep 0.5"]);
+        let children: Vec<_> = (0..8).map(|_| p.spawn(&args)).collect();
+        let outputs: Vec<_> = children
+            .into_iter()
+            .map(|c| c.wait_with_output().expect("palisade once exits"))
+            .collect();
+        for output in &outputs {
+            assert_eq!(output.status.code(), Some(0), "[{label}] {output:?}");
+        }
+        let runs = std::fs::read_to_string(p.dir.path().join("runs")).unwrap();
+        assert_eq!(
+            runs.lines().count(),
+            1,
+            "[{label}] exactly one run: {runs:?}"
+        );
+        let replayed = outputs
+            .iter()
+            .filter(|o| String::from_utf8_lossy(&o.stderr).contains("already ran"))
+            .count();
+        assert_eq!(replayed, 7, "[{label}] seven invocations say they replayed");
+
+        // Another command under the same key is refused rather than silently replayed.
+        let mut other = args[..args.len() - 4].to_vec();
+        other.extend(["--", "true"]);
+        let mismatch = p.output(&other);
+        assert_eq!(mismatch.status.code(), Some(65), "[{label}] {mismatch:?}");
+    }
+}
+
+#[test]
+fn once_replays_a_recorded_exit_code_and_retries_an_unrecorded_failure() {
+    let p = Palisade::new(None);
+    let fail = [
+        "once",
+        "--key",
+        "k1",
+        "--",
+        "sh",
+        "-c",
+        "echo ran >> runs-1; exit 3",
+    ];
+    assert_eq!(p.output(&fail).status.code(), Some(3));
+    assert_eq!(p.output(&fail).status.code(), Some(3));
+    let runs = std::fs::read_to_string(p.dir.path().join("runs-1")).unwrap();
+    assert_eq!(
+        runs.lines().count(),
+        2,
+        "a failure records nothing: it runs again"
+    );
+
+    let recorded = [
+        "once",
+        "--key",
+        "k2",
+        "--record-failures",
+        "--",
+        "sh",
+        "-c",
+        "echo ran >> runs-2; exit 4",
+    ];
+    assert_eq!(p.output(&recorded).status.code(), Some(4));
+    let replay = p.output(&recorded);
+    assert_eq!(
+        replay.status.code(),
+        Some(4),
+        "the recorded exit code is replayed"
+    );
+    assert!(String::from_utf8_lossy(&replay.stderr).contains("exit code 4"));
+    let runs = std::fs::read_to_string(p.dir.path().join("runs-2")).unwrap();
+    assert_eq!(runs.lines().count(), 1);
+}
+
+#[test]
+fn once_without_waiting_exits_75_while_the_key_runs_elsewhere() {
+    let p = Palisade::new(None);
+    let holder = p.spawn(&["once", "--key", "k", "--", "sh", "-c", HOLD]);
+    wait_for_file(&p.dir.path().join("started"), "the first run to start");
+    let busy = p.output(&["once", "--key", "k", "--no-wait", "--", "sh", "-c", HOLD]);
+    assert_eq!(busy.status.code(), Some(75), "{busy:?}");
+    std::fs::write(p.dir.path().join("release"), "").unwrap();
+    assert_eq!(p.finish(holder).code(), Some(0));
+}

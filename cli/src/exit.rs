@@ -2,6 +2,8 @@
 
 use std::fmt;
 
+/// The key was used before with a different command (sysexits EX_DATAERR).
+pub const MISMATCH: u8 = 65;
 /// A network service is unavailable: etcd or Redis could not be reached (sysexits EX_UNAVAILABLE).
 pub const UNAVAILABLE: u8 = 69;
 /// Something went wrong inside palisade itself or with the operating system (EX_SOFTWARE/EX_OSERR).
@@ -20,6 +22,7 @@ pub const TABLE: &str = "\
 Exit codes:
   N    the command ran: its own exit code (128+SIGNAL when a signal ended it)
   2    bad command line
+  65   once: the key was used before with a different command
   69   etcd or Redis could not be reached
   70   internal or operating-system error
   75   not run: the lock is held (or the key runs elsewhere) and the wait ran out
@@ -50,6 +53,8 @@ impl CliError {
         CliError::new(CONFIG, message)
     }
 }
+
+impl std::error::Error for CliError {}
 
 impl fmt::Display for CliError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {

@@ -5,6 +5,7 @@ mod backend;
 mod child;
 mod exit;
 mod jobs;
+mod once;
 mod progress;
 mod run;
 
@@ -38,6 +39,18 @@ enum Command {
     /// List the jobs running under `palisade run`, as a table or JSON lines; --watch follows them.
     #[command(after_help = exit::TABLE)]
     Jobs(jobs::JobsArgs),
+    /// Run COMMAND once per --key: later invocations with the same key exit with the recorded
+    /// exit code without running it (and say so on stderr).
+    ///
+    /// A run that fails (non-zero exit) records nothing, so the next invocation runs it again
+    /// (unless --record-failures). An invocation that finds the key running elsewhere waits
+    /// for that run (exit 75 with --no-wait, or when --wait-for runs out). Records live in a
+    /// directory on this host by default, or in Redis with --store redis://... for a fleet.
+    /// COMMAND gets PALISADE_ONCE_KEY in its environment.
+    ///
+    /// Example: palisade once --key "load-$(date +%F)" -- ./load.sh
+    #[command(after_help = exit::TABLE)]
+    Once(once::OnceArgs),
 }
 
 fn main() -> ExitCode {
@@ -65,6 +78,7 @@ fn main() -> ExitCode {
         match cli.command {
             Command::Run(args) => run::run(args).await,
             Command::Jobs(args) => jobs::jobs(args).await,
+            Command::Once(args) => once::once(args).await,
         }
     });
     // Give background releases (a dropped guard) a moment, but never hang on exit.

@@ -46,6 +46,8 @@ impl Palisade {
             .args(args)
             .current_dir(self.dir.path())
             .env("PALISADE_DIR", self.dir.path().join(".palisade"))
+            .env("XDG_STATE_HOME", self.dir.path().join(".state"))
+            .env_remove("PALISADE_ONCE_STORE")
             .env_remove("PALISADE_ETCD_ENDPOINTS")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())

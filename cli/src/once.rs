@@ -1,0 +1,170 @@
+//! `palisade once --key KEY -- COMMAND`: run a command once per key, replay its exit code after.
+
+use crate::backend::default_dir;
+use crate::child::{Child, exit_code};
+use crate::exit::{CONFIG, CliError, HELD, INTERNAL, MISMATCH, UNAVAILABLE, chain};
+use crate::progress::Progress;
+use clap::Args;
+use palisade_idempotency::{Error, FileStore, IdempotencyStore, OnceOptions, Outcome, RedisStore};
+use serde::{Deserialize, Serialize};
+use std::path::PathBuf;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+/// Flags of `palisade once`.
+#[derive(Debug, Args)]
+pub struct OnceArgs {
+    /// The idempotency key: one successful run per key (e.g. `etl-2024-01-31`).
+    #[arg(long, value_name = "KEY")]
+    pub key: String,
+
+    /// Where run-once records live: a directory (`file:///path`, the default is
+    /// $XDG_STATE_HOME/palisade/once or ~/.local/state/palisade/once) for one host, or
+    /// `redis://[user:password@]host:port/` (`rediss://` for TLS) for a fleet.
+    #[arg(long, env = "PALISADE_ONCE_STORE", value_name = "URL")]
+    pub store: Option<String>,
+
+    /// How long a completed run is remembered (and replayed).
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "7days", value_name = "DURATION")]
+    pub ttl: Duration,
+
+    /// How long a run may take before its claim lapses and another invocation may run the key
+    /// (set it above the longest run: a runner that died holds the key this long).
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "1h", value_name = "DURATION")]
+    pub claim_ttl: Duration,
+
+    /// Exit 75 at once when the key runs elsewhere, instead of waiting for that run to end.
+    #[arg(long, conflicts_with = "wait_for")]
+    pub no_wait: bool,
+
+    /// Wait at most this long for a run elsewhere to end (default: as long as --claim-ttl).
+    #[arg(long, value_parser = humantime::parse_duration, value_name = "DURATION")]
+    pub wait_for: Option<Duration>,
+
+    /// Record a failed run (non-zero exit) too, so it is replayed instead of retried.
+    #[arg(long)]
+    pub record_failures: bool,
+
+    /// The command to run, after `--`.
+    #[arg(last = true, required = true, value_name = "COMMAND")]
+    pub command: Vec<String>,
+}
+
+/// What is recorded for a key: how the run ended, and where.
+#[derive(Debug, Serialize, Deserialize)]
+struct Ran {
+    exit_code: u8,
+    host: String,
+    finished_at_ms: u64,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("the command exited with {0}")]
+struct Failed(u8);
+
+/// Runs the command once per key and returns palisade's exit code.
+pub async fn once(args: OnceArgs) -> Result<u8, CliError> {
+    let options = OnceOptions::default()
+        .ttl(args.ttl)
+        .in_progress_ttl(args.claim_ttl);
+    let options = if args.no_wait {
+        options
+    } else {
+        options.wait(args.wait_for.unwrap_or(args.claim_ttl))
+    };
+    options.validate().map_err(to_cli)?;
+    match args.store.as_deref() {
+        Some(url) if url.starts_with("redis://") || url.starts_with("rediss://") => {
+            let store = RedisStore::connect(url).await.map_err(to_cli)?;
+            run(&store, &args, &options).await
+        }
+        Some(url) => {
+            let dir = url.strip_prefix("file://").ok_or_else(|| {
+                CliError::config(format!(
+                    "--store {url:?}: expected file:///path, redis:// or rediss://"
+                ))
+            })?;
+            run(&FileStore::open(dir).map_err(to_cli)?, &args, &options).await
+        }
+        None => {
+            let dir: PathBuf = default_dir().join("once");
+            run(&FileStore::open(dir).map_err(to_cli)?, &args, &options).await
+        }
+    }
+}
+
+async fn run(
+    store: &impl IdempotencyStore,
+    args: &OnceArgs,
+    options: &OnceOptions,
+) -> Result<u8, CliError> {
+    // The same key with another command is a mistake worth stopping for.
+    let fingerprint = serde_json::to_string(&args.command).unwrap_or_default();
+    let progress = (!args.no_wait).then(|| Progress::start(format!("key `{}`", args.key)));
+    let record_failures = args.record_failures;
+    let command = args.command.clone();
+    let key = args.key.clone();
+    let outcome = store
+        .once(&args.key, &fingerprint, options, move || async move {
+            let env = [("PALISADE_ONCE_KEY", key)];
+            let child = Child::spawn(&command, &env)?;
+            let code = exit_code(child.wait().await);
+            if code != 0 && !record_failures {
+                return Err(Box::new(Failed(code)) as Box<dyn std::error::Error + Send + Sync>);
+            }
+            Ok(Ran {
+                exit_code: code,
+                host: hostname(),
+                finished_at_ms: now_ms(),
+            })
+        })
+        .await;
+    drop(progress);
+    match outcome {
+        Ok(Outcome::Executed(ran)) => Ok(ran.exit_code),
+        Ok(Outcome::Replayed(ran)) => {
+            eprintln!(
+                "palisade: key `{}` already ran on {} at {} (exit code {}); not running it again",
+                args.key,
+                ran.host,
+                humantime::format_rfc3339_seconds(
+                    UNIX_EPOCH + Duration::from_millis(ran.finished_at_ms)
+                ),
+                ran.exit_code
+            );
+            Ok(ran.exit_code)
+        }
+        Err(Error::Job(error)) => {
+            if let Some(Failed(code)) = error.downcast_ref::<Failed>() {
+                return Ok(*code);
+            }
+            match error.downcast::<CliError>() {
+                Ok(cli) => Err(*cli),
+                Err(other) => Err(CliError::new(INTERNAL, other.to_string())),
+            }
+        }
+        Err(error) => Err(to_cli(error)),
+    }
+}
+
+fn to_cli(error: Error) -> CliError {
+    let code = match &error {
+        Error::InProgress { .. } => HELD,
+        Error::FingerprintMismatch { .. } => MISMATCH,
+        Error::Redis { .. } => UNAVAILABLE,
+        Error::Config { .. } | Error::InvalidKey { .. } | Error::MissingKey => CONFIG,
+        _ => INTERNAL,
+    };
+    CliError::new(code, chain(&error))
+}
+
+fn hostname() -> String {
+    nix::unistd::gethostname()
+        .map(|h| h.to_string_lossy().into_owned())
+        .unwrap_or_else(|_| "unknown".into())
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
