@@ -7,6 +7,7 @@ mod common;
 
 use common::{Palisade, wait_for_file};
 use palisade_testkit::Etcd;
+use std::time::Duration;
 
 /// A command that says it started, then runs until `release` appears in the working directory.
 const HOLD: &str = "echo $PALISADE_FENCING_TOKEN > started.$$; touch started; \
@@ -345,4 +346,63 @@ fn once_without_waiting_exits_75_while_the_key_runs_elsewhere() {
     assert_eq!(busy.status.code(), Some(75), "{busy:?}");
     std::fs::write(p.dir.path().join("release"), "").unwrap();
     assert_eq!(p.finish(holder).code(), Some(0));
+}
+
+#[test]
+fn limit_admits_no_more_than_n_per_period_across_eight_concurrent_loops() {
+    for (label, redis) in once_stores() {
+        let p = Palisade::new(None);
+        let redis_flag = redis
+            .as_ref()
+            .map(|r| format!("--redis {}", r.url()))
+            .unwrap_or_default();
+        let binary = common::binary();
+        // Each loop runs the command twice through the limit; the command records when it started.
+        let script = format!(
+            "for i in 1 2; do {} limit --key api --rate 4/1s {redis_flag} -- \
+             sh -c 'date +%s%N >> starts' || exit 1; done",
+            binary.display()
+        );
+        let loops: Vec<_> = (0..8)
+            .map(|_| {
+                std::process::Command::new("sh")
+                    .arg("-c")
+                    .arg(&script)
+                    .current_dir(p.dir.path())
+                    .env("PALISADE_DIR", p.dir.path().join(".palisade"))
+                    .spawn()
+                    .expect("a shell loop starts")
+            })
+            .collect();
+        for mut shell in loops {
+            assert!(
+                shell.wait().expect("the loop ends").success(),
+                "[{label}] every run was admitted"
+            );
+        }
+        let mut starts: Vec<u64> = std::fs::read_to_string(p.dir.path().join("starts"))
+            .unwrap()
+            .lines()
+            .map(|l| l.trim().parse().expect("nanoseconds"))
+            .collect();
+        starts.sort_unstable();
+        assert_eq!(starts.len(), 16, "[{label}] all 16 runs happened");
+        // Admission happens a little before the command records its start, so allow 100 ms of
+        // process start-up: no 900 ms window may hold more than 4 starts.
+        for (i, &t) in starts.iter().enumerate() {
+            let in_window = starts[i..]
+                .iter()
+                .take_while(|&&u| u < t + 900_000_000)
+                .count();
+            assert!(
+                in_window <= 4,
+                "[{label}] {in_window} starts within 900 ms of {t}: {starts:?}"
+            );
+        }
+        let span = Duration::from_nanos(starts[15] - starts[0]);
+        assert!(
+            span >= Duration::from_millis(2900),
+            "[{label}] 16 runs at 4/s need 3 s, took {span:?}"
+        );
+    }
 }

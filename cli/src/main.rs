@@ -4,7 +4,9 @@
 mod backend;
 mod child;
 mod exit;
+mod file_limiter;
 mod jobs;
+mod limit;
 mod once;
 mod progress;
 mod run;
@@ -51,6 +53,16 @@ enum Command {
     /// Example: palisade once --key "load-$(date +%F)" -- ./load.sh
     #[command(after_help = exit::TABLE)]
     Once(once::OnceArgs),
+    /// Wait until a rate limit admits one run, then run COMMAND.
+    ///
+    /// The limit is exact (a sliding log): never more than N runs start in any window of
+    /// PERIOD. Without --redis it is shared by every process of this host through a file per
+    /// key in --dir; with --redis, by every host. A Redis that cannot be reached fails the run
+    /// (exit 69) rather than running it unlimited.
+    ///
+    /// Example: palisade limit --key partner-api --rate 10/min -- ./sync.sh
+    #[command(after_help = exit::TABLE)]
+    Limit(limit::LimitArgs),
 }
 
 fn main() -> ExitCode {
@@ -79,6 +91,7 @@ fn main() -> ExitCode {
             Command::Run(args) => run::run(args).await,
             Command::Jobs(args) => jobs::jobs(args).await,
             Command::Once(args) => once::once(args).await,
+            Command::Limit(args) => limit::limit(args).await,
         }
     });
     // Give background releases (a dropped guard) a moment, but never hang on exit.
