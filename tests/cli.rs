@@ -406,3 +406,66 @@ fn limit_admits_no_more_than_n_per_period_across_eight_concurrent_loops() {
         );
     }
 }
+
+#[test]
+fn jobs_watch_reports_a_job_starting_and_finishing() {
+    use std::io::BufRead;
+    for (label, etcd) in backends() {
+        let p = Palisade::new(etcd.as_ref());
+        let mut watcher = p.spawn(&["jobs", "--watch", "--json"]);
+        let stdout = watcher.stdout.take().expect("piped stdout");
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(stdout)
+                .lines()
+                .map_while(Result::ok)
+            {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        // Run jobs until the watcher reports one start and one finish (it may subscribe a
+        // moment after it was spawned, so a job may come and go before it looks).
+        let mut events = Vec::new();
+        for attempt in 0..20 {
+            let run = p.output(&[
+                "run",
+                "--lock",
+                &format!("job-{attempt}"),
+                "--",
+                "sh",
+                "-c",
+                "sleep 0.3",
+            ]);
+            assert_eq!(run.status.code(), Some(0), "[{label}] {run:?}");
+            while let Ok(line) = rx.recv_timeout(Duration::from_millis(1500)) {
+                let event: serde_json::Value = serde_json::from_str(&line).expect("JSON lines");
+                events.push(event);
+                let kinds: Vec<_> = events
+                    .iter()
+                    .map(|e| e["event"].as_str().unwrap_or("").to_string())
+                    .collect();
+                if kinds.contains(&"started".to_string()) && kinds.contains(&"finished".to_string())
+                {
+                    break;
+                }
+            }
+            if events.iter().any(|e| e["event"] == "finished") {
+                break;
+            }
+        }
+        let _ = watcher.kill();
+        let _ = watcher.wait();
+        let started = events
+            .iter()
+            .find(|e| e["event"] == "started")
+            .expect("a started event");
+        let finished = events
+            .iter()
+            .find(|e| e["event"] == "finished")
+            .expect("a finished event");
+        assert_eq!(started["lock"], finished["lock"], "[{label}] {events:?}");
+        assert_eq!(started["command"][0], "sh", "[{label}] {events:?}");
+    }
+}
