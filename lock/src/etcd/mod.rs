@@ -35,6 +35,13 @@ static REQUESTS: AtomicU64 = AtomicU64::new(0);
 /// Times a waiter woke up because the key it watched was deleted.
 static WAKEUPS: AtomicU64 = AtomicU64::new(0);
 
+/// Times a registry watch or observer re-read everything after a compaction.
+static RESYNCS: AtomicU64 = AtomicU64::new(0);
+
+pub(crate) fn count_resync() {
+    RESYNCS.fetch_add(1, Ordering::Relaxed);
+}
+
 /// Counters for tests and benchmarks.
 #[doc(hidden)]
 pub mod stats {
@@ -42,6 +49,10 @@ pub mod stats {
     /// Requests sent to etcd by the lock, registry and election code of this process.
     pub fn requests() -> u64 {
         REQUESTS.load(Ordering::Relaxed)
+    }
+    /// Re-reads of registry watches and observers after a compaction.
+    pub fn resyncs() -> u64 {
+        RESYNCS.load(Ordering::Relaxed)
     }
     /// Wake-ups of waiters by a deletion they watched.
     pub fn wakeups() -> u64 {

@@ -51,14 +51,13 @@ pub(crate) async fn register(
         },
     )
     .await?;
-    let rev = resp.header().map_or(0, |h| h.revision());
+    let _ = resp;
     Ok(Box::new(EtcdRegistration {
         client: backend.client.clone(),
         session: session.clone(),
         key,
         done,
         value,
-        rev,
         rpc_timeout: backend.rpc_timeout(),
         finished: false,
     }))
@@ -69,9 +68,10 @@ struct EtcdRegistration {
     session: Arc<EtcdSession>,
     key: String,
     done: String,
+    /// Our entry (pid, start time and fencing token make it unique to this run); writes compare
+    /// it so we never delete a later run's entry, and a put retried after a lost response is
+    /// harmless.
     value: Vec<u8>,
-    /// The revision of our put; compared so we never delete a later run's entry.
-    rev: i64,
     rpc_timeout: Duration,
     finished: bool,
 }
@@ -98,10 +98,10 @@ impl Registration for EtcdRegistration {
                 // Delete the entry and leave a "done" record in the same revision, so watchers
                 // tell a finish from an expiry.
                 let txn = Txn::new()
-                    .when([Compare::create_revision(
+                    .when([Compare::value(
                         self.key.as_str(),
                         CompareOp::Equal,
-                        self.rev,
+                        self.value.clone(),
                     )])
                     .and_then([
                         TxnOp::delete(self.key.as_str(), None),
@@ -130,7 +130,8 @@ impl Drop for EtcdRegistration {
         // Cancelled (lease lost): remove the entry if it is still there; watchers see an expiry.
         let client = self.client.clone();
         let key = std::mem::take(&mut self.key);
-        let (rev, rpc_timeout) = (self.rev, self.rpc_timeout);
+        let value = std::mem::take(&mut self.value);
+        let rpc_timeout = self.rpc_timeout;
         if let Ok(rt) = tokio::runtime::Handle::try_current() {
             rt.spawn(async move {
                 let _ = retry(
@@ -140,10 +141,10 @@ impl Drop for EtcdRegistration {
                     || {
                         let mut c = client.clone();
                         let txn = Txn::new()
-                            .when([Compare::create_revision(
+                            .when([Compare::value(
                                 key.as_str(),
                                 CompareOp::Equal,
-                                rev,
+                                value.clone(),
                             )])
                             .and_then([TxnOp::delete(key.as_str(), None)]);
                         async move { c.txn(txn).await }
@@ -297,6 +298,7 @@ pub(crate) fn watch(
                         compacted = resp.compact_revision(),
                         "registry watch compacted; re-reading"
                     );
+                    super::count_resync();
                     resync = true;
                     break;
                 }
@@ -324,6 +326,10 @@ pub(crate) fn watch(
                     let lock_name = String::from_utf8_lossy(lock).into_owned();
                     let event = match ev.event_type() {
                         EventType::Put => {
+                            // A put retried after a lost response rewrites the same entry.
+                            if ev.prev_kv().is_some_and(|p| p.value() == kv.value()) {
+                                continue;
+                            }
                             let Ok(job) = JobInfo::from_bytes("job entry", kv.value()) else {
                                 continue;
                             };
@@ -425,7 +431,10 @@ pub(crate) fn observe(
                     _ = tx.closed() => return,
                 };
                 match msg {
-                    Ok(Some(resp)) if resp.compact_revision() > 0 || resp.canceled() => break,
+                    Ok(Some(resp)) if resp.compact_revision() > 0 || resp.canceled() => {
+                        super::count_resync();
+                        break;
+                    }
                     Ok(Some(resp)) if resp.events().is_empty() => continue,
                     Ok(Some(_)) => {
                         delays = backoff();

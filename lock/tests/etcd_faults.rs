@@ -1,0 +1,628 @@
+//! Guarantees that need a real etcd and its faults: paused holders, killed processes, etcd
+//! restarts, a lost cluster leader, compaction under a watch, contention across processes.
+//!
+//! Child processes are this test binary run again with `PALISADE_LOCK_CHILD` set (see
+//! `child_main`), so the tests need no other program.
+#![cfg(feature = "etcd")]
+
+mod common;
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use common::{bounded, etcd_coordinator, etcd_server, eventually};
+use futures::StreamExt;
+use palisade_lock::{JobEvent, JobInfo, LockError, RunOutcome, Wait};
+use rustix::process::{Pid, Signal, kill_process};
+
+const CHILD_ENV: &str = "PALISADE_LOCK_CHILD";
+
+fn now_ns() -> u128 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_nanos()
+}
+
+fn spawn_child(role: &str, endpoint: &str, dir: &Path) -> Child {
+    Command::new(std::env::current_exe().unwrap())
+        .args(["child_main", "--exact", "--nocapture", "--test-threads=1"])
+        .env(CHILD_ENV, role)
+        .env("PALISADE_LOCK_ETCD", endpoint)
+        .env("PALISADE_LOCK_DIR", dir)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn child test process")
+}
+
+fn signal(child: &Child, sig: Signal) {
+    let pid = Pid::from_raw(i32::try_from(child.id()).unwrap()).unwrap();
+    kill_process(pid, sig).expect("signal child");
+}
+
+/// Waits (bounded) for a child to exit and returns its stdout.
+async fn child_output(child: Child) -> String {
+    bounded(
+        "child process exits",
+        tokio::task::spawn_blocking(move || child.wait_with_output()),
+    )
+    .await
+    .unwrap()
+    .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+    .expect("child output")
+}
+
+/// The entry point of child processes; does nothing in a normal test run.
+#[test]
+fn child_main() {
+    let Ok(role) = std::env::var(CHILD_ENV) else {
+        return;
+    };
+    let endpoint = std::env::var("PALISADE_LOCK_ETCD").unwrap();
+    let dir = PathBuf::from(std::env::var("PALISADE_LOCK_DIR").unwrap());
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async move {
+        match role.as_str() {
+            "contender" => contend(&[endpoint], &dir, 16, 16).await,
+            "holder" => {
+                let c = etcd_coordinator(&[endpoint], 2).await;
+                let log = dir.join("writes.log");
+                let out = c
+                    .run_exclusive(
+                        "paused",
+                        JobInfo::new("paused-holder"),
+                        Wait::Forever,
+                        |ctx| async move {
+                            loop {
+                                let line = format!("child {} {}\n", ctx.fencing_token(), now_ns());
+                                append(&log, &line);
+                                tokio::time::sleep(Duration::from_millis(20)).await;
+                            }
+                        },
+                    )
+                    .await;
+                let outcome: Result<RunOutcome<()>, LockError> = out;
+                match outcome {
+                    Err(LockError::Lost) => println!("OUTCOME Lost at {}", now_ns()),
+                    other => println!("OUTCOME {other:?}"),
+                }
+            }
+            "sleeper" => {
+                let c = etcd_coordinator(&[endpoint], 2).await;
+                let _ = c
+                    .run_exclusive("sleeper", JobInfo::new("sleeper"), Wait::Forever, |_| {
+                        std::future::pending::<()>()
+                    })
+                    .await;
+            }
+            other => panic!("unknown child role {other}"),
+        }
+    });
+}
+
+fn append(path: &Path, line: &str) {
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .unwrap();
+    f.write_all(line.as_bytes()).unwrap();
+}
+
+/// `tasks` contenders over 4 sessions, `rounds` critical sections each. Inside: the only guard
+/// of the shared log is the check that tokens never decrease; each entry records its enter and
+/// exit times.
+async fn contend(endpoints: &[String], dir: &Path, tasks: usize, rounds: usize) {
+    let mut coordinators = Vec::new();
+    for _ in 0..4 {
+        coordinators.push(etcd_coordinator(endpoints, 5).await);
+    }
+    let log = Arc::new(dir.join("fenced.log"));
+    let mut handles = Vec::new();
+    for i in 0..tasks {
+        let c = coordinators[i % 4].clone();
+        let log = log.clone();
+        handles.push(tokio::spawn(async move {
+            for _ in 0..rounds {
+                let g = c.lock("fenced").await.expect("lock");
+                let enter = now_ns();
+                let last = std::fs::read_to_string(&*log)
+                    .unwrap_or_default()
+                    .lines()
+                    .last()
+                    .and_then(|l| l.split(' ').next().and_then(|t| t.parse::<u64>().ok()))
+                    .unwrap_or(0);
+                let verdict = if g.fencing_token() > last {
+                    "ok"
+                } else {
+                    "VIOLATION"
+                };
+                let exit = now_ns();
+                append(
+                    &log,
+                    &format!(
+                        "{} {enter} {exit} {} {verdict}\n",
+                        g.fencing_token(),
+                        std::process::id()
+                    ),
+                );
+                g.release().await.expect("release");
+            }
+        }));
+    }
+    for h in handles {
+        h.await.expect("contender");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn fencing_holds_across_processes() {
+    let etcd = etcd_server().await;
+    let dir = tempfile::tempdir().unwrap();
+    let child = spawn_child("contender", &etcd.endpoint(), dir.path());
+    contend(&etcd.endpoints(), dir.path(), 16, 16).await;
+    child_output(child).await;
+    let text = std::fs::read_to_string(dir.path().join("fenced.log")).unwrap();
+    let mut entries: Vec<(u64, u128, u128, u32)> = Vec::new();
+    for line in text.lines() {
+        let f: Vec<&str> = line.split(' ').collect();
+        assert_eq!(f[4], "ok", "fencing violation: {line}");
+        entries.push((
+            f[0].parse().unwrap(),
+            f[1].parse().unwrap(),
+            f[2].parse().unwrap(),
+            f[3].parse().unwrap(),
+        ));
+    }
+    assert_eq!(entries.len(), 512, "32 contenders x 16 rounds");
+    let pids: std::collections::BTreeSet<u32> = entries.iter().map(|e| e.3).collect();
+    assert_eq!(pids.len(), 2, "both processes took the lock");
+    // In log order tokens strictly increase, and no two critical sections overlap.
+    for w in entries.windows(2) {
+        assert!(w[0].0 < w[1].0, "tokens not increasing: {w:?}");
+        assert!(w[0].2 <= w[1].1, "critical sections overlap: {w:?}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn paused_holder_is_fenced_and_cancelled() {
+    let etcd = etcd_server().await;
+    let dir = tempfile::tempdir().unwrap();
+    let c = etcd_coordinator(&etcd.endpoints(), 2).await;
+    let mut child = Some(spawn_child("holder", &etcd.endpoint(), dir.path()));
+    let reg = c.registry();
+    eventually("the child's job is registered", || async {
+        reg.running().await.map(|r| r.len() == 1).unwrap_or(false)
+    })
+    .await;
+    let child_token = reg.running().await.unwrap()[0].fencing_token.unwrap();
+    let proc = child.take().unwrap();
+    signal(&proc, Signal::STOP);
+    // The child's lease runs out (TTL 2 s) and we get the lock with a larger token.
+    let guard = bounded(
+        "lock after the holder's lease expired",
+        c.lock_timeout("paused", Duration::from_secs(15)),
+    )
+    .await
+    .expect("acquire after the paused holder's lease expired");
+    let acquired_at = now_ns();
+    assert!(guard.fencing_token() > child_token);
+    signal(&proc, Signal::CONT);
+    let out = child_output(proc).await;
+    assert!(out.contains("OUTCOME Lost"), "child output: {out}");
+    // Not one write of the child happened after we acquired: it saw the loss first.
+    let writes = std::fs::read_to_string(dir.path().join("writes.log")).unwrap();
+    assert!(!writes.is_empty());
+    for line in writes.lines() {
+        let t: u128 = line.split(' ').nth(2).unwrap().parse().unwrap();
+        assert!(
+            t < acquired_at,
+            "the paused holder wrote after losing its lease: {line}"
+        );
+    }
+    guard.release().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn registry_entry_expires_when_process_is_killed() {
+    let etcd = etcd_server().await;
+    let dir = tempfile::tempdir().unwrap();
+    let c = etcd_coordinator(&etcd.endpoints(), 2).await;
+    let mut events = c.registry().watch();
+    let mut child = spawn_child("sleeper", &etcd.endpoint(), dir.path());
+    match bounded("Started", events.next()).await.unwrap() {
+        JobEvent::Started(j) => assert_eq!(j.pid, child.id()),
+        other => panic!("expected Started, got {other:?}"),
+    }
+    child.kill().unwrap(); // SIGKILL
+    let _ = child.wait();
+    match bounded("Expired", events.next()).await.unwrap() {
+        JobEvent::Expired(j) => assert_eq!(j.lock, "sleeper"),
+        other => panic!("expected Expired, got {other:?}"),
+    }
+    assert!(c.registry().running().await.unwrap().is_empty());
+    bounded("lock free", c.lock("sleeper")).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn etcd_restart_within_ttl_keeps_sessions() {
+    let etcd = Arc::new(etcd_server().await);
+    let c = etcd_coordinator(&etcd.endpoints(), 10).await;
+    let other = etcd_coordinator(&etcd.endpoints(), 10).await;
+    let guard = c.lock("survive").await.unwrap();
+    let e2 = etcd.clone();
+    tokio::task::spawn_blocking(move || e2.restart())
+        .await
+        .unwrap()
+        .expect("restart etcd");
+    let restarted = tokio::time::Instant::now();
+    let session = c.session();
+    eventually("a renewal acknowledged after the restart", || {
+        let s = session.clone();
+        async move {
+            s.deadline()
+                .is_some_and(|d| d > restarted + Duration::from_secs(8))
+        }
+    })
+    .await;
+    assert!(!guard.is_lost() && !session.is_lost());
+    assert!(matches!(
+        other.try_lock("survive").await,
+        Err(LockError::Held { .. })
+    ));
+    let token = guard.fencing_token();
+    guard.release().await.unwrap();
+    let g = bounded("lock after restart", other.lock("survive"))
+        .await
+        .unwrap();
+    assert!(g.fencing_token() > token);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn etcd_down_beyond_ttl_loses_sessions_and_frees_locks() {
+    let etcd = Arc::new(etcd_server().await);
+    let c = etcd_coordinator(&etcd.endpoints(), 2).await;
+    let guard = c.lock("down").await.unwrap();
+    let old_lease = c.session().lease_id();
+    let (started_tx, started_rx) = tokio::sync::oneshot::channel();
+    let job = {
+        let c = c.clone();
+        tokio::spawn(async move {
+            c.run_exclusive("down-job", JobInfo::new("j"), Wait::No, |_| async move {
+                let _ = started_tx.send(());
+                std::future::pending::<()>().await
+            })
+            .await
+        })
+    };
+    bounded("job starts", started_rx).await.unwrap();
+    let e2 = etcd.clone();
+    tokio::task::spawn_blocking(move || e2.kill())
+        .await
+        .unwrap()
+        .unwrap();
+    bounded("guard reports lost", guard.lost()).await;
+    let outcome = bounded("job cancelled", job).await.unwrap();
+    assert!(matches!(outcome, Err(LockError::Lost)), "{outcome:?}");
+    let e2 = etcd.clone();
+    tokio::task::spawn_blocking(move || e2.restart())
+        .await
+        .unwrap()
+        .expect("restart etcd");
+    // The same coordinator starts a new session, and the old holder's keys are gone or expire.
+    let g = bounded(
+        "lock free again",
+        c.lock_timeout("down", Duration::from_secs(15)),
+    )
+    .await
+    .expect("lock after the outage");
+    assert_ne!(c.session().lease_id(), old_lease);
+    assert!(g.fencing_token() > guard.fencing_token());
+    drop(guard);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn cluster_keeps_working_without_its_leader() {
+    let cluster = Arc::new(
+        tokio::task::spawn_blocking(|| palisade_testkit::EtcdCluster::start(3))
+            .await
+            .unwrap()
+            .expect("start a 3-member etcd cluster"),
+    );
+    let c = etcd_coordinator(&cluster.endpoints(), 5).await;
+    c.lock("ha").await.unwrap().release().await.unwrap();
+    let cl = cluster.clone();
+    tokio::task::spawn_blocking(move || {
+        let leader = cl.leader()?;
+        cl.member(leader).kill()
+    })
+    .await
+    .unwrap()
+    .expect("kill the leader");
+    let mut last = 0;
+    for _ in 0..5 {
+        let g = bounded("lock through the other members", c.lock("ha"))
+            .await
+            .unwrap();
+        assert!(g.fencing_token() > last);
+        last = g.fencing_token();
+        g.release().await.unwrap();
+    }
+    assert!(!c.session().is_lost());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn watches_survive_restart_and_compaction() {
+    let etcd = Arc::new(etcd_server().await);
+    let c = etcd_coordinator(&etcd.endpoints(), 10).await;
+    let mut events = c.registry().watch();
+    let mut leaders = c.election().observe("boss");
+    assert_eq!(
+        bounded("initial leader", leaders.next()).await.unwrap(),
+        None
+    );
+
+    let (finish_a, finish_a_rx) = tokio::sync::oneshot::channel::<()>();
+    let ca = c.clone();
+    let job_a = tokio::spawn(async move {
+        ca.run_exclusive("a", JobInfo::new("a"), Wait::No, |_| async move {
+            let _ = finish_a_rx.await;
+        })
+        .await
+    });
+    assert!(
+        matches!(bounded("Started a", events.next()).await.unwrap(), JobEvent::Started(j) if j.lock == "a")
+    );
+
+    // Restart etcd, then at once change the registry and compact past the watchers' revision,
+    // while they are still reconnecting.
+    let e2 = etcd.clone();
+    tokio::task::spawn_blocking(move || e2.restart())
+        .await
+        .unwrap()
+        .expect("restart");
+    finish_a.send(()).unwrap();
+    assert!(matches!(
+        bounded("job a", job_a).await.unwrap(),
+        Ok(RunOutcome::Ran(()))
+    ));
+    let lead = c.election().campaign("boss", "me").await.unwrap();
+    let mut raw = etcd_client::Client::connect(etcd.endpoints(), None)
+        .await
+        .unwrap();
+    let rev = raw
+        .get("x", None)
+        .await
+        .unwrap()
+        .header()
+        .unwrap()
+        .revision();
+    raw.compact(rev, None).await.unwrap();
+
+    match bounded("Finished a after restart", events.next())
+        .await
+        .unwrap()
+    {
+        JobEvent::Finished(j) => assert_eq!(j.lock, "a"),
+        other => panic!("expected Finished, got {other:?}"),
+    }
+    loop {
+        let seen = bounded("leader after restart", leaders.next())
+            .await
+            .unwrap();
+        if seen.is_some_and(|h| h.value_str() == "me") {
+            break;
+        }
+    }
+    // And they keep following changes after the compaction.
+    let (finish_b, finish_b_rx) = tokio::sync::oneshot::channel::<()>();
+    let cb = c.clone();
+    let job_b = tokio::spawn(async move {
+        cb.run_exclusive("b", JobInfo::new("b"), Wait::No, |_| async move {
+            let _ = finish_b_rx.await;
+        })
+        .await
+    });
+    assert!(
+        matches!(bounded("Started b", events.next()).await.unwrap(), JobEvent::Started(j) if j.lock == "b")
+    );
+    finish_b.send(()).unwrap();
+    let _ = job_b.await.unwrap().unwrap();
+    assert!(
+        matches!(bounded("Finished b", events.next()).await.unwrap(), JobEvent::Finished(j) if j.lock == "b")
+    );
+    lead.resign().await.unwrap();
+    assert_eq!(bounded("no leader", leaders.next()).await.unwrap(), None);
+    // Whether the watchers reconnected before or after the compaction depends on their backoff;
+    // both paths must give the events above. Shown for whoever reads the output.
+    eprintln!(
+        "re-reads after compaction: {}",
+        palisade_lock::stats::resyncs()
+    );
+}
+
+/// Every key we write is on our session's kept-alive lease (never lease 0), and release and
+/// `guard.txn()` compare the key's create revision, so they never touch a newer key of the same
+/// name.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn keys_are_leased_and_writes_compare_create_revision() {
+    let etcd = etcd_server().await;
+    let c = etcd_coordinator(&etcd.endpoints(), 5).await;
+    let lease = c.session().lease_id().expect("an etcd session has a lease");
+    assert_ne!(lease, 0);
+    let mut raw = etcd_client::Client::connect(etcd.endpoints(), None)
+        .await
+        .unwrap();
+    let guard = c.lock("fenced-txn").await.unwrap();
+    let keys = raw
+        .get(
+            "test/lock/fenced-txn/",
+            Some(etcd_client::GetOptions::new().with_prefix()),
+        )
+        .await
+        .unwrap();
+    assert_eq!(keys.kvs().len(), 1);
+    let kv = &keys.kvs()[0];
+    assert_eq!(kv.lease(), lease, "the lock key is on our session lease");
+    assert_eq!(
+        u64::try_from(kv.create_revision()).unwrap(),
+        guard.fencing_token()
+    );
+    let key = kv.key().to_vec();
+    // A fenced write through the guard applies while we own the lock.
+    let ok = raw
+        .txn(
+            guard
+                .txn()
+                .unwrap()
+                .and_then([etcd_client::TxnOp::put("out", "1", None)]),
+        )
+        .await
+        .unwrap();
+    assert!(ok.succeeded());
+    // The key is replaced behind our back (as after a lease loss and a new holder).
+    raw.delete(key.clone(), None).await.unwrap();
+    raw.put(key.clone(), "newer", None).await.unwrap();
+    let stale = raw
+        .txn(
+            guard
+                .txn()
+                .unwrap()
+                .and_then([etcd_client::TxnOp::put("out", "2", None)]),
+        )
+        .await
+        .unwrap();
+    assert!(
+        !stale.succeeded(),
+        "a fenced write of a replaced holder must not apply"
+    );
+    guard.release().await.unwrap();
+    let still = raw.get(key, None).await.unwrap();
+    assert_eq!(
+        still.kvs()[0].value(),
+        b"newer",
+        "release deleted a newer key"
+    );
+    // Registry entries are leased too.
+    let c2 = c.clone();
+    let _ = c2
+        .run_exclusive("leased-job", JobInfo::new("j"), Wait::No, |_| async {
+            let entry = raw.get("test/jobs/run/leased-job", None).await.unwrap();
+            assert_eq!(entry.kvs()[0].lease(), lease);
+        })
+        .await
+        .unwrap();
+}
+
+/// A watcher whose etcd member is down while the registry changes and the history is
+/// compacted: on reconnecting it gets `Compacted`, re-reads, and reports what changed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn watch_rereads_after_compaction_while_disconnected() {
+    let cluster = Arc::new(
+        tokio::task::spawn_blocking(|| palisade_testkit::EtcdCluster::start(3))
+            .await
+            .unwrap()
+            .expect("start a 3-member etcd cluster"),
+    );
+    let endpoints = cluster.endpoints();
+    let watcher = etcd_coordinator(&endpoints[..1], 10).await;
+    let worker = etcd_coordinator(&endpoints[1..], 10).await;
+    let mut events = watcher.registry().watch();
+    let mut leaders = watcher.election().observe("boss");
+    assert_eq!(
+        bounded("initial leader", leaders.next()).await.unwrap(),
+        None
+    );
+
+    let hold = |name: &'static str| {
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let w = worker.clone();
+        let job = tokio::spawn(async move {
+            w.run_exclusive(name, JobInfo::new(name), Wait::No, |_| async move {
+                let _ = rx.await;
+            })
+            .await
+        });
+        (tx, job)
+    };
+    let (finish_a, job_a) = hold("a");
+    assert!(
+        matches!(bounded("Started a", events.next()).await.unwrap(), JobEvent::Started(j) if j.lock == "a")
+    );
+
+    let cl = cluster.clone();
+    tokio::task::spawn_blocking(move || cl.member(0).kill())
+        .await
+        .unwrap()
+        .unwrap();
+    let before = palisade_lock::stats::resyncs();
+    finish_a.send(()).unwrap();
+    assert!(matches!(
+        bounded("job a", job_a).await.unwrap(),
+        Ok(RunOutcome::Ran(()))
+    ));
+    let (finish_b, job_b) = hold("b");
+    let lead = worker.election().campaign("boss", "worker").await.unwrap();
+    eventually("b registered", || async {
+        worker
+            .registry()
+            .running()
+            .await
+            .map(|r| r.len() == 1)
+            .unwrap_or(false)
+    })
+    .await;
+    let mut raw = etcd_client::Client::connect(&endpoints[1..], None)
+        .await
+        .unwrap();
+    let rev = raw
+        .get("x", None)
+        .await
+        .unwrap()
+        .header()
+        .unwrap()
+        .revision();
+    raw.compact(rev, None).await.unwrap();
+    let cl = cluster.clone();
+    tokio::task::spawn_blocking(move || cl.member(0).restart())
+        .await
+        .unwrap()
+        .unwrap();
+
+    let mut seen = Vec::new();
+    while seen.len() < 2 {
+        match bounded("events after the compaction", events.next())
+            .await
+            .unwrap()
+        {
+            JobEvent::Finished(j) => seen.push(format!("finished {}", j.lock)),
+            JobEvent::Started(j) => seen.push(format!("started {}", j.lock)),
+            other => seen.push(format!("{other:?}")),
+        }
+    }
+    seen.sort();
+    assert_eq!(seen, ["finished a", "started b"]);
+    loop {
+        let now = bounded("leader after the compaction", leaders.next())
+            .await
+            .unwrap();
+        if now.is_some_and(|h| h.value_str() == "worker") {
+            break;
+        }
+    }
+    assert!(
+        palisade_lock::stats::resyncs() > before,
+        "the watchers never saw the compaction"
+    );
+    finish_b.send(()).unwrap();
+    let _ = job_b.await.unwrap().unwrap();
+    lead.resign().await.unwrap();
+}
