@@ -17,3 +17,7 @@ pub use palisade_breaker as breaker;
 pub use palisade_idempotency as idempotency;
 pub use palisade_lock as lock;
 pub use palisade_ratelimit as ratelimit;
+
+/// The etcd client crate, to build the `etcd_client::Client` that `lock::Coordinator::etcd` takes.
+#[cfg(feature = "etcd")]
+pub use etcd_client;
