@@ -5,6 +5,10 @@
 //! resume (`SIGCONT`) and restart them to inject faults. Nothing is mocked: the servers are the
 //! ones palisade runs against in production.
 //!
+//! [`S3`] runs an S3-compatible server, moto's `moto_server` (PyPI `moto[server]`), for the
+//! object-store tests; it keeps state in memory (a restart empties it) and its conditional
+//! writes differ from real S3's in one way, documented on [`S3`].
+//!
 //! ```no_run
 //! use palisade_testkit::{Etcd, Redis};
 //!
@@ -18,6 +22,10 @@
 //!
 //! let redis = Redis::start()?;
 //! println!("redis at {}", redis.url());
+//!
+//! let s3 = palisade_testkit::S3::start()?; // moto_server
+//! s3.create_bucket("datasets")?;
+//! println!("S3 at {} ({})", s3.endpoint(), s3.region());
 //! # Ok(()) }
 //! ```
 //!
@@ -28,16 +36,19 @@
 //! (the server gets `SIGKILL` through Linux's parent-death signal), so a failed or killed test
 //! never leaves a server behind.
 //!
-//! A missing binary is reported as [`Error::MissingBinary`], which names the Debian package and
-//! the setup command; a server that does not come up is reported with the end of its log.
+//! A missing binary is reported as [`Error::MissingBinary`], which names the package (Debian's,
+//! or PyPI's `moto[server]`) and the setup command; a server that does not come up is reported
+//! with the end of its log.
 
 mod etcd;
 mod net;
 mod process;
 mod redis;
+mod s3;
 
 pub use etcd::{Etcd, EtcdCluster};
 pub use redis::{Redis, RedisCluster, RedisOptions};
+pub use s3::S3;
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -51,13 +62,15 @@ pub const STARTUP_TIMEOUT: Duration = Duration::from_secs(20);
 pub enum Error {
     /// The server's binary is not installed.
     #[error(
-        "`{binary}` was not found on PATH (it comes with the Debian package `{package}`): \
-         run `scripts/setup`, or `sudo apt-get install {package}`"
+        "`{binary}` was not found on PATH (it comes with the {} package `{package}`): \
+         run `scripts/setup`, or `{}`",
+        package_source(.package),
+        install_command(.package)
     )]
     MissingBinary {
         /// The program that was looked for.
         binary: &'static str,
-        /// The Debian package that provides it.
+        /// The package that provides it: a Debian package, or `moto[server]` from PyPI.
         package: &'static str,
     },
     /// The server did not answer within the startup timeout.
@@ -107,6 +120,22 @@ pub enum Error {
         /// What went wrong, with the tool's output where there is one.
         detail: String,
     },
+}
+
+fn package_source(package: &str) -> &'static str {
+    if package == s3::MOTO_PACKAGE {
+        "PyPI"
+    } else {
+        "Debian"
+    }
+}
+
+fn install_command(package: &str) -> String {
+    if package == s3::MOTO_PACKAGE {
+        format!("python3 -m pip install '{package}'")
+    } else {
+        format!("sudo apt-get install {package}")
+    }
 }
 
 impl Error {
