@@ -486,6 +486,12 @@ impl Inner {
                 } else {
                     Duration::ZERO
                 };
+                // An outcome from an earlier epoch is not counted: the window may already
+                // belong to a later state. (A transition racing with this check can still let
+                // one outcome through; it is then counted in the generation it raced with.)
+                if self.load_word() != ticket.word {
+                    return;
+                }
                 let epoch = ticket.word.epoch();
                 if let Some(stats) = self.window.record(epoch, mark, now)
                     && state == State::Closed

@@ -7,7 +7,7 @@
 use std::fmt;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 /// A monotonic source of time for a breaker.
 ///
@@ -18,17 +18,19 @@ pub trait Clock: Send + Sync + fmt::Debug + 'static {
     fn now(&self) -> Duration;
 }
 
-/// The default clock: [`std::time::Instant`], measured from the clock's creation.
+/// The default clock: the CPU's time-stamp counter through `quanta` (calibrated against the OS
+/// monotonic clock, falling back to it where the counter is not usable), measured from the
+/// clock's creation. A reading costs a few nanoseconds.
 #[derive(Debug, Clone, Copy)]
 pub struct MonotonicClock {
-    origin: Instant,
+    origin: quanta::Instant,
 }
 
 impl MonotonicClock {
     /// A clock whose origin is now.
     pub fn new() -> Self {
         Self {
-            origin: Instant::now(),
+            origin: quanta::Instant::now(),
         }
     }
 }
@@ -42,7 +44,7 @@ impl Default for MonotonicClock {
 impl Clock for MonotonicClock {
     #[inline]
     fn now(&self) -> Duration {
-        self.origin.elapsed()
+        quanta::Instant::now().saturating_duration_since(self.origin)
     }
 }
 

@@ -6,8 +6,9 @@ use std::time::Duration;
 use crate::clock::{Clock, MonotonicClock};
 use crate::{CircuitBreaker, ConfigError};
 
-/// The largest count-based window (the window's counters are 20 bits wide).
-pub const MAX_COUNT_WINDOW: u32 = (1 << 20) - 1;
+/// The largest count-based window: 2^18 calls (the window's counters are 20 bits wide and keep
+/// their upper half for transient dips below zero under concurrency).
+pub const MAX_COUNT_WINDOW: u32 = 1 << 18;
 /// The longest time-based window: one day of per-second buckets.
 pub const MAX_TIME_WINDOW: Duration = Duration::from_secs(86_400);
 

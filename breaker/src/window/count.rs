@@ -8,7 +8,7 @@
 //! - `slots[i]`: generation | the [`Mark`](crate::machine::Mark) bits of the call stored there.
 //!   A slot of another generation holds nothing (counts as a success).
 //! - `agg`: generation | failures (20 bits) | slow calls (20 bits) among the slots of this
-//!   generation, adjusted by the writer that changes a slot.
+//!   generation, adjusted by the writer that changes a slot (modulo 2^20: see `count_value`).
 //!
 //! Invariant (at quiescence): `agg`'s counts equal the marks in the slots of `agg`'s generation.
 //!
@@ -45,6 +45,14 @@ fn agg_parts(a: u64) -> (u64, u64, u64) {
     )
 }
 
+/// An aggregate count as a number of calls. The counts are kept modulo 2^20 because concurrent
+/// writers may apply an eviction's -1 before the matching +1 of the write it evicted, so a count
+/// can dip below zero for a moment; values in the upper half are such dips and read as zero.
+/// (Windows are at most 2^18 calls, so real counts stay far below the upper half.)
+fn count_value(raw: u64) -> u64 {
+    if raw >= 1 << (CNT_BITS - 1) { 0 } else { raw }
+}
+
 /// The lock-free ring of the last `size` outcomes (public only for the loom tests).
 #[derive(Debug)]
 pub struct CountWindow {
@@ -79,8 +87,10 @@ impl CountWindow {
                 s.store(0, Ordering::Relaxed);
             }
         }
-        self.agg.store(agg_word(g, 0, 0), Ordering::Release);
-        self.head.store(head_word(g, 0), Ordering::Release);
+        // Swaps, not stores: every write to `head` and `agg` is then a read-modify-write, so the
+        // writers' CASes and the reset are totally ordered (loom checks exactly this).
+        self.agg.swap(agg_word(g, 0, 0), Ordering::AcqRel);
+        self.head.swap(head_word(g, 0), Ordering::AcqRel);
     }
 
     /// Records the mark bits `mark` of one call in `generation`; see
@@ -142,8 +152,8 @@ impl CountWindow {
                 if ag != g {
                     return None;
                 }
-                let nf = f.saturating_add_signed(df).min(CNT_MASK);
-                let ns = s.saturating_add_signed(ds).min(CNT_MASK);
+                let nf = f.wrapping_add_signed(df) & CNT_MASK;
+                let ns = s.wrapping_add_signed(ds) & CNT_MASK;
                 let next = agg_word(g, nf, ns);
                 match self
                     .agg
@@ -163,8 +173,8 @@ impl CountWindow {
         }
         Some(WindowStats {
             calls,
-            failures: failures.min(calls),
-            slow: slow.min(calls),
+            failures: count_value(failures).min(calls),
+            slow: count_value(slow).min(calls),
         })
     }
 
@@ -184,9 +194,21 @@ impl CountWindow {
         }
         WindowStats {
             calls,
-            failures: f.min(calls),
-            slow: s.min(calls),
+            failures: count_value(f).min(calls),
+            slow: count_value(s).min(calls),
         }
+    }
+
+    /// The raw words (head, aggregate, slots), for debugging the models.
+    pub fn raw(&self) -> (u64, u64, Vec<u32>) {
+        (
+            self.head.load(Ordering::Acquire),
+            self.agg.load(Ordering::Acquire),
+            self.slots
+                .iter()
+                .map(|s| s.load(Ordering::Acquire))
+                .collect(),
+        )
     }
 
     /// Recounts the marks in the slots (for tests: at quiescence it equals [`snapshot`](Self::snapshot)'s

@@ -82,14 +82,15 @@ impl TimeWindow {
     /// Empties the window and makes `generation` the current one (with the control lock held).
     pub fn reset(&self, generation: u64) {
         // Invalidate first, so that writers of the old generation stop before the clear.
-        self.generation.store(u64::MAX, Ordering::Release);
+        // Swaps rather than stores, so that they are totally ordered with the writers' CASes.
+        self.generation.swap(u64::MAX, Ordering::AcqRel);
         for b in self.buckets.iter() {
-            b.calls.store(0, Ordering::Relaxed);
-            b.failures.store(0, Ordering::Relaxed);
-            b.slow.store(0, Ordering::Relaxed);
+            b.calls.swap(0, Ordering::AcqRel);
+            b.failures.swap(0, Ordering::AcqRel);
+            b.slow.swap(0, Ordering::AcqRel);
         }
-        self.last_bad.store(0, Ordering::Relaxed);
-        self.generation.store(generation, Ordering::Release);
+        self.last_bad.swap(0, Ordering::AcqRel);
+        self.generation.swap(generation, Ordering::AcqRel);
     }
 
     /// Records the mark bits `mark` of one call that ended at `now`.
