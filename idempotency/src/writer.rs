@@ -368,42 +368,24 @@ impl PartitionedWriter {
             .await
     }
 
-    /// Puts a partition's content from a local file: hashes it first, and copies it only if
-    /// the hash differs from the manifest's (an unchanged file is read once and never written).
+    /// Puts a partition's content from a local file: hashes it first (one thread, plain reads),
+    /// and only if the hash differs from the manifest's, copies it through the staging area
+    /// (hashing again what is copied, so the manifest records exactly the bytes written even if
+    /// the file changes meanwhile). An unchanged file is read once and nothing is written.
     pub async fn put_file(&mut self, partition: &str, path: impl Into<PathBuf>) -> Result<()> {
         self.check_new(partition)?;
         let path = path.into();
         let p = path.clone();
         let (hash, size) = blocking(move || hash_file(&p)).await?;
         self.bytes_hashed += size;
-        let rows_hash = None;
-        if !self.changed(partition, &hash, rows_hash.as_ref()) {
+        if !self.changed(partition, &hash, None) {
             self.unchanged.insert(partition.to_string());
             return Ok(());
         }
-        let entry = self.new_entry(partition, hash, size, rows_hash);
-        match &self.backend {
-            Backend::Local(_) => {
-                let staged = self.next_staging_path()?;
-                let (from, to) = (path.clone(), staged.clone());
-                blocking(move || {
-                    std::fs::copy(&from, &to).map_err(io("copy", &from))?;
-                    std::fs::File::open(&to)
-                        .and_then(|f| f.sync_all())
-                        .map_err(io("fsync", &to))
-                })
-                .await?;
-                self.record(partition, entry, Some(staged));
-            }
-            Backend::Object { store, base } => {
-                let target = obj_join(base, &self.prefix, &entry.object);
-                let file = std::fs::File::open(&path).map_err(io("open", &path))?;
-                upload_file(store, &target, file, size).await?;
-                self.record(partition, entry, None);
-            }
-        }
-        self.bytes_written += size;
-        Ok(())
+        let (spool_path, spool) = self.spool_file().await?;
+        let (hash, spool) = blocking(move || copy_hashing(&path, spool)).await?;
+        self.finish_spooled(partition, hash, spool_path, spool)
+            .await
     }
 
     /// Commits: writes the new manifest (only if something changed, or to record a newer
@@ -826,6 +808,27 @@ pub(crate) fn hash_file(path: &std::path::Path) -> Result<(ContentHash, u64)> {
         size += n as u64;
     }
     Ok((hasher.finalize().into(), size))
+}
+
+/// Copies `from` into `to` (positioned at its start) while hashing what is copied.
+fn copy_hashing(
+    from: &std::path::Path,
+    mut to: std::fs::File,
+) -> Result<(ContentHash, std::fs::File)> {
+    use std::io::{Read, Write};
+    let mut f = std::fs::File::open(from).map_err(io("open", from))?;
+    let mut hasher = blake3::Hasher::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = f.read(&mut buf).map_err(io("read", from))?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+        to.write_all(&buf[..n])
+            .map_err(io("write staging copy of", from))?;
+    }
+    Ok((hasher.finalize().into(), to))
 }
 
 fn obj_join(base: &ObjPath, prefix: &str, rel: &str) -> ObjPath {

@@ -361,3 +361,23 @@ async fn memory_expiry_follows_paused_time() {
         .unwrap();
     assert_eq!(r, Outcome::Executed(3), "an expired result runs again");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn redis_cluster_store() {
+    let cluster = tokio::task::spawn_blocking(|| palisade_testkit::RedisCluster::start(3))
+        .await
+        .unwrap()
+        .expect("start a 3-master redis cluster");
+    let urls = cluster.urls();
+    suite(
+        "redis-cluster",
+        Box::new(move || {
+            let u = urls.clone();
+            Box::pin(
+                async move { Arc::new(RedisStore::connect_cluster(&u).await.unwrap()) as Store },
+            )
+        }),
+    )
+    .await;
+    drop(cluster);
+}

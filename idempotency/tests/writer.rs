@@ -475,3 +475,42 @@ async fn orphans_of_a_dropped_writer_are_swept_on_open() {
     w.abort().await.unwrap();
     assert_eq!(std::fs::read_dir(&staging).unwrap().count(), 0);
 }
+
+#[tokio::test]
+async fn object_store_orphans_are_swept_after_the_grace_period() {
+    use futures::TryStreamExt;
+    use object_store::ObjectStore;
+    let mem = Arc::new(object_store::memory::InMemory::new());
+    let store = DatasetStore::from(mem.clone());
+    let count = || async {
+        let all: Vec<_> = mem.list(None).try_collect().await.unwrap();
+        all.len()
+    };
+    write_all(&store, &[(1, 1)], false).await;
+    assert_eq!(count().await, 2, "manifest + one object");
+    let mut w = PartitionedWriter::open(&store, "sales").await.unwrap();
+    w.put("date=2024-01-01", content(1, 2)).await.unwrap();
+    drop(w); // a crashed run: its upload stays, unreferenced
+    assert_eq!(count().await, 3);
+    // Within the grace period the orphan is kept (a live writer may still commit it) ...
+    PartitionedWriter::open(&store, "sales")
+        .await
+        .unwrap()
+        .abort()
+        .await
+        .unwrap();
+    assert_eq!(count().await, 3);
+    // ... and past it, it is swept; the committed data stays.
+    let w = PartitionedWriter::builder(&store, "sales")
+        .orphan_grace(std::time::Duration::ZERO)
+        .open()
+        .await
+        .unwrap();
+    w.abort().await.unwrap();
+    assert_eq!(count().await, 2);
+    let ds = Dataset::open(&store, "sales").await.unwrap();
+    assert_eq!(
+        ds.read("date=2024-01-01").await.unwrap().unwrap(),
+        content(1, 1)
+    );
+}

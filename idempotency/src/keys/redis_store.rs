@@ -46,14 +46,34 @@ return 0
 /// results expire with Redis's own `PEXPIRE` (the server's clock). Claim, complete and release are
 /// each one Lua script (run with EVALSHA, reloaded on NOSCRIPT), so the owner-token comparison and
 /// the write are atomic. Credentials and TLS come from the URL (`redis://user:pw@host/`,
-/// `rediss://`).
+/// `rediss://`). Each record is one key, so the store works on Redis Cluster as well
+/// ([`RedisStore::connect_cluster`]).
 #[derive(Clone)]
 pub struct RedisStore {
-    conn: ConnectionManager,
+    conn: Conn,
     prefix: String,
     claim: redis::Script,
     complete: redis::Script,
     release: redis::Script,
+}
+
+/// A standalone or a cluster connection; both reconnect by themselves.
+#[derive(Clone)]
+enum Conn {
+    Single(ConnectionManager),
+    Cluster(redis::cluster_async::ClusterConnection),
+}
+
+impl Conn {
+    async fn invoke<T: redis::FromRedisValue>(
+        &self,
+        inv: &redis::ScriptInvocation<'_>,
+    ) -> redis::RedisResult<T> {
+        match self {
+            Conn::Single(c) => inv.invoke_async(&mut c.clone()).await,
+            Conn::Cluster(c) => inv.invoke_async(&mut c.clone()).await,
+        }
+    }
 }
 
 impl std::fmt::Debug for RedisStore {
@@ -81,11 +101,43 @@ impl RedisStore {
         Ok(Self::with_connection(conn, "palisade:idem:"))
     }
 
+    /// Connects to a Redis Cluster through any of its nodes' URLs, with the key prefix
+    /// `palisade:idem:`.
+    pub async fn connect_cluster(urls: &[String]) -> Result<Self> {
+        let client = redis::cluster::ClusterClient::new(urls.iter().map(String::as_str)).map_err(
+            |source| Error::Redis {
+                op: "open cluster client",
+                source,
+            },
+        )?;
+        let conn = client
+            .get_async_connection()
+            .await
+            .map_err(|source| Error::Redis {
+                op: "connect to cluster",
+                source,
+            })?;
+        Ok(Self::from_conn(
+            Conn::Cluster(conn),
+            "palisade:idem:".into(),
+        ))
+    }
+
     /// Uses an existing connection manager and key prefix.
     pub fn with_connection(conn: ConnectionManager, prefix: impl Into<String>) -> Self {
+        Self::from_conn(Conn::Single(conn), prefix.into())
+    }
+
+    /// Changes the key prefix (the namespace of every record).
+    pub fn with_prefix(mut self, prefix: impl Into<String>) -> Self {
+        self.prefix = prefix.into();
+        self
+    }
+
+    fn from_conn(conn: Conn, prefix: String) -> Self {
         Self {
             conn,
-            prefix: prefix.into(),
+            prefix,
             claim: redis::Script::new(CLAIM),
             complete: redis::Script::new(COMPLETE),
             release: redis::Script::new(RELEASE),
@@ -115,14 +167,13 @@ impl IdempotencyStore for RedisStore {
         in_progress_ttl: Duration,
     ) -> Result<Claim> {
         let owner = OwnerToken::random();
-        let mut conn = self.conn.clone();
-        let reply: Vec<String> = self
-            .claim
-            .key(self.key(key))
-            .arg(fingerprint)
+        let mut inv = self.claim.key(self.key(key));
+        inv.arg(fingerprint)
             .arg(owner.as_str())
-            .arg(ms(in_progress_ttl))
-            .invoke_async(&mut conn)
+            .arg(ms(in_progress_ttl));
+        let reply: Vec<String> = self
+            .conn
+            .invoke(&inv)
             .await
             .map_err(|source| Error::Redis {
                 op: "claim",
@@ -154,14 +205,11 @@ impl IdempotencyStore for RedisStore {
         result: &str,
         ttl: Duration,
     ) -> Result<()> {
-        let mut conn = self.conn.clone();
+        let mut inv = self.complete.key(self.key(key));
+        inv.arg(owner.as_str()).arg(result).arg(ms(ttl));
         let done: i64 = self
-            .complete
-            .key(self.key(key))
-            .arg(owner.as_str())
-            .arg(result)
-            .arg(ms(ttl))
-            .invoke_async(&mut conn)
+            .conn
+            .invoke(&inv)
             .await
             .map_err(|source| Error::Redis {
                 op: "complete",
@@ -177,12 +225,11 @@ impl IdempotencyStore for RedisStore {
     }
 
     async fn release(&self, key: &str, owner: &OwnerToken) -> Result<()> {
-        let mut conn = self.conn.clone();
+        let mut inv = self.release.key(self.key(key));
+        inv.arg(owner.as_str());
         let _: i64 = self
-            .release
-            .key(self.key(key))
-            .arg(owner.as_str())
-            .invoke_async(&mut conn)
+            .conn
+            .invoke(&inv)
             .await
             .map_err(|source| Error::Redis {
                 op: "release",
