@@ -41,6 +41,12 @@
 //!   written whole). But while a commit replaces a partition, and after a crash until the next
 //!   `open` sweeps, a partition directory can hold both the old and the new object; such readers
 //!   should read through the manifest, or use the CLI's `publish`, which swaps whole directories.
+//! - Replaced objects are deleted right after the commit that stops naming them, so a reader that
+//!   is still reading objects named by the previous manifest can get "not found": it should
+//!   re-read the manifest and start over.
+//! - Without a manifest (never committed, or deleted by hand), `open` sweeps no objects; they
+//!   are swept after the next commit, so deleting a corrupt manifest to recover loses nothing
+//!   until the rewrite has committed.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
@@ -245,6 +251,7 @@ impl PartitionedWriter {
         }
     }
 
+    #[tracing::instrument(name = "open_dataset", skip_all, fields(prefix = %opts.prefix))]
     async fn open_with(opts: WriterBuilder) -> Result<Self> {
         let run_id = format!("{:016x}", rand::random::<u64>());
         let backend = opts.store.backend.clone();
@@ -262,7 +269,9 @@ impl PartitionedWriter {
                 let mpath = obj_join(base, &prefix, MANIFEST_FILE);
                 let (m, version) = object_read_manifest(store, &mpath, accept).await?;
                 let dir = obj_join(base, &prefix, "");
-                object_sweep(store, &dir, &mpath, m.as_ref(), opts.orphan_grace).await;
+                if let Some(m) = &m {
+                    object_sweep(store, &dir, &mpath, m, opts.orphan_grace).await;
+                }
                 (m, version, None)
             }
         };
@@ -391,6 +400,11 @@ impl PartitionedWriter {
     /// Commits: writes the new manifest (only if something changed, or to record a newer
     /// fencing token) and returns what was done. On [`Error::Conflict`] or [`Error::Fenced`]
     /// nothing a reader sees has changed, and this run's staged data is deleted.
+    #[tracing::instrument(
+        name = "commit_dataset",
+        skip_all,
+        fields(prefix = %self.prefix, run = %self.run_id, fencing_token = ?self.opts.fencing_token)
+    )]
     pub async fn commit(mut self) -> Result<Report> {
         let removed: Vec<String> = if self.opts.remove_missing {
             self.base
@@ -935,12 +949,10 @@ async fn object_sweep(
     store: &Arc<dyn ObjectStore>,
     dir: &ObjPath,
     manifest: &ObjPath,
-    m: Option<&Manifest>,
+    m: &Manifest,
     grace: Duration,
 ) {
-    let live: BTreeSet<String> = m
-        .map(|m| m.partitions.values().map(|e| e.object.clone()).collect())
-        .unwrap_or_default();
+    let live: BTreeSet<String> = m.partitions.values().map(|e| e.object.clone()).collect();
     let now_ms = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_millis() as i64)
@@ -1016,7 +1028,9 @@ fn local_open(
     let _manifest_lock = lock_exclusive(&dir.join(LOCK_FILE), lock_timeout)?;
     sweep_staging(&staging)?;
     let manifest = local_read_manifest(dir, accept)?;
-    sweep_unreferenced(dir, manifest.as_ref())?;
+    if let Some(m) = &manifest {
+        sweep_unreferenced(dir, m)?;
+    }
     let lock_path = staging.join(format!("{run_id}.lock"));
     let lock = lock_exclusive(&lock_path, lock_timeout)?;
     let run_dir = staging.join(run_id);
@@ -1053,10 +1067,10 @@ fn sweep_staging(staging: &std::path::Path) -> Result<()> {
 
 /// Removes `part-*` objects that the manifest does not name (a crash between renaming data into
 /// place and writing the manifest, or before deleting replaced objects). Manifest lock held.
-fn sweep_unreferenced(dir: &std::path::Path, m: Option<&Manifest>) -> Result<()> {
-    let live: BTreeSet<PathBuf> = m
-        .map(|m| m.partitions.values().map(|e| dir.join(&e.object)).collect())
-        .unwrap_or_default();
+/// Never called without a manifest: if someone deleted it, the objects stay until a new manifest
+/// has been committed, so a mistaken deletion does not destroy the data.
+fn sweep_unreferenced(dir: &std::path::Path, m: &Manifest) -> Result<()> {
+    let live: BTreeSet<PathBuf> = m.partitions.values().map(|e| dir.join(&e.object)).collect();
     let mut stack = vec![dir.to_path_buf()];
     while let Some(d) = stack.pop() {
         let entries = match std::fs::read_dir(&d) {

@@ -514,3 +514,28 @@ async fn object_store_orphans_are_swept_after_the_grace_period() {
         content(1, 1)
     );
 }
+
+#[tokio::test]
+async fn deleting_the_manifest_to_recover_loses_no_data_before_the_rewrite() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = DatasetStore::local(dir.path());
+    write_all(&store, &[(1, 1), (2, 1)], false).await;
+    std::fs::remove_file(dir.path().join("sales/_manifest.json")).unwrap();
+    let count = |p: usize| {
+        std::fs::read_dir(dir.path().join(format!("sales/date=2024-01-{p:02}")))
+            .map(|d| d.count())
+            .unwrap_or(0)
+    };
+    // Opening without a manifest sweeps nothing.
+    let mut w = PartitionedWriter::open(&store, "sales").await.unwrap();
+    assert_eq!((count(1), count(2)), (1, 1));
+    w.put("date=2024-01-01", content(1, 1)).await.unwrap();
+    w.put("date=2024-01-02", content(2, 1)).await.unwrap();
+    let r = w.commit().await.unwrap();
+    assert_eq!(r.written.len(), 2, "without a manifest every partition is rewritten");
+    // The next open sweeps the objects no manifest names.
+    PartitionedWriter::open(&store, "sales").await.unwrap().abort().await.unwrap();
+    assert_eq!((count(1), count(2)), (1, 1));
+    let ds = Dataset::open(&store, "sales").await.unwrap();
+    assert_eq!(ds.read("date=2024-01-02").await.unwrap().unwrap(), content(2, 1));
+}

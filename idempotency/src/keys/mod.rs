@@ -256,6 +256,7 @@ pub fn validate_key(key: &str) -> Result<()> {
     Ok(())
 }
 
+#[tracing::instrument(name = "once", skip_all, fields(key = %key))]
 async fn run_once<S, T, E, F, Fut>(
     store: &S,
     key: &str,
@@ -295,6 +296,7 @@ where
                             }
                         };
                         store.complete(key, &owner, &json, options.ttl).await?;
+                        count("executed");
                         Ok(Outcome::Executed(value))
                     }
                     Err(e) => {
@@ -318,6 +320,7 @@ where
                         source,
                     })?;
                 debug!(key, "replayed");
+                count("replayed");
                 return Ok(Outcome::Replayed(value));
             }
             Claim::InProgress {
@@ -341,6 +344,13 @@ where
             }
         }
     }
+}
+
+fn count(outcome: &'static str) {
+    #[cfg(feature = "metrics")]
+    metrics::counter!("palisade_idempotency_once_total", "outcome" => outcome).increment(1);
+    #[cfg(not(feature = "metrics"))]
+    let _ = outcome;
 }
 
 async fn release_quietly<S: IdempotencyStore + ?Sized>(store: &S, key: &str, owner: &OwnerToken) {
