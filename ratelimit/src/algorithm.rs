@@ -440,6 +440,69 @@ mod tests {
         Ok(())
     }
 
+    /// The most units admitted in any window of `window_us` (admissions sorted by time).
+    fn worst_window(admitted: &[(i64, u32)], window_us: i64) -> u32 {
+        let (mut best, mut sum, mut j) = (0, 0, 0);
+        for i in 0..admitted.len() {
+            sum += admitted[i].1;
+            while admitted[i].0 - admitted[j].0 >= window_us {
+                sum -= admitted[j].1;
+                j += 1;
+            }
+            best = best.max(sum);
+        }
+        best
+    }
+
+    /// Measures the sliding window counter's over-admission on bursty traffic (the number quoted
+    /// in the crate docs): bursts of 1-300 requests at random instants, separated by random
+    /// gaps, limit 100 per second, 2000 simulated seconds per seed. Also the adversarial pattern:
+    /// a full window at the very end of one fixed window, then as much as possible right after.
+    #[test]
+    fn counter_over_admission_on_bursty_traffic() {
+        use rand::{Rng, SeedableRng, rngs::StdRng};
+        let params = [p(100, SEC)];
+        let mut worst = 0;
+        for seed in 0..8 {
+            let mut rng = StdRng::seed_from_u64(seed);
+            let mut s = [CounterState::default()];
+            let mut admitted = Vec::new();
+            let mut now = 0;
+            while now < 2000 * SEC {
+                now += rng.random_range(0..SEC * 3 / 2);
+                for _ in 0..rng.random_range(1..=300) {
+                    now += rng.random_range(0..200);
+                    if decide::<WindowCounter>(&mut s, &params, now, 1).0 {
+                        admitted.push((now, 1));
+                    }
+                }
+            }
+            worst = worst.max(worst_window(&admitted, SEC));
+        }
+        println!(
+            "sliding window counter, bursty traffic: at most {worst} per 1 s window (limit 100)"
+        );
+        assert!(worst <= 200, "{worst}");
+
+        // Adversarial: 100 at 0.999 s, then a request every 100 µs.
+        let mut s = [CounterState::default()];
+        let mut admitted = Vec::new();
+        assert!(decide::<WindowCounter>(&mut s, &params, SEC - 1_000, 100).0);
+        admitted.push((SEC - 1_000, 100));
+        let mut now = SEC;
+        while now < 3 * SEC {
+            if decide::<WindowCounter>(&mut s, &params, now, 1).0 {
+                admitted.push((now, 1));
+            }
+            now += 100;
+        }
+        let adversarial = worst_window(&admitted, SEC);
+        println!(
+            "sliding window counter, adversarial: at most {adversarial} per 1 s window (limit 100)"
+        );
+        assert!(adversarial <= 200, "{adversarial}");
+    }
+
     proptest! {
         #[test]
         fn sliding_log_never_exceeds_max_in_any_window(

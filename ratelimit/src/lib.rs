@@ -14,7 +14,7 @@ pub use error::Error;
 pub use layer::{BoxError, Mode, RateLimit, RateLimitLayer, Rejected};
 pub use limit::{Algorithm, Limit, MAX_WINDOW, MIN_WINDOW};
 pub use limiter::RateLimiter;
-pub use local::{LocalLimiter, TokioClock, TokioInstant};
+pub use local::{DefaultClock, LocalLimiter, TokioClock, TokioInstant};
 pub use redis::{
     DEFAULT_TIMEOUT, Policy, RedisLimiter, RedisLimiterBuilder, connect, connect_cluster,
 };

@@ -45,8 +45,11 @@ impl Clock for TokioClock {
     }
 }
 
-type Direct =
-    governor::RateLimiter<NotKeyed, InMemoryState, TokioClock, StateInformationMiddleware>;
+type Direct<C> = governor::RateLimiter<NotKeyed, InMemoryState, C, StateInformationMiddleware>;
+
+/// The clock a [`LocalLimiter`] uses unless told otherwise: governor's default (quanta, the
+/// fastest monotonic clock on the platform).
+pub type DefaultClock = governor::clock::DefaultClock;
 
 /// The embedded default limiter: in-process, keyed, no server.
 ///
@@ -55,17 +58,29 @@ type Direct =
 /// then units come back at the steady rate. Unlike the Redis sliding log this is not a hard cap
 /// per sliding window (a full burst followed by the steady rate admits up to about `2 × max` in
 /// one window); it limits one process only. Cloning shares the state.
-#[derive(Debug, Clone)]
-pub struct LocalLimiter {
-    inner: Arc<Inner>,
+///
+/// The clock is governor's fastest ([`DefaultClock`]); for tests on tokio's paused clock, build
+/// it with [`LocalLimiter::with_clock`] and [`TokioClock`].
+#[derive(Debug)]
+pub struct LocalLimiter<C: Clock = DefaultClock> {
+    inner: Arc<Inner<C>>,
+}
+
+impl<C: Clock> Clone for LocalLimiter<C> {
+    fn clone(&self) -> Self {
+        Self {
+            inner: self.inner.clone(),
+        }
+    }
 }
 
 #[derive(Debug)]
-struct Inner {
+struct Inner<C: Clock> {
     quota: Quota,
     burst: u32,
     window: Duration,
-    keys: DashMap<Box<str>, Direct>,
+    clock: C,
+    keys: DashMap<Box<str>, Direct<C>>,
 }
 
 impl LocalLimiter {
@@ -77,6 +92,16 @@ impl LocalLimiter {
 
     /// Like [`LocalLimiter::new`] with an explicit burst (units admitted back to back, ≥ 1).
     pub fn with_burst(limit: Limit, burst: u32) -> Result<Self, Error> {
+        LocalLimiter::with_clock(limit, burst, DefaultClock::default())
+    }
+}
+
+impl<C> LocalLimiter<C>
+where
+    C: Clock + Clone,
+{
+    /// A limiter of `limit` with bursts of `burst`, timed by `clock` (e.g. [`TokioClock`]).
+    pub fn with_clock(limit: Limit, burst: u32, clock: C) -> Result<Self, Error> {
         let burst_nz = NonZeroU32::new(burst).ok_or_else(|| Error::InvalidConfig {
             field: "burst",
             reason: "must be at least 1".into(),
@@ -97,6 +122,7 @@ impl LocalLimiter {
                 quota,
                 burst,
                 window: period * burst,
+                clock,
                 keys: DashMap::new(),
             }),
         })
@@ -111,14 +137,25 @@ impl LocalLimiter {
                 capacity: self.inner.burst,
             });
         }
+        // governor's single-cell check is its fast path; `check_n` multiplies.
+        let check = |limiter: &Direct<C>| {
+            if n == 1 {
+                Ok(limiter.check())
+            } else {
+                limiter.check_n(cells)
+            }
+        };
         let outcome = match self.inner.keys.get(key) {
-            Some(limiter) => limiter.check_n(cells),
+            Some(limiter) => check(&limiter),
             None => {
                 let entry = self.inner.keys.entry(key.into()).or_insert_with(|| {
-                    governor::RateLimiter::direct_with_clock(self.inner.quota, TokioClock)
-                        .with_middleware()
+                    governor::RateLimiter::direct_with_clock(
+                        self.inner.quota,
+                        self.inner.clock.clone(),
+                    )
+                    .with_middleware()
                 });
-                entry.check_n(cells)
+                check(&entry)
             }
         };
         let per_unit = self.inner.quota.replenish_interval();
@@ -136,7 +173,7 @@ impl LocalLimiter {
                 }
             }
             Ok(Err(not_until)) => {
-                let wait = not_until.wait_time_from(TokioClock.now());
+                let wait = not_until.wait_time_from(self.inner.clock.now());
                 Decision {
                     allowed: false,
                     limit: self.inner.burst,
@@ -177,7 +214,11 @@ impl LocalLimiter {
     }
 }
 
-impl RateLimiter for LocalLimiter {
+impl<C> RateLimiter for LocalLimiter<C>
+where
+    C: Clock + Clone + Send + Sync,
+    C::Instant: Send + Sync,
+{
     fn check_n(&self, key: &str, n: u32) -> impl Future<Output = Result<Decision, Error>> + Send {
         std::future::ready(self.check_n_now(key, n))
     }

@@ -3,12 +3,14 @@
 use std::convert::Infallible;
 use std::time::Duration;
 
-use palisade_ratelimit::{Error, Limit, LocalLimiter, Mode, RateLimitLayer, RateLimiter, Rejected};
+use palisade_ratelimit::{
+    Error, Limit, LocalLimiter, Mode, RateLimitLayer, RateLimiter, Rejected, TokioClock,
+};
 use tokio::time::Instant;
 use tower::{Service, ServiceBuilder, ServiceExt, service_fn};
 
-fn ten_per_second() -> LocalLimiter {
-    LocalLimiter::new(Limit::per_second(10).unwrap()).unwrap()
+fn ten_per_second() -> LocalLimiter<TokioClock> {
+    LocalLimiter::with_clock(Limit::per_second(10).unwrap(), 10, TokioClock).unwrap()
 }
 
 #[tokio::test(start_paused = true)]
@@ -126,7 +128,7 @@ async fn retain_recent_forgets_only_replenished_keys() {
 #[tokio::test(start_paused = true)]
 async fn tower_layer_rejects_with_the_decision_or_waits() {
     let echo = service_fn(|req: String| async move { Ok::<_, Infallible>(req) });
-    let limiter = LocalLimiter::new(Limit::per_second(2).unwrap()).unwrap();
+    let limiter = LocalLimiter::with_clock(Limit::per_second(2).unwrap(), 2, TokioClock).unwrap();
     let mut svc = ServiceBuilder::new()
         .layer(RateLimitLayer::new(limiter.clone(), |req: &String| {
             req.clone()
