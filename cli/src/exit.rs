@@ -6,14 +6,23 @@ use std::fmt;
 pub const MISMATCH: u8 = 65;
 /// A network service is unavailable: etcd or Redis could not be reached (sysexits EX_UNAVAILABLE).
 pub const UNAVAILABLE: u8 = 69;
+/// publish: bad input: a missing SRC, an unreadable or invalid file, a bad partition path
+/// (sysexits EX_NOINPUT).
+pub const BAD_INPUT: u8 = 66;
 /// Something went wrong inside palisade itself or with the operating system (EX_SOFTWARE/EX_OSERR).
 pub const INTERNAL: u8 = 70;
 /// The command could not be started (EX_NOINPUT is taken by shells as "not found"; we use 127).
 pub const NOT_STARTED: u8 = 127;
 /// Not run because someone else holds the lock or runs the key (sysexits EX_TEMPFAIL).
 pub const HELD: u8 = 75;
+/// publish: another writer committed to DEST since this publish started; nothing of it is
+/// visible: run it again (EX_CANTCREAT).
+pub const CONFLICT: u8 = 73;
 /// The lease was lost while the command ran; the command was terminated.
 pub const LEASE_LOST: u8 = 76;
+/// publish: fenced: a writer with a higher fencing token has already committed to DEST (or
+/// DEST records a token and none was given); nothing of this run is visible (EX_NOPERM).
+pub const FENCED: u8 = 77;
 /// The configuration is invalid: a bad flag value, an unreadable file (sysexits EX_CONFIG).
 pub const CONFIG: u8 = 78;
 
@@ -23,10 +32,13 @@ Exit codes:
   N    the command ran: its own exit code (128+SIGNAL when a signal ended it)
   2    bad command line
   65   once: the key was used before with a different command
-  69   etcd or Redis could not be reached
+  66   publish: bad input (missing SRC, invalid file, bad partition path); the error names the file
+  69   etcd, Redis or publish's DEST could not be reached
   70   internal or operating-system error
+  73   publish: another writer committed to DEST meanwhile; nothing was published, run it again
   75   not run: the lock is held (or the key runs elsewhere) and the wait ran out
   76   the lease was lost while the command ran: it got SIGTERM, then SIGKILL after --grace
+  77   publish: fenced: a newer lock holder (higher fencing token) already published
   78   invalid configuration (a flag value, a TLS file, a store URL)
   127  the command could not be started";
 

@@ -9,6 +9,7 @@ mod jobs;
 mod limit;
 mod once;
 mod progress;
+mod publish;
 mod run;
 
 use clap::{Parser, Subcommand};
@@ -63,6 +64,25 @@ enum Command {
     /// Example: palisade limit --key partner-api --rate 10/min -- ./sync.sh
     #[command(after_help = exit::TABLE)]
     Limit(limit::LimitArgs),
+    /// Make the dataset at DEST equal to the local directory SRC, writing only the partitions
+    /// whose content changed, atomically for readers, fenced against older lock holders.
+    ///
+    /// A partition is a Hive-style `key=value/` directory of SRC (or every file, --unit file).
+    /// Its identity is the BLAKE3 of its files (names and order do not count, unless --names)
+    /// or, with --content rows, the rows of its Parquet/CSV/JSON-lines files in any order and
+    /// split. Only partitions whose identity differs from DEST's manifest are written. On a
+    /// local DEST a changed partition directory is swapped in whole; on object stores the
+    /// manifest is the commit point (read through it with `palisade manifest`). Inside
+    /// `palisade run --lock` the lock's fencing token (PALISADE_FENCING_TOKEN) is checked by
+    /// the commit: a holder whose lease ran out cannot overwrite a newer holder's output.
+    ///
+    /// Example: palisade run --lock daily -- sh -c 'spark-submit job.py && palisade publish out/ s3://bucket/table/'
+    #[command(after_help = exit::TABLE)]
+    Publish(publish::PublishArgs),
+    /// Print the live files of the dataset at DEST, one per line (or --json): what a reader
+    /// that needs one consistent version reads.
+    #[command(after_help = exit::TABLE)]
+    Manifest(publish::ManifestArgs),
 }
 
 fn main() -> ExitCode {
@@ -92,6 +112,8 @@ fn main() -> ExitCode {
             Command::Jobs(args) => jobs::jobs(args).await,
             Command::Once(args) => once::once(args).await,
             Command::Limit(args) => limit::limit(args).await,
+            Command::Publish(args) => publish::publish(args).await,
+            Command::Manifest(args) => publish::manifest(args).await,
         }
     });
     // Give background releases (a dropped guard) a moment, but never hang on exit.
