@@ -133,7 +133,8 @@ impl WriterBuilder {
 
     /// Accepts a manifest written with another format, hash algorithm or canonical encoding, and
     /// rewrites every partition put in this run under the current ones (default: refused with
-    /// [`Error::IncompatibleManifest`]).
+    /// [`Error::IncompatibleManifest`]). That run must put every partition of the old manifest
+    /// (or set [`remove_missing`](Self::remove_missing)), since old hashes cannot be carried over.
     pub fn rewrite_on_version_change(mut self, rewrite: bool) -> Self {
         self.rewrite_on_version_change = rewrite;
         self
@@ -406,6 +407,22 @@ impl PartitionedWriter {
         fields(prefix = %self.prefix, run = %self.run_id, fencing_token = ?self.opts.fencing_token)
     )]
     pub async fn commit(mut self) -> Result<Report> {
+        if self.rewrite_all
+            && !self.opts.remove_missing
+            && self
+                .base
+                .partitions
+                .keys()
+                .any(|k| !self.staged.contains_key(k) && !self.unchanged.contains(k))
+        {
+            // Their recorded hashes were made by the old version and cannot be carried over.
+            self.abort().await?;
+            return Err(Error::Config {
+                field: "rewrite_on_version_change",
+                reason: "needs every partition of the old manifest to be put in the run that \
+                         rewrites it (or `remove_missing(true)`); nothing was committed",
+            });
+        }
         let removed: Vec<String> = if self.opts.remove_missing {
             self.base
                 .partitions

@@ -12,7 +12,7 @@ use palisade_idempotency::{ContentHash, Dataset, DatasetStore, PartitionedWriter
 use rand::{Rng, SeedableRng};
 
 const CHILD_ENV: &str = "PALISADE_IDEMPOTENCY_CRASH_CHILD";
-const PARTITIONS: usize = 24;
+const PARTITIONS: usize = 16;
 const KILLS: u32 = 50;
 
 /// The dataset of version `v`: which partitions exist, and their content. Between versions about

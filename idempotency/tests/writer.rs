@@ -341,7 +341,21 @@ async fn other_hash_version_is_detected_not_mistaken() {
         ),
         "{err}"
     );
-    // Explicit opt-in: every partition is rewritten once, and the manifest is current again.
+    // Explicit opt-in: the run must cover every old partition ...
+    let mut w = PartitionedWriter::builder(&store, "sales")
+        .rewrite_on_version_change(true)
+        .open()
+        .await
+        .unwrap();
+    w.put("date=2024-01-01", content(1, 1)).await.unwrap();
+    assert!(matches!(
+        w.commit().await,
+        Err(Error::Config {
+            field: "rewrite_on_version_change",
+            ..
+        })
+    ));
+    // ... then every partition is rewritten once, and the manifest is current again.
     let mut w = PartitionedWriter::builder(&store, "sales")
         .rewrite_on_version_change(true)
         .open()
@@ -532,10 +546,66 @@ async fn deleting_the_manifest_to_recover_loses_no_data_before_the_rewrite() {
     w.put("date=2024-01-01", content(1, 1)).await.unwrap();
     w.put("date=2024-01-02", content(2, 1)).await.unwrap();
     let r = w.commit().await.unwrap();
-    assert_eq!(r.written.len(), 2, "without a manifest every partition is rewritten");
+    assert_eq!(
+        r.written.len(),
+        2,
+        "without a manifest every partition is rewritten"
+    );
     // The next open sweeps the objects no manifest names.
-    PartitionedWriter::open(&store, "sales").await.unwrap().abort().await.unwrap();
+    PartitionedWriter::open(&store, "sales")
+        .await
+        .unwrap()
+        .abort()
+        .await
+        .unwrap();
     assert_eq!((count(1), count(2)), (1, 1));
     let ds = Dataset::open(&store, "sales").await.unwrap();
-    assert_eq!(ds.read("date=2024-01-02").await.unwrap().unwrap(), content(2, 1));
+    assert_eq!(
+        ds.read("date=2024-01-02").await.unwrap().unwrap(),
+        content(2, 1)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn racing_writers_with_different_tokens_never_both_commit() {
+    for (_dir, store) in stores() {
+        let mut token = 10;
+        for round in 0..20u32 {
+            let (low, high) = (token, token + 1);
+            token += 2;
+            let mut a = PartitionedWriter::builder(&store, "race")
+                .fencing_token(low)
+                .open()
+                .await
+                .unwrap();
+            let mut b = PartitionedWriter::builder(&store, "race")
+                .fencing_token(high)
+                .open()
+                .await
+                .unwrap();
+            a.put("p", format!("low {round}")).await.unwrap();
+            b.put("p", format!("high {round}")).await.unwrap();
+            let (ra, rb) = tokio::join!(tokio::spawn(a.commit()), tokio::spawn(b.commit()));
+            let (ra, rb) = (ra.unwrap(), rb.unwrap());
+            assert!(
+                ra.is_ok() != rb.is_ok(),
+                "round {round}: exactly one must commit: {ra:?} {rb:?}"
+            );
+            let ds = Dataset::open(&store, "race").await.unwrap();
+            let got = ds.read("p").await.unwrap().unwrap();
+            let recorded = ds.manifest().unwrap().fencing_token;
+            if ra.is_ok() {
+                assert_eq!(got, format!("low {round}"));
+                assert_eq!(recorded, Some(low));
+                assert!(matches!(rb, Err(Error::Conflict { .. })));
+            } else {
+                assert_eq!(got, format!("high {round}"));
+                assert_eq!(recorded, Some(high));
+                assert!(matches!(
+                    ra,
+                    Err(Error::Fenced { .. }) | Err(Error::Conflict { .. })
+                ));
+            }
+        }
+    }
 }
