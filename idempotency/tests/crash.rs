@@ -202,22 +202,33 @@ async fn sigkill_at_random_points_leaves_a_readable_dataset_that_converges() {
     eprintln!("crash test seed {seed} (rerun with CRASH_SEED={seed})");
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
 
-    // Version 1, uninterrupted, in a child: also measures how long a run takes.
-    let start = Instant::now();
-    let status = spawn_child(dir, 1).wait().unwrap();
-    assert!(status.success());
-    let run_time = start.elapsed();
+    // Versions 1 and 2 uninterrupted, in children; version 2 (an incremental run, like all the
+    // later ones) measures how long a run takes, process start included.
+    assert!(spawn_child(dir, 1).wait().unwrap().success());
     check_converged(dir, 1).await;
+    let start = Instant::now();
+    assert!(spawn_child(dir, 2).wait().unwrap().success());
+    let run_time = start.elapsed();
+    check_converged(dir, 2).await;
 
-    let (mut before_commit, mut after_commit, mut finished) = (0, 0, 0);
-    for v in 2..2 + KILLS {
-        let delay = rng.random_range(0..(run_time.as_micros() as u64 * 12 / 10).max(1));
+    // Kill until 50 kills have landed inside a run (a child that finished before its kill does
+    // not count, but its version is still checked).
+    let (mut landed, mut before_commit, mut after_commit, mut finished) = (0, 0, 0, 0);
+    let mut v = 3;
+    while landed < KILLS {
+        assert!(
+            v < 3 + 4 * KILLS,
+            "kills keep missing the run; is the machine overloaded?"
+        );
+        let delay = rng.random_range(0..(run_time.as_micros() as u64).max(1));
         let mut child = spawn_child(dir, v);
         std::thread::sleep(Duration::from_micros(delay));
         let _ = child.kill(); // SIGKILL
         let status = child.wait().unwrap();
         if status.success() {
             finished += 1;
+        } else {
+            landed += 1;
         }
         if check_after_kill(dir, v).await {
             after_commit += 1;
@@ -230,10 +241,11 @@ async fn sigkill_at_random_points_leaves_a_readable_dataset_that_converges() {
             assert_eq!(report.bytes_written, 0);
         }
         check_converged(dir, v).await;
+        v += 1;
     }
     eprintln!(
-        "{KILLS} kills over a {run_time:?} run: {before_commit} left the old version, \
-         {after_commit} the new one ({finished} children had finished)"
+        "{landed} kills inside a {run_time:?} run: {before_commit} left the old version, \
+         {after_commit} the new one ({finished} more children finished before their kill)"
     );
     assert!(
         before_commit > 0,
