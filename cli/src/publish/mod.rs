@@ -118,8 +118,16 @@ pub fn open_store(dest: &str) -> Result<DatasetStore, CliError> {
         if bucket.is_empty() {
             return Err(CliError::config(format!("DEST {dest:?}: no bucket")));
         }
+        // A few retries within 15 s: an unreachable endpoint fails the publish in seconds
+        // instead of after object_store's default 3 minutes.
+        let retry = object_store::RetryConfig {
+            max_retries: 3,
+            retry_timeout: Duration::from_secs(15),
+            ..Default::default()
+        };
         let store = object_store::aws::AmazonS3Builder::from_env()
             .with_bucket_name(bucket)
+            .with_retry(retry)
             .build()
             .map_err(|e| CliError::config(format!("DEST {dest:?}: {e}")))?;
         let store: Arc<dyn object_store::ObjectStore> = Arc::new(store);
@@ -180,7 +188,7 @@ pub async fn publish(args: PublishArgs) -> Result<u8, CliError> {
     let total: u64 = partitions.iter().map(scan::Partition::size).sum();
     let bar = output::bar(total, "hashing", true);
     let hashed = Arc::new(AtomicU64::new(0));
-    let (parts, ids) = {
+    let hashing = {
         let (bar, hashed) = (bar.clone(), hashed.clone());
         tokio::task::spawn_blocking(move || {
             let on_bytes = |n: u64| {
@@ -191,8 +199,17 @@ pub async fn publish(args: PublishArgs) -> Result<u8, CliError> {
             ids.map(|ids| (partitions, ids))
         })
         .await
-        .map_err(|e| CliError::new(INTERNAL, e.to_string()))?
-        .map_err(|e| CliError::new(BAD_INPUT, e))?
+        .map_err(|e| CliError::new(INTERNAL, e.to_string()))
+        .and_then(|r| r.map_err(|e| CliError::new(BAD_INPUT, e)))
+    };
+    let (parts, ids) = match hashing {
+        Ok(v) => v,
+        Err(e) => {
+            bar.finish_and_clear();
+            // Nothing was staged yet; drop this run's staging area now rather than at the next open.
+            let _ = writer.abort().await;
+            return Err(e);
+        }
     };
     bar.finish_and_clear();
     let bytes_hashed = hashed.load(Ordering::Relaxed);
