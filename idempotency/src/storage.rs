@@ -141,10 +141,20 @@ pub fn store_from_url(url: &str) -> Result<DatasetStore> {
 
 // ---------- local file helpers (blocking; called from spawn_blocking) ----------
 
+/// Makes a directory's entries (renames, new files) durable. On Unix this fsyncs the directory;
+/// elsewhere directories cannot be opened for it, and rename durability is the file system's.
 pub(crate) fn fsync_dir(dir: &FsPath) -> Result<()> {
-    File::open(dir)
-        .and_then(|f| f.sync_all())
-        .map_err(io("fsync directory", dir))
+    #[cfg(unix)]
+    {
+        File::open(dir)
+            .and_then(|f| f.sync_all())
+            .map_err(io("fsync directory", dir))
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = dir;
+        Ok(())
+    }
 }
 
 /// Writes `bytes` to a new file and fsyncs it (not its directory).
@@ -241,6 +251,11 @@ mod tests {
             store_from_url("nope://x"),
             Err(Error::UnsupportedUrl { .. })
         ));
+        #[cfg(not(feature = "aws"))]
+        {
+            let err = store_from_url("s3://bucket/data").unwrap_err().to_string();
+            assert!(err.contains("`aws`"), "{err}");
+        }
         assert!(matches!(
             store_from_url("not a url"),
             Err(Error::UnsupportedUrl { .. })
