@@ -110,7 +110,8 @@ fn open_rw(path: &Path) -> Result<File, LockError> {
 }
 
 /// Writes `bytes` to a temporary file next to `path` and renames it into place, so readers see
-/// the old content or the new, never a part. Returns the (still open) new file.
+/// the old content or the new, never a part. Returns the (still open) new file. Not fsynced:
+/// holder and registry files describe live processes and mean nothing after a crash.
 fn replace_file(path: &Path, bytes: &[u8], lock_it: bool) -> Result<File, LockError> {
     let tmp = path.with_extension(format!(
         "tmp-{}-{}",
@@ -123,7 +124,6 @@ fn replace_file(path: &Path, bytes: &[u8], lock_it: bool) -> Result<File, LockEr
             .map_err(|e| LockError::io("flock", &tmp, e.into()))?;
     }
     file.write_all(bytes)
-        .and_then(|()| file.sync_data())
         .map_err(|e| LockError::io("write", &tmp, e))?;
     std::fs::rename(&tmp, path).map_err(|e| LockError::io("rename", path, e))?;
     Ok(file)
@@ -474,8 +474,10 @@ impl LockBackend for FileBackend {
     fn watch_jobs(&self) -> BoxStream<'static, JobEvent> {
         let dir = self.dir.join("jobs");
         let initial = scan_jobs(&dir).map(|(live, _)| live).unwrap_or_default();
+        let pending: std::collections::VecDeque<JobEvent> =
+            initial.values().cloned().map(JobEvent::Started).collect();
         futures::stream::unfold(
-            (dir, initial, std::collections::VecDeque::new()),
+            (dir, initial, pending),
             |(dir, mut known, mut pending)| async move {
                 loop {
                     if let Some(event) = pending.pop_front() {

@@ -182,12 +182,10 @@ struct MemoryRegistration {
 
 impl MemoryRegistration {
     fn remove(&mut self, finished: bool) {
-        let removed = {
-            let mut jobs = self.inner.jobs();
-            match jobs.get(&self.lock) {
-                Some((id, _)) if *id == self.id => jobs.remove(&self.lock).map(|(_, j)| j),
-                _ => None,
-            }
+        let mut jobs = self.inner.jobs();
+        let removed = match jobs.get(&self.lock) {
+            Some((id, _)) if *id == self.id => jobs.remove(&self.lock).map(|(_, j)| j),
+            _ => None,
         };
         if let Some(job) = removed {
             let event = if finished {
@@ -197,6 +195,7 @@ impl MemoryRegistration {
             };
             let _ = self.inner.events.send(event);
         }
+        drop(jobs);
         self.finished = true;
     }
 }
@@ -324,8 +323,12 @@ impl LockBackend for MemoryBackend {
     async fn register(&self, job: JobInfo) -> Result<Box<dyn Registration>, LockError> {
         let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
         let lock = job.lock.clone();
-        self.inner.jobs().insert(lock.clone(), (id, job.clone()));
-        let _ = self.inner.events.send(JobEvent::Started(job));
+        {
+            // Sent under the lock, so a watcher's snapshot and its subscription agree.
+            let mut jobs = self.inner.jobs();
+            jobs.insert(lock.clone(), (id, job.clone()));
+            let _ = self.inner.events.send(JobEvent::Started(job));
+        }
         Ok(Box::new(MemoryRegistration {
             inner: self.inner.clone(),
             lock,
@@ -339,11 +342,21 @@ impl LockBackend for MemoryBackend {
     }
 
     fn watch_jobs(&self) -> BoxStream<'static, JobEvent> {
-        let rx = self.inner.events.subscribe();
-        futures::stream::unfold(rx, |mut rx| async move {
+        let (running, rx) = {
+            let jobs = self.inner.jobs();
+            let running: VecDeque<JobEvent> = jobs
+                .values()
+                .map(|(_, j)| JobEvent::Started(j.clone()))
+                .collect();
+            (running, self.inner.events.subscribe())
+        };
+        futures::stream::unfold((running, rx), |(mut running, mut rx)| async move {
+            if let Some(event) = running.pop_front() {
+                return Some((event, (running, rx)));
+            }
             loop {
                 match rx.recv().await {
-                    Ok(event) => return Some((event, rx)),
+                    Ok(event) => return Some((event, (running, rx))),
                     Err(broadcast::error::RecvError::Lagged(_)) => continue,
                     Err(broadcast::error::RecvError::Closed) => return None,
                 }

@@ -152,3 +152,57 @@ impl Session {
         self.liveness.deadline()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn lost_at_the_deadline_unless_renewed() {
+        let start = Instant::now();
+        let l = Liveness::until(start + Duration::from_secs(3));
+        tokio::time::advance(Duration::from_secs(2)).await;
+        assert!(!l.is_lost());
+        l.renew(start + Duration::from_secs(5));
+        // An older deadline never moves it back.
+        l.renew(start + Duration::from_secs(4));
+        assert_eq!(l.deadline(), Some(start + Duration::from_secs(5)));
+        let lost = tokio::spawn({
+            let l = l.clone();
+            async move {
+                l.lost().await;
+                Instant::now()
+            }
+        });
+        let at = lost.await.unwrap();
+        assert_eq!(at, start + Duration::from_secs(5));
+        assert!(l.is_lost());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_resumed_process_sees_the_loss_without_any_task_running() {
+        let start = Instant::now();
+        let l = Liveness::until(start + Duration::from_secs(3));
+        // No task runs while "paused"; the clock alone decides.
+        tokio::time::advance(Duration::from_secs(4)).await;
+        assert!(l.is_lost());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn mark_lost_wakes_waiters_and_forever_never_fires() {
+        let l = Liveness::until(Instant::now() + Duration::from_secs(60));
+        let waiter = tokio::spawn({
+            let l = l.clone();
+            async move { l.lost().await }
+        });
+        l.mark_lost();
+        waiter.await.unwrap();
+        let forever = Liveness::forever();
+        assert!(
+            tokio::time::timeout(Duration::from_secs(3600), forever.lost())
+                .await
+                .is_err()
+        );
+        assert!(!forever.is_lost());
+    }
+}

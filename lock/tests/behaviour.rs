@@ -30,6 +30,14 @@ macro_rules! suite {
                 common::registry_lists_jobs($make(2).await).await;
             }
             #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+            async fn watch_reports_running_jobs_first() {
+                common::watch_reports_running_jobs_first($make(2).await).await;
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+            async fn drop_then_relock() {
+                common::drop_then_relock($make(1).await).await;
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
             async fn election() {
                 common::election($make(2).await).await;
             }

@@ -13,7 +13,7 @@ use etcd_client::{
 use tokio::time::Instant;
 
 use super::session::EtcdSession;
-use super::{EtcdBackend, WAKEUPS, backoff, budget, count_request, retry, while_alive};
+use super::{EtcdBackend, Slot, WAKEUPS, backoff, budget, count_request, retry, while_alive};
 use crate::backend::{HeldLock, Holder, Kind, LostSignalHandle};
 use crate::coordinator::Wait;
 use crate::error::LockError;
@@ -75,21 +75,22 @@ struct PendingKey {
     key: String,
     rev: i64,
     rpc_timeout: Duration,
-    armed: bool,
+    /// `Some` while the acquire may still fail.
+    slot: Option<Slot>,
 }
 
 impl Drop for PendingKey {
     fn drop(&mut self) {
-        if !self.armed {
+        let Some(mut slot) = self.slot.take() else {
             return;
-        }
+        };
         let client = self.client.clone();
         let key = std::mem::take(&mut self.key);
         let (rev, rpc_timeout) = (self.rev, self.rpc_timeout);
         if let Ok(rt) = tokio::runtime::Handle::try_current() {
             rt.spawn(async move {
                 tracing::debug!(key, "acquire abandoned: deleting our waiter key");
-                let _ = delete_owned(
+                let deleted = delete_owned(
                     &client,
                     &key,
                     rev,
@@ -97,6 +98,7 @@ impl Drop for PendingKey {
                     rpc_timeout,
                 )
                 .await;
+                slot.set_deleted(deleted.is_ok());
             });
         }
     }
@@ -113,9 +115,9 @@ pub(crate) async fn acquire(
     let session = backend.ensure_session().await?;
     let rpc_timeout = backend.rpc_timeout();
     let prefix = backend.prefix(kind, name);
-    let seq = backend.seq.fetch_add(1, Ordering::Relaxed);
     // One key per acquire: a session may hold or wait for the same name from several tasks.
-    let key = format!("{prefix}{:016x}-{seq:x}", session.lease);
+    let slot = backend.slots.take(session.lease, &prefix);
+    let key = slot.key();
     let alive = while_alive(&session.liveness);
 
     // Put our key (unless a retried request already did) and read the owner, in one request.
@@ -154,7 +156,7 @@ pub(crate) async fn acquire(
         key: key.clone(),
         rev,
         rpc_timeout,
-        armed: true,
+        slot: Some(slot),
     };
     let owner = range_kvs(ops.get(1)).into_iter().next();
     let owned = owner.as_ref().is_some_and(|kv| kv.create_revision() == rev);
@@ -181,13 +183,14 @@ pub(crate) async fn acquire(
     if session.liveness.is_lost() {
         return Err(LockError::Lost);
     }
-    pending.armed = false;
+    let slot = pending.slot.take();
     Ok(Box::new(EtcdHeld {
         client: backend.client.clone(),
         session,
         key,
         rev,
         rpc_timeout,
+        slot,
     }))
 }
 
@@ -342,6 +345,7 @@ struct EtcdHeld {
     key: String,
     rev: i64,
     rpc_timeout: Duration,
+    slot: Option<Slot>,
 }
 
 impl std::fmt::Debug for EtcdHeld {
@@ -361,11 +365,15 @@ impl HeldLock for EtcdHeld {
     fn lost_signal(&self) -> LostSignalHandle {
         LostSignalHandle(LostSignal(self.session.liveness.clone()))
     }
-    async fn release(self: Box<Self>) -> Result<(), LockError> {
+    async fn release(mut self: Box<Self>) -> Result<(), LockError> {
         // Once the session is lost the key goes with the lease; stop retrying then.
         let alive = while_alive(&self.session.liveness);
         let result = delete_owned(&self.client, &self.key, self.rev, alive, self.rpc_timeout).await;
         tracing::debug!(key = self.key, ok = result.is_ok(), "released");
+        if let Some(slot) = self.slot.as_mut() {
+            // The key is gone, or goes with the lost lease: its name may be reused.
+            slot.set_deleted(result.is_ok() || self.session.liveness.is_lost());
+        }
         match result {
             Err(_) if self.session.liveness.is_lost() => Ok(()),
             r => r,

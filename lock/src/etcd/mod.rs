@@ -1,9 +1,12 @@
 //! The etcd backend: etcd's revision-ordered lock recipe on a kept-alive session lease.
 //!
 //! Keys (under the namespace, `palisade/` by default):
-//! - `lock/<name>/<lease-hex>-<seq>`: one key per holder or waiter, on the session's lease. The
-//!   owner is the key with the lowest create revision; that revision is the fencing token.
-//! - `election/<name>/<lease-hex>-<seq>`: the same recipe for leader election, the value being
+//! - `lock/<name>/<lease-hex>` (`<lease-hex>-<n>` when several tasks of one session contend
+//!   for the same name at once): one key per holder or waiter, on the session's lease. The owner
+//!   is the key with the lowest create revision; that revision is the fencing token. Key names
+//!   are reused (as etcd's own recipe does), so the set of distinct keys, which every range over
+//!   the prefix walks until a compaction, stays as small as the number of sessions.
+//! - `election/<name>/<lease-hex>[-<n>]`: the same recipe for leader election, the value being
 //!   the candidate's.
 //! - `jobs/run/<lock>`: a running job (`JobInfo` as JSON) on the session's lease.
 //! - `jobs/done/<lock>`: written in the same transaction that deletes `jobs/run/<lock>` when the
@@ -13,6 +16,7 @@ mod lock;
 mod registry;
 mod session;
 
+use std::collections::{BTreeSet, HashMap};
 use std::future::Future;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -130,7 +134,7 @@ impl EtcdBuilder {
             ttl: self.lease_ttl,
             session: tokio::sync::Mutex::new(None),
             current: std::sync::Mutex::new(None),
-            seq: AtomicU64::new(0),
+            slots: Arc::new(Slots::default()),
         };
         backend.ensure_session().await?;
         Ok(Coordinator::from_backend(Arc::new(backend)))
@@ -145,7 +149,69 @@ pub(crate) struct EtcdBackend {
     session: tokio::sync::Mutex<Option<Arc<EtcdSession>>>,
     /// The same, for synchronous `session()`.
     current: std::sync::Mutex<Option<Arc<EtcdSession>>>,
-    seq: AtomicU64,
+    slots: Arc<Slots>,
+}
+
+/// Which key names each (lease, prefix) uses now. A name is reused only once its previous key
+/// is known to be deleted: otherwise the acquire transaction ("create unless it exists") would
+/// find the old key and take it for ours.
+#[derive(Default)]
+pub(crate) struct Slots(std::sync::Mutex<HashMap<(i64, String), BTreeSet<u32>>>);
+
+impl Slots {
+    pub(crate) fn take(self: &Arc<Self>, lease: i64, prefix: &str) -> Slot {
+        let mut map = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let used = map.entry((lease, prefix.to_string())).or_default();
+        let index = (0..).find(|i| !used.contains(i)).unwrap_or(u32::MAX);
+        used.insert(index);
+        Slot {
+            table: self.clone(),
+            lease,
+            prefix: prefix.to_string(),
+            index,
+            deleted: false,
+        }
+    }
+}
+
+/// One key name in use. Dropping it frees the name only if `deleted` was set (the key is gone
+/// from etcd, or the lease is); a name whose key may survive stays taken.
+pub(crate) struct Slot {
+    table: Arc<Slots>,
+    lease: i64,
+    prefix: String,
+    index: u32,
+    deleted: bool,
+}
+
+impl Slot {
+    /// Records whether the key is known to be gone (so the name may be reused on drop).
+    pub(crate) fn set_deleted(&mut self, deleted: bool) {
+        self.deleted = deleted;
+    }
+
+    pub(crate) fn key(&self) -> String {
+        match self.index {
+            0 => format!("{}{:016x}", self.prefix, self.lease),
+            n => format!("{}{:016x}-{n}", self.prefix, self.lease),
+        }
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        if !self.deleted {
+            return;
+        }
+        let mut map = self.table.0.lock().unwrap_or_else(|p| p.into_inner());
+        let key = (self.lease, std::mem::take(&mut self.prefix));
+        if let Some(used) = map.get_mut(&key) {
+            used.remove(&self.index);
+            if used.is_empty() {
+                map.remove(&key);
+            }
+        }
+    }
 }
 
 impl EtcdBackend {

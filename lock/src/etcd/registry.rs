@@ -238,27 +238,24 @@ pub(crate) fn watch(
 ) -> BoxStream<'static, JobEvent> {
     let (tx, rx) = mpsc::channel(256);
     tokio::spawn(async move {
-        let never = || false;
         let mut known = BTreeMap::new();
         let mut rev = 0;
         let mut resync = true;
-        let mut first = true;
         let mut delays = backoff();
         loop {
             if tx.is_closed() {
                 return;
             }
             if resync {
-                let Ok((now, done, at)) = read_registry(&client, &ns, rpc_timeout, never).await
+                let Ok((now, done, at)) =
+                    read_registry(&client, &ns, rpc_timeout, || tx.is_closed()).await
                 else {
                     tokio::time::sleep(delays.next().unwrap_or(Duration::from_secs(1))).await;
                     continue;
                 };
                 let mut events = VecDeque::new();
-                if !first {
-                    diff(&known, &now, &done, &mut events);
-                }
-                first = false;
+                // The first read reports what already runs; later ones what changed.
+                diff(&known, &now, &done, &mut events);
                 for e in events {
                     if tx.send(e).await.is_err() {
                         return;
@@ -381,7 +378,10 @@ pub(crate) fn observe(
             let read = retry(
                 "read leader",
                 rpc_timeout,
-                || false,
+                {
+                    let tx = tx.clone();
+                    move || tx.is_closed()
+                },
                 || {
                     let mut c = client.clone();
                     let opts = GetOptions::new()

@@ -108,6 +108,8 @@ async fn keep_alive(client: Client, lease: i64, ttl: Duration, liveness: Arc<Liv
         loop {
             let sent = Instant::now();
             if keeper.keep_alive().await.is_err() {
+                let delay = delays.next().unwrap_or(Duration::from_secs(1));
+                sleep_unless_lost(&liveness, delay).await;
                 continue 'reconnect;
             }
             let wait = liveness
@@ -133,6 +135,8 @@ async fn keep_alive(client: Client, lease: i64, ttl: Duration, liveness: Arc<Liv
                         lease = format_args!("{lease:x}"),
                         "keepalive got no answer; reconnecting"
                     );
+                    let delay = delays.next().unwrap_or(Duration::from_secs(1));
+                    sleep_unless_lost(&liveness, delay).await;
                     continue 'reconnect;
                 }
             }

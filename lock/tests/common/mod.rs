@@ -354,3 +354,46 @@ pub async fn invalid_names(f: Fixture) {
         Err(LockError::InvalidName { .. })
     ));
 }
+
+/// A watch started while a job runs reports that job first.
+pub async fn watch_reports_running_jobs_first(f: Fixture) {
+    let (a, b) = (&f.clients[0], &f.clients[f.clients.len() - 1]);
+    let (started_tx, started_rx) = tokio::sync::oneshot::channel();
+    let (finish_tx, finish_rx) = tokio::sync::oneshot::channel::<()>();
+    let a2 = a.clone();
+    let job = tokio::spawn(async move {
+        a2.run_exclusive("early", JobInfo::new("early"), Wait::No, |_| async move {
+            let _ = started_tx.send(());
+            let _ = finish_rx.await;
+        })
+        .await
+    });
+    bounded("job starts", started_rx).await.unwrap();
+    let mut events = b.registry().watch();
+    match bounded("running job reported", events.next())
+        .await
+        .unwrap()
+    {
+        JobEvent::Started(j) => assert_eq!(j.lock, "early"),
+        other => panic!("expected Started, got {other:?}"),
+    }
+    finish_tx.send(()).unwrap();
+    let _ = bounded("job ends", job).await.unwrap().unwrap();
+    match bounded("Finished", events.next()).await.unwrap() {
+        JobEvent::Finished(j) => assert_eq!(j.lock, "early"),
+        other => panic!("expected Finished, got {other:?}"),
+    }
+}
+
+/// A guard dropped (released in the background) and the lock taken again at once by the same
+/// client: never the old holder's key or token.
+pub async fn drop_then_relock(f: Fixture) {
+    let c = &f.clients[0];
+    let mut last = 0;
+    for _ in 0..20 {
+        let g = bounded("relock", c.lock("again")).await.expect("lock");
+        assert!(g.fencing_token() > last, "token {} after {last}", g.fencing_token());
+        last = g.fencing_token();
+        drop(g);
+    }
+}
