@@ -90,7 +90,11 @@ fn bench(c: &mut Criterion) {
     g.bench_function("blake3 crate raw hasher on tokio's blocking pool", |b| {
         b.to_async(&rt).iter(|| {
             let input = input.clone();
-            async move { tokio::task::spawn_blocking(move || raw_blake3(&input)).await.unwrap() }
+            async move {
+                tokio::task::spawn_blocking(move || raw_blake3(&input))
+                    .await
+                    .unwrap()
+            }
         })
     });
     g.bench_function("blake3 crate update_mmap (1 thread, as b3sum does)", |b| {

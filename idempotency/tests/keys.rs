@@ -381,3 +381,107 @@ async fn redis_cluster_store() {
     .await;
     drop(cluster);
 }
+
+const CHILD_ENV: &str = "PALISADE_IDEMPOTENCY_KEYS_CHILD";
+
+/// The child side of the killed-runner test: claims the key through `once` with a job that never
+/// ends, and waits to be killed. A no-op in a normal test run.
+#[test]
+fn runner_child() {
+    let Ok(spec) = std::env::var(CHILD_ENV) else {
+        return;
+    };
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let store: Store = match spec.split_once(':') {
+            Some(("file", dir)) => Arc::new(FileStore::open(dir).unwrap()),
+            _ => Arc::new(RedisStore::connect(&spec).await.unwrap()),
+        };
+        // `wait`: if the parent's probe holds the key for a moment, claim it right after.
+        let _ = store
+            .once(
+                "killed-process",
+                "fp",
+                &opts().wait(Duration::from_secs(20)),
+                || async {
+                    futures::future::pending::<()>().await;
+                    Ok::<_, std::io::Error>(0)
+                },
+            )
+            .await;
+    });
+}
+
+/// A runner process SIGKILLed mid-run leaves its claim, which lapses after `in_progress_ttl`.
+async fn killed_process_is_reclaimed(name: &str, spec: String, store: Store) {
+    let mut child = std::process::Command::new(std::env::current_exe().unwrap())
+        .args(["runner_child", "--exact", "--nocapture", "--test-threads=1"])
+        .env(CHILD_ENV, spec)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    // Wait (bounded) until the child holds the claim.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        match store
+            .claim("killed-process", "fp", Duration::from_millis(1))
+            .await
+            .unwrap()
+        {
+            Claim::InProgress { .. } => break,
+            Claim::Acquired(probe) => {
+                // Not claimed yet: give the key back at once.
+                store.release("killed-process", &probe).await.unwrap();
+            }
+            Claim::Completed { .. } => panic!("{name}: the child cannot complete"),
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{name}: child never claimed the key"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    child.kill().unwrap(); // SIGKILL: no cleanup runs in the child
+    child.wait().unwrap();
+    let killed_at = tokio::time::Instant::now();
+    let deadline = killed_at + IN_PROGRESS_TTL + Duration::from_secs(10);
+    loop {
+        match store
+            .once("killed-process", "fp", &opts(), || async {
+                Ok::<_, std::io::Error>(9)
+            })
+            .await
+        {
+            Ok(r) => {
+                assert_eq!(r, Outcome::Executed(9), "{name}");
+                break;
+            }
+            Err(Error::InProgress { .. }) => {
+                assert!(
+                    tokio::time::Instant::now() < deadline,
+                    "{name}: claim never lapsed"
+                );
+                tokio::time::sleep(Duration::from_millis(25)).await;
+            }
+            Err(e) => panic!("{name}: {e}"),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn killed_runner_process_file_store() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(FileStore::open(dir.path()).unwrap()) as Store;
+    killed_process_is_reclaimed("file", format!("file:{}", dir.path().display()), store).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn killed_runner_process_redis_store() {
+    let redis = tokio::task::spawn_blocking(palisade_testkit::Redis::start)
+        .await
+        .unwrap()
+        .expect("start redis-server");
+    let store = Arc::new(RedisStore::connect(&redis.url()).await.unwrap()) as Store;
+    killed_process_is_reclaimed("redis", redis.url(), store).await;
+}
