@@ -626,3 +626,56 @@ async fn watch_rereads_after_compaction_while_disconnected() {
     let _ = job_b.await.unwrap().unwrap();
     lead.resign().await.unwrap();
 }
+
+/// etcd issue 19597: a waiter whose own key disappears (its lease expired or was revoked) fails
+/// at once instead of waiting for everyone ahead of it, and is never granted the lock.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn waiter_fails_at_once_when_its_key_vanishes() {
+    let etcd = etcd_server().await;
+    let holder = etcd_coordinator(&etcd.endpoints(), 10).await;
+    let waiter = etcd_coordinator(&etcd.endpoints(), 10).await;
+    let guard = holder.lock("q").await.unwrap();
+    let w = waiter.clone();
+    let waiting = tokio::spawn(async move { w.lock("q").await });
+    eventually("the waiter is queued", || async {
+        holder.queue_len("q").await.unwrap() == 1
+    })
+    .await;
+    let mut raw = etcd_client::Client::connect(etcd.endpoints(), None)
+        .await
+        .unwrap();
+    raw.lease_revoke(waiter.session().lease_id().unwrap())
+        .await
+        .unwrap();
+    let result = bounded("the waiter gives up", waiting).await.unwrap();
+    assert!(matches!(result, Err(LockError::Lost)), "{result:?}");
+    assert!(!guard.is_lost(), "the holder is unaffected");
+    // The waiter's coordinator starts a new session and can queue again.
+    guard.release().await.unwrap();
+    bounded("lock with a new session", waiter.lock("q"))
+        .await
+        .unwrap();
+}
+
+/// A lock held for several TTLs stays held: the session lease is kept alive (a lock on a
+/// lease nobody renews would be taken by a second holder after the TTL).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn lock_outlives_its_ttl_while_kept_alive() {
+    let etcd = etcd_server().await;
+    let holder = etcd_coordinator(&etcd.endpoints(), 2).await;
+    let other = etcd_coordinator(&etcd.endpoints(), 2).await;
+    let guard = holder.lock("long").await.unwrap();
+    let started = tokio::time::Instant::now();
+    // Three TTLs; the other client keeps trying meanwhile.
+    while started.elapsed() < Duration::from_secs(6) {
+        assert!(
+            matches!(other.try_lock("long").await, Err(LockError::Held { .. })),
+            "a second holder got the lock after {:?}",
+            started.elapsed()
+        );
+        assert!(!guard.is_lost());
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    guard.release().await.unwrap();
+    other.try_lock("long").await.unwrap();
+}

@@ -112,34 +112,26 @@ pub(crate) async fn acquire(
     wait: Wait,
 ) -> Result<Box<dyn HeldLock>, LockError> {
     let started = Instant::now();
-    let session = backend.ensure_session().await?;
     let rpc_timeout = backend.rpc_timeout();
     let prefix = backend.prefix(kind, name);
-    // One key per acquire: a session may hold or wait for the same name from several tasks.
-    let slot = backend.slots.take(session.lease, &prefix);
-    let key = slot.key();
-    let alive = while_alive(&session.liveness);
-
-    // Put our key (unless a retried request already did) and read the owner, in one request.
-    let resp = retry("acquire lock", rpc_timeout, &alive, || {
-        let mut c = backend.client.clone();
-        let txn = Txn::new()
-            .when([Compare::create_revision(key.as_str(), CompareOp::Equal, 0)])
-            .and_then([
-                TxnOp::put(
-                    key.as_str(),
-                    value.clone(),
-                    Some(PutOptions::new().with_lease(session.lease)),
-                ),
-                TxnOp::get(prefix.as_str(), Some(first_created())),
-            ])
-            .or_else([
-                TxnOp::get(key.as_str(), None),
-                TxnOp::get(prefix.as_str(), Some(first_created())),
-            ]);
-        async move { c.txn(txn).await }
-    })
-    .await?;
+    let mut fresh_session = false;
+    let (session, slot, key, resp) = loop {
+        let session = backend.ensure_session().await?;
+        // One key per acquire: a session may hold or wait for the same name from several tasks.
+        let mut slot = backend.slots.take(session.lease, &prefix);
+        let key = slot.key();
+        match put_key(backend, &session, &prefix, &key, &value, rpc_timeout).await {
+            Ok(resp) => break (session, slot, key, resp),
+            // Our lease is gone (revoked, or expired before the keepalive noticed): start a
+            // new session, once.
+            Err(LockError::Lost) if !fresh_session => {
+                session.liveness.mark_lost();
+                slot.set_deleted(true);
+                fresh_session = true;
+            }
+            Err(e) => return Err(e),
+        }
+    };
     let ops = resp.op_responses();
     let rev = if resp.succeeded() {
         resp.header().map_or(0, |h| h.revision())
@@ -192,6 +184,37 @@ pub(crate) async fn acquire(
         rpc_timeout,
         slot,
     }))
+}
+
+/// Puts our key (unless a retried request already did) and reads the owner, in one request.
+async fn put_key(
+    backend: &EtcdBackend,
+    session: &Arc<EtcdSession>,
+    prefix: &str,
+    key: &str,
+    value: &[u8],
+    rpc_timeout: Duration,
+) -> Result<etcd_client::TxnResponse, LockError> {
+    let alive = while_alive(&session.liveness);
+    retry("acquire lock", rpc_timeout, &alive, || {
+        let mut c = backend.client.clone();
+        let txn = Txn::new()
+            .when([Compare::create_revision(key, CompareOp::Equal, 0)])
+            .and_then([
+                TxnOp::put(
+                    key,
+                    value.to_vec(),
+                    Some(PutOptions::new().with_lease(session.lease)),
+                ),
+                TxnOp::get(prefix, Some(first_created())),
+            ])
+            .or_else([
+                TxnOp::get(key, None),
+                TxnOp::get(prefix, Some(first_created())),
+            ]);
+        async move { c.txn(txn).await }
+    })
+    .await
 }
 
 /// Waits until no key created before ours remains, watching only the one just before ours and

@@ -253,6 +253,13 @@ pub(crate) fn transient(e: &etcd_client::Error) -> bool {
     }
 }
 
+/// Whether etcd refused a request because our lease no longer exists.
+pub(crate) fn lease_gone(e: &etcd_client::Error) -> bool {
+    // gRPC NOT_FOUND (5) with etcd's ErrLeaseNotFound message.
+    matches!(e, etcd_client::Error::GRpcStatus(s)
+        if i32::from(s.code()) == 5 && s.message().contains("lease not found"))
+}
+
 /// A backoff schedule for retries against etcd.
 pub(crate) fn backoff() -> impl Iterator<Item = Duration> {
     use backon::BackoffBuilder;
@@ -265,7 +272,8 @@ pub(crate) fn backoff() -> impl Iterator<Item = Duration> {
 }
 
 /// Runs one request with a timeout, retrying transient failures with backoff until `give_up`
-/// says stop (session lost, budget spent). Each attempt counts as one request.
+/// says stop (session lost, budget spent). Each attempt counts as one request. A request refused
+/// because our lease is gone fails with [`LockError::Lost`].
 pub(crate) async fn retry<T, F, Fut>(
     op: &'static str,
     rpc_timeout: Duration,
@@ -281,6 +289,7 @@ where
         count_request();
         let err = match tokio::time::timeout(rpc_timeout, f()).await {
             Ok(Ok(v)) => return Ok(v),
+            Ok(Err(e)) if lease_gone(&e) => return Err(LockError::Lost),
             Ok(Err(e)) if transient(&e) => LockError::backend(op, e),
             Ok(Err(e)) => return Err(LockError::backend(op, e)),
             Err(elapsed) => LockError::backend(op, elapsed),
@@ -369,7 +378,11 @@ impl LockBackend for EtcdBackend {
 
     async fn register(&self, job: JobInfo) -> Result<Box<dyn Registration>, LockError> {
         let session = self.ensure_session().await?;
-        registry::register(self, &session, job).await
+        let result = registry::register(self, &session, job).await;
+        if matches!(result, Err(LockError::Lost)) {
+            session.liveness.mark_lost();
+        }
+        result
     }
 
     async fn running(&self) -> Result<Vec<JobInfo>, LockError> {

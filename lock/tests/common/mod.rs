@@ -203,6 +203,22 @@ pub async fn timeout_cleans_up(f: Fixture) {
     // A cancelled acquire (dropped future) is cleaned up too.
     let cancelled = tokio::time::timeout(Duration::from_millis(100), b.lock("t")).await;
     assert!(cancelled.is_err());
+    // Both abandoned entries leave the queue (on etcd: their keys are deleted in the background).
+    eventually("abandoned waiters leave the queue", || async {
+        a.queue_len("t").await.expect("queue_len") == 0
+    })
+    .await;
+    // run_exclusive with a wait that runs out skips, naming no job (a plain lock holds it).
+    let skipped = b
+        .run_exclusive(
+            "t",
+            JobInfo::new("late"),
+            Wait::Up(Duration::from_millis(100)),
+            |_| async {},
+        )
+        .await
+        .expect("run_exclusive");
+    assert_eq!(skipped, RunOutcome::Skipped { holder: None });
     let token = g.fencing_token();
     g.release().await.expect("release");
     let g2 = bounded("lock after timed-out waiters", a.lock("t"))
@@ -392,7 +408,11 @@ pub async fn drop_then_relock(f: Fixture) {
     let mut last = 0;
     for _ in 0..20 {
         let g = bounded("relock", c.lock("again")).await.expect("lock");
-        assert!(g.fencing_token() > last, "token {} after {last}", g.fencing_token());
+        assert!(
+            g.fencing_token() > last,
+            "token {} after {last}",
+            g.fencing_token()
+        );
         last = g.fencing_token();
         drop(g);
     }
