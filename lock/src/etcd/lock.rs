@@ -259,6 +259,8 @@ async fn wait_turn(
         match watch_deletion(client, session, &pred_key, key, seen).await {
             Ok(Deleted::Predecessor) => {
                 WAKEUPS.fetch_add(1, Ordering::Relaxed);
+                #[cfg(feature = "metrics")]
+                metrics::counter!("palisade_lock_wakeups_total").increment(1);
                 tracing::debug!(key, "predecessor released: re-checking");
                 delays = backoff();
             }
