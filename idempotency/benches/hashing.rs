@@ -84,6 +84,15 @@ fn bench(c: &mut Criterion) {
             assert_eq!(r.bytes_written, 0);
         })
     });
+    let in_memory = bytes::Bytes::from(std::fs::read(&input).unwrap());
+    g.bench_function("palisade put (1 GiB already in memory, unchanged)", |b| {
+        b.to_async(&rt).iter(|| async {
+            let mut w = PartitionedWriter::open(&store, "t").await.unwrap();
+            w.put("big", in_memory.clone()).await.unwrap();
+            let r = w.commit().await.unwrap();
+            assert_eq!(r.bytes_written, 0);
+        })
+    });
     g.bench_function("blake3 crate raw hasher (1 thread)", |b| {
         b.iter(|| raw_blake3(&input))
     });
