@@ -76,6 +76,8 @@ impl Drop for WaitingMark<'_> {
     }
 }
 
+/// A file name for `name`: percent-encoded, and shortened with a hash when it would not fit
+/// in the 255 bytes most file systems allow (with room for the extensions).
 fn encode(name: &str) -> String {
     let mut out = String::with_capacity(name.len());
     for b in name.bytes() {
@@ -84,6 +86,14 @@ fn encode(name: &str) -> String {
         } else {
             out.push_str(&format!("%{b:02X}"));
         }
+    }
+    if out.len() > 200 {
+        let hash = blake3::hash(name.as_bytes()).to_hex();
+        let mut cut = 120;
+        while !out.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        out = format!("{}~{}", &out[..cut], &hash[..32]);
     }
     out
 }
@@ -509,5 +519,21 @@ impl LockBackend for FileBackend {
             },
         )
         .boxed()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::encode;
+
+    #[test]
+    fn names_become_safe_short_file_names() {
+        assert_eq!(encode("daily_etl-2"), "daily_etl-2");
+        assert_eq!(encode("a.b:c"), "a%2Eb%3Ac");
+        assert_eq!(encode(".."), "%2E%2E");
+        let long = "é".repeat(100);
+        let (a, b) = (encode(&long), encode(&format!("{long}x")));
+        assert!(a.len() <= 200 && b.len() <= 200);
+        assert_ne!(a, b);
     }
 }
