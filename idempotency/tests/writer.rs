@@ -609,3 +609,37 @@ async fn racing_writers_with_different_tokens_never_both_commit() {
         }
     }
 }
+
+#[test]
+fn writer_futures_are_send() {
+    fn send<T: Send>(_: &T) {}
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let store = DatasetStore::memory();
+        let mut w = PartitionedWriter::open(&store, "t").await.unwrap();
+        {
+            let f = w.put("a", "x");
+            send(&f);
+            f.await.unwrap();
+        }
+        {
+            let f = w.put_stream(
+                "b",
+                futures::stream::iter(vec![Ok::<_, std::io::Error>(Bytes::from("y"))]),
+            );
+            send(&f);
+            f.await.unwrap();
+        }
+        {
+            let f = w.put_file("c", "/nonexistent/file");
+            send(&f);
+            assert!(matches!(f.await, Err(Error::Io { .. })));
+        }
+        let f = w.commit();
+        send(&f);
+        f.await.unwrap();
+    });
+}
