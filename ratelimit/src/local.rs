@@ -5,10 +5,11 @@ use std::num::NonZeroU32;
 use std::sync::Arc;
 use std::time::Duration;
 
-use dashmap::DashMap;
+use std::cell::RefCell;
+
 use governor::clock::{Clock, Reference};
 use governor::middleware::StateInformationMiddleware;
-use governor::state::{InMemoryState, NotKeyed};
+use governor::state::keyed::DefaultKeyedStateStore;
 use governor::{Quota, nanos::Nanos};
 
 use crate::{Decision, Error, Limit, RateLimiter};
@@ -45,23 +46,30 @@ impl Clock for TokioClock {
     }
 }
 
-type Direct<C> = governor::RateLimiter<NotKeyed, InMemoryState, C, StateInformationMiddleware>;
+type Keyed<C> =
+    governor::RateLimiter<String, DefaultKeyedStateStore<String>, C, StateInformationMiddleware>;
 
 /// The clock a [`LocalLimiter`] uses unless told otherwise: governor's default (quanta, the
 /// fastest monotonic clock on the platform).
 pub type DefaultClock = governor::clock::DefaultClock;
 
+thread_local! {
+    /// Governor's keyed limiter looks keys up by `&String`; callers hand us `&str`. Copying into
+    /// a per-thread buffer avoids an allocation per decision (governor clones the key only when
+    /// it first stores it).
+    static KEY: RefCell<String> = const { RefCell::new(String::new()) };
+}
+
 /// The embedded default limiter: in-process, keyed, no server.
 ///
-/// It runs governor's GCRA with one unit replenished every `window / max` and a burst of `max`
-/// (or the burst given to [`LocalLimiter::with_burst`]): a quiet key may take `max` units at once,
-/// then units come back at the steady rate. Unlike the Redis sliding log this is not a hard cap
-/// per sliding window (a full burst followed by the steady rate admits up to about `2 × max` in
-/// one window); it limits one process only. Cloning shares the state.
+/// It is governor's keyed GCRA with one unit replenished every `window / max` and a burst of
+/// `max` (or the burst given to [`LocalLimiter::with_burst`]): a quiet key may take `max` units
+/// at once, then units come back at the steady rate. Unlike the Redis sliding log this is not a
+/// hard cap per sliding window (a full burst followed by the steady rate admits up to about
+/// `2 × max` in one window); it limits one process only. Cloning shares the state.
 ///
 /// The clock is governor's fastest ([`DefaultClock`]); for tests on tokio's paused clock, build
 /// it with [`LocalLimiter::with_clock`] and [`TokioClock`].
-#[derive(Debug)]
 pub struct LocalLimiter<C: Clock = DefaultClock> {
     inner: Arc<Inner<C>>,
 }
@@ -74,13 +82,22 @@ impl<C: Clock> Clone for LocalLimiter<C> {
     }
 }
 
-#[derive(Debug)]
+impl<C: Clock> std::fmt::Debug for LocalLimiter<C> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LocalLimiter")
+            .field("burst", &self.inner.burst)
+            .field("per_unit", &self.inner.per_unit)
+            .finish_non_exhaustive()
+    }
+}
+
 struct Inner<C: Clock> {
-    quota: Quota,
+    limiter: Keyed<C>,
     burst: u32,
+    /// The time one unit takes to come back.
+    per_unit: Duration,
+    /// The time a whole burst takes to come back (the `window` reported in decisions).
     window: Duration,
-    clock: C,
-    keys: DashMap<Box<str>, Direct<C>>,
 }
 
 impl LocalLimiter {
@@ -117,70 +134,63 @@ where
                 ),
             })?
             .allow_burst(burst_nz);
+        let limiter: Keyed<C> =
+            governor::RateLimiter::new(quota, DefaultKeyedStateStore::default(), clock);
         Ok(Self {
             inner: Arc::new(Inner {
-                quota,
+                limiter,
                 burst,
+                per_unit: quota.replenish_interval(),
                 window: period * burst,
-                clock,
-                keys: DashMap::new(),
             }),
         })
     }
 
     /// Decides `n` units for `key` now, synchronously (the async trait methods call this).
+    #[inline]
     pub fn check_n_now(&self, key: &str, n: u32) -> Result<Decision, Error> {
-        let cells = NonZeroU32::new(n).ok_or(Error::ZeroCost)?;
-        if n > self.inner.burst {
+        let Some(cells) = NonZeroU32::new(n) else {
+            return Err(Error::ZeroCost);
+        };
+        let inner = &*self.inner;
+        if n > inner.burst {
             return Err(Error::CostExceedsLimit {
                 cost: n,
-                capacity: self.inner.burst,
+                capacity: inner.burst,
             });
         }
-        // governor's single-cell check is its fast path; `check_n` multiplies.
-        let check = |limiter: &Direct<C>| {
+        let outcome = KEY.with_borrow_mut(|buf| {
+            buf.clear();
+            buf.push_str(key);
+            // governor's single-cell check is its fast path; `check_key_n` multiplies.
             if n == 1 {
-                Ok(limiter.check())
+                Ok(inner.limiter.check_key(buf))
             } else {
-                limiter.check_n(cells)
+                inner.limiter.check_key_n(buf, cells)
             }
-        };
-        let outcome = match self.inner.keys.get(key) {
-            Some(limiter) => check(&limiter),
-            None => {
-                let entry = self.inner.keys.entry(key.into()).or_insert_with(|| {
-                    governor::RateLimiter::direct_with_clock(
-                        self.inner.quota,
-                        self.inner.clock.clone(),
-                    )
-                    .with_middleware()
-                });
-                check(&entry)
-            }
-        };
-        let per_unit = self.inner.quota.replenish_interval();
+        });
         Ok(match outcome {
             Ok(Ok(snapshot)) => {
                 let remaining = snapshot.remaining_burst_capacity();
                 Decision {
                     allowed: true,
-                    limit: self.inner.burst,
+                    limit: inner.burst,
                     remaining,
                     retry_after: None,
-                    reset_after: per_unit * (self.inner.burst - remaining.min(self.inner.burst)),
-                    window: self.inner.window,
+                    reset_after: inner.per_unit * (inner.burst - remaining.min(inner.burst)),
+                    window: inner.window,
                     server_time: None,
                 }
             }
             Ok(Err(not_until)) => {
-                let wait = not_until.wait_time_from(self.inner.clock.now());
+                let wait = not_until.wait_time_from(inner.limiter.clock().now());
                 Decision {
                     allowed: false,
-                    limit: self.inner.burst,
+                    limit: inner.burst,
                     remaining: 0,
                     retry_after: Some(wait.max(Duration::from_nanos(1))),
-                    reset_after: wait + per_unit * self.inner.burst,
-                    window: self.inner.window,
+                    reset_after: wait + inner.per_unit * inner.burst,
+                    window: inner.window,
                     server_time: None,
                 }
             }
@@ -195,22 +205,17 @@ where
 
     /// Forgets keys whose limit is fully replenished, so memory follows the active keys.
     pub fn retain_recent(&self) {
-        let full = self.inner.burst;
-        // A key is idle if its whole burst would be admitted now. Such a check consumes the
-        // burst, which is harmless because the key is dropped; a failed check consumes nothing.
-        self.inner.keys.retain(|_, limiter| {
-            NonZeroU32::new(full).is_none_or(|b| !matches!(limiter.check_n(b), Ok(Ok(_))))
-        });
+        self.inner.limiter.retain_recent();
     }
 
     /// The number of keys currently tracked.
     pub fn len(&self) -> usize {
-        self.inner.keys.len()
+        self.inner.limiter.len()
     }
 
     /// Whether no key is tracked.
     pub fn is_empty(&self) -> bool {
-        self.inner.keys.is_empty()
+        self.inner.limiter.is_empty()
     }
 }
 

@@ -47,6 +47,8 @@ pub enum Policy {
 /// `timeout`. `url` may carry an ACL user and password (`redis://user:password@host:6379/0`);
 /// `rediss://` needs this crate's `tls` feature.
 pub async fn connect(url: &str, timeout: Duration) -> Result<ConnectionManager, Error> {
+    #[cfg(feature = "tls")]
+    install_crypto_provider();
     let client = redis::Client::open(url).map_err(Error::Redis)?;
     let config = ConnectionManagerConfig::new()
         .set_connection_timeout(Some(timeout))
@@ -67,11 +69,23 @@ where
     I: IntoIterator<Item = T>,
     T: redis::IntoConnectionInfo,
 {
+    #[cfg(feature = "tls")]
+    install_crypto_provider();
     let client = redis::cluster::ClusterClient::new(urls).map_err(Error::Redis)?;
     client
         .get_async_connection()
         .await
         .map_err(classify_unavailable)
+}
+
+/// rustls needs a process-wide crypto provider and the redis crate selects none; use ring
+/// unless the application installed one already.
+#[cfg(feature = "tls")]
+fn install_crypto_provider() {
+    if rustls::crypto::CryptoProvider::get_default().is_none() {
+        // Losing a race with another installer is fine: any provider will do.
+        let _ = rustls::crypto::ring::default_provider().install_default();
+    }
 }
 
 fn classify_unavailable(e: RedisError) -> Error {
@@ -374,12 +388,17 @@ where
     async fn run_script(&self, key: &str, n: u32, now_us: Option<i64>) -> Result<Decision, Error> {
         let inv = self.invocation(key, n, now_us);
         let mut conn = self.inner.conn.clone();
+        #[cfg(feature = "metrics")]
+        let started = std::time::Instant::now();
         let reply: Vec<i64> =
             match tokio::time::timeout(self.inner.timeout, inv.invoke_async(&mut conn)).await {
                 Err(_elapsed) => return Err(Error::Timeout(self.inner.timeout)),
                 Ok(Err(e)) => return Err(classify_unavailable(e)),
                 Ok(Ok(reply)) => reply,
             };
+        #[cfg(feature = "metrics")]
+        metrics::histogram!("palisade_ratelimit_redis_seconds")
+            .record(started.elapsed().as_secs_f64());
         self.parse(&reply)
     }
 
@@ -463,6 +482,9 @@ where
                     cache.insert(key, n, d, Instant::now() + retry);
                 }
                 count(if d.allowed { "allowed" } else { "denied" });
+                if !d.allowed {
+                    tracing::debug!(key, cost = n, retry_after = ?d.retry_after, "rate limit: denied");
+                }
                 Ok(d)
             }
             Err(e @ (Error::Timeout(_) | Error::Unavailable(_))) => {
