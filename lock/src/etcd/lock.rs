@@ -27,6 +27,14 @@ fn first_created() -> GetOptions {
         .with_limit(1)
 }
 
+/// The two keys created last: ours (just put in the same transaction) and its predecessor.
+fn last_two_created() -> GetOptions {
+    GetOptions::new()
+        .with_prefix()
+        .with_sort(SortTarget::Create, SortOrder::Descend)
+        .with_limit(2)
+}
+
 /// The key created just before `rev` under `prefix` (etcd's `WithLastCreate` +
 /// `WithMaxCreateRev(rev - 1)`).
 fn predecessor(rev: i64) -> GetOptions {
@@ -159,7 +167,25 @@ pub(crate) async fn acquire(
                 holder: owner.and_then(|kv| JobInfo::from_holder_value(kv.value())),
             });
         }
-        let waited = wait_turn(&backend.client, &session, &prefix, &key, rev, rpc_timeout);
+        // Fresh put: the transaction also read the key just before ours (the last two created,
+        // ours being the last), so the wait starts with a watch, not another read.
+        let known = if resp.succeeded() {
+            range_kvs(ops.get(2))
+                .into_iter()
+                .find(|kv| kv.create_revision() < rev)
+                .map(|kv| (kv.key().to_vec(), rev))
+        } else {
+            None
+        };
+        let waited = wait_turn(
+            &backend.client,
+            &session,
+            &prefix,
+            &key,
+            rev,
+            known,
+            rpc_timeout,
+        );
         let result = match wait {
             Wait::Up(d) => {
                 let left = d.saturating_sub(started.elapsed());
@@ -207,6 +233,7 @@ async fn put_key(
                     Some(PutOptions::new().with_lease(session.lease)),
                 ),
                 TxnOp::get(prefix, Some(first_created())),
+                TxnOp::get(prefix, Some(last_two_created())),
             ])
             .or_else([
                 TxnOp::get(key, None),
@@ -226,13 +253,41 @@ async fn wait_turn(
     prefix: &str,
     key: &str,
     rev: i64,
+    known: Option<(Vec<u8>, i64)>,
     rpc_timeout: Duration,
 ) -> Result<(), LockError> {
     let alive = while_alive(&session.liveness);
     let mut delays = backoff();
+    // The predecessor the acquire transaction already read, and at which revision.
+    let mut known = known;
     loop {
         if session.liveness.is_lost() {
             return Err(LockError::Lost);
+        }
+        if let Some((pred_key, seen)) = known.take() {
+            match watch_deletion(client, session, &pred_key, key, seen).await {
+                Ok(Deleted::Predecessor) => {
+                    WAKEUPS.fetch_add(1, Ordering::Relaxed);
+                    #[cfg(feature = "metrics")]
+                    metrics::counter!("palisade_lock_wakeups_total").increment(1);
+                    tracing::debug!(key, "predecessor released: re-checking");
+                }
+                Ok(Deleted::Ours) => {
+                    tracing::warn!(key, "our waiter key was deleted while waiting");
+                    return Err(LockError::Lost);
+                }
+                Ok(Deleted::Resync) => {}
+                Err(LockError::Lost) => return Err(LockError::Lost),
+                Err(e) => {
+                    tracing::debug!(key, error = %e, "watch failed; re-reading");
+                    let delay = delays.next().unwrap_or(Duration::from_secs(1));
+                    tokio::select! {
+                        _ = tokio::time::sleep(delay) => {}
+                        _ = session.liveness.lost() => return Err(LockError::Lost),
+                    }
+                }
+            }
+            continue;
         }
         let resp = retry("wait for lock", rpc_timeout, &alive, || {
             let mut c = client.clone();
