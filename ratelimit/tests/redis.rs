@@ -481,3 +481,103 @@ async fn acl_user_in_the_url() {
         "an auth failure is not 'unavailable': {err}"
     );
 }
+
+/// A manager that has not connected yet (and cannot: nothing listens on the port).
+fn lazy_manager_to_nowhere() -> ConnectionManager {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("free port")
+        .port();
+    let client = redis::Client::open(format!("redis://127.0.0.1:{port}/")).expect("client");
+    let config = redis::aio::ConnectionManagerConfig::new()
+        .set_connection_timeout(Some(Duration::from_millis(200)))
+        .set_number_of_retries(1);
+    ConnectionManager::new_lazy_with_config(client, config).expect("lazy manager")
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn build_validates_and_names_the_field() {
+    let c = lazy_manager_to_nowhere();
+    let limit = Limit::per_second(5).unwrap();
+    let field = |r: Result<RedisLimiter, Error>| match r {
+        Err(Error::InvalidConfig { field, .. }) => field,
+        other => panic!("expected InvalidConfig, got {other:?}"),
+    };
+    assert_eq!(field(RedisLimiter::builder(c.clone()).build()), "limits");
+    assert_eq!(
+        field(
+            RedisLimiter::builder(c.clone())
+                .limits([limit, limit])
+                .build()
+        ),
+        "limits"
+    );
+    assert_eq!(
+        field(
+            RedisLimiter::builder(c.clone())
+                .limit(limit)
+                .prefix("a{b")
+                .build()
+        ),
+        "prefix"
+    );
+    assert_eq!(
+        field(
+            RedisLimiter::builder(c.clone())
+                .limit(limit)
+                .algorithm(Algorithm::Gcra { burst: 0 })
+                .build()
+        ),
+        "algorithm"
+    );
+    assert_eq!(
+        field(
+            RedisLimiter::builder(c.clone())
+                .limit(limit)
+                .timeout(Duration::ZERO)
+                .build()
+        ),
+        "timeout"
+    );
+    let gcra = RedisLimiter::builder(c)
+        .limit(limit)
+        .algorithm(Algorithm::Gcra { burst: 2 })
+        .build()
+        .unwrap();
+    assert_eq!(gcra.capacity(), 2, "for GCRA the largest cost is the burst");
+    assert!(matches!(
+        gcra.check_n("k", 3).await,
+        Err(Error::CostExceedsLimit {
+            cost: 3,
+            capacity: 2
+        })
+    ));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn redis_down_from_the_start_is_answered_within_the_timeout() {
+    let limiter = RedisLimiter::builder(lazy_manager_to_nowhere())
+        .limit(Limit::per_second(5).unwrap())
+        .timeout(Duration::from_millis(300))
+        .build()
+        .unwrap();
+    for _ in 0..3 {
+        let started = Instant::now();
+        let r = limiter.check("k").await;
+        assert!(
+            started.elapsed() < Duration::from_millis(800),
+            "took {:?}",
+            started.elapsed()
+        );
+        assert!(
+            matches!(r, Err(Error::Unavailable(_) | Error::Timeout(_))),
+            "{r:?}"
+        );
+    }
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
+    let r = limiter.acquire_with_deadline("k", 1, deadline).await;
+    assert!(
+        matches!(r, Err(Error::Unavailable(_) | Error::Timeout(_))),
+        "acquire fails fast: {r:?}"
+    );
+}
