@@ -286,6 +286,23 @@ fn summary() {
                 ),
             ],
         ),
+        (
+            "clock_read (for scale)",
+            vec![
+                (
+                    "quanta::Instant::now (palisade's MonotonicClock)",
+                    Box::new(|| {
+                        let _ = black_box(quanta::Instant::now());
+                    }),
+                ),
+                (
+                    "std::time::Instant::now",
+                    Box::new(|| {
+                        let _ = black_box(Instant::now());
+                    }),
+                ),
+            ],
+        ),
     ];
     println!(
         "\n## summary: fastest of {ROUNDS} interleaved batches of {BATCH} calls per thread \
@@ -312,10 +329,12 @@ fn summary() {
                 .map(|(_, b)| *b)
                 .fold(f64::INFINITY, f64::min);
             for ((label, _), b) in ops.iter().zip(&best) {
-                println!(
-                    "| {name} | {threads} | {label} | {b:.1} | {:.2}x |",
-                    b / peer
-                );
+                let ratio = if peer.is_finite() {
+                    format!("{:.2}x", b / peer)
+                } else {
+                    "-".to_string()
+                };
+                println!("| {name} | {threads} | {label} | {b:.1} | {ratio} |");
             }
         }
     }
