@@ -16,12 +16,20 @@ type Store = Arc<dyn IdempotencyStore>;
 /// gets; for memory it is a clone of the same map (memory does not survive a restart).
 type Factory = Box<dyn Fn() -> Pin<Box<dyn Future<Output = Store> + Send>> + Send + Sync>;
 
+/// The claim lifetime of the runners that die in these tests.
 const IN_PROGRESS_TTL: Duration = Duration::from_millis(400);
 
+/// Live runners claim for long enough that a loaded machine (slow fsyncs) never lets their own
+/// claim lapse mid-test.
 fn opts() -> OnceOptions {
     OnceOptions::default()
         .ttl(Duration::from_secs(60))
-        .in_progress_ttl(IN_PROGRESS_TTL)
+        .in_progress_ttl(Duration::from_secs(30))
+}
+
+/// Options of a runner that is going to die: its claim lapses after `IN_PROGRESS_TTL`.
+fn dying() -> OnceOptions {
+    opts().in_progress_ttl(IN_PROGRESS_TTL)
 }
 
 async fn suite(name: &str, factory: Factory) {
@@ -177,7 +185,7 @@ async fn killed_runner_is_reclaimed_after_in_progress_ttl(name: &str, store: &St
     let (started_tx, started_rx) = tokio::sync::oneshot::channel();
     let s = store.clone();
     let runner = tokio::spawn(async move {
-        s.once("killed", "fp", &opts(), || async move {
+        s.once("killed", "fp", &dying(), || async move {
             let _ = started_tx.send(());
             futures::future::pending::<()>().await;
             Ok::<_, std::io::Error>(0)
@@ -240,7 +248,7 @@ async fn presumed_dead_owner_cannot_overwrite(name: &str, store: &Store) {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     let new = loop {
         match store
-            .claim("owner", "fp", IN_PROGRESS_TTL * 10)
+            .claim("owner", "fp", Duration::from_secs(30))
             .await
             .unwrap()
         {
@@ -383,6 +391,8 @@ async fn redis_cluster_store() {
 }
 
 const CHILD_ENV: &str = "PALISADE_IDEMPOTENCY_KEYS_CHILD";
+/// The claim lifetime of the runner process that is killed.
+const PROCESS_TTL: Duration = Duration::from_secs(2);
 
 /// The child side of the killed-runner test: claims the key through `once` with a job that never
 /// ends, and waits to be killed. A no-op in a normal test run.
@@ -402,7 +412,10 @@ fn runner_child() {
             .once(
                 "killed-process",
                 "fp",
-                &opts().wait(Duration::from_secs(20)),
+                // A longer claim than `dying()`, so the parent surely sees it before it lapses.
+                &opts()
+                    .in_progress_ttl(PROCESS_TTL)
+                    .wait(Duration::from_secs(20)),
                 || async {
                     futures::future::pending::<()>().await;
                     Ok::<_, std::io::Error>(0)
@@ -445,7 +458,7 @@ async fn killed_process_is_reclaimed(name: &str, spec: String, store: Store) {
     child.kill().unwrap(); // SIGKILL: no cleanup runs in the child
     child.wait().unwrap();
     let killed_at = tokio::time::Instant::now();
-    let deadline = killed_at + IN_PROGRESS_TTL + Duration::from_secs(10);
+    let deadline = killed_at + PROCESS_TTL + Duration::from_secs(10);
     loop {
         match store
             .once("killed-process", "fp", &opts(), || async {
