@@ -119,9 +119,11 @@ fn half_open_never_has_more_probes_in_flight_than_permits() {
     let max_seen = AtomicUsize::new(0);
     let probes = AtomicU64::new(0);
     let stop = AtomicBool::new(false);
+    // Bounded: 3000 probes, or 20 s on a very busy machine.
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
     on_threads(|t| {
         let mut i = t as u64;
-        while !stop.load(Ordering::Relaxed) {
+        while !stop.load(Ordering::Relaxed) && std::time::Instant::now() < deadline {
             i += 1;
             match b.try_acquire() {
                 Ok(p) if p.state() == State::HalfOpen => {

@@ -33,6 +33,19 @@ fn fail(b: &CircuitBreaker) {
 }
 
 #[test]
+fn breaker_is_a_cheap_shareable_handle() {
+    fn shareable<T: Clone + Send + Sync + 'static>() {}
+    shareable::<CircuitBreaker>();
+    fn sendable<T: Send>(_: &T) {}
+    let b = CircuitBreaker::builder("s").build().unwrap();
+    let call = b.call(|| async { Ok::<_, ()>(()) });
+    sendable(&call);
+    let clone = b.clone();
+    clone.force_open();
+    assert_eq!(b.state(), State::ForcedOpen, "clones share one state");
+}
+
+#[test]
 fn defaults_are_resilience4j_defaults() {
     let b = CircuitBreaker::builder("d").build().unwrap();
     // 50 failures among 100 calls open it; 49 do not.
