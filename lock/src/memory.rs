@@ -365,3 +365,86 @@ impl LockBackend for MemoryBackend {
         .boxed()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[derive(Debug, Clone)]
+    enum Op {
+        /// Client `i` tries to take the lock, or queues for it.
+        Take { client: usize, queue: bool },
+        /// Client `i` releases (or gives up waiting).
+        Let { client: usize },
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        prop_oneof![
+            (0..4usize, any::<bool>()).prop_map(|(client, queue)| Op::Take { client, queue }),
+            (0..4usize).prop_map(|client| Op::Let { client }),
+        ]
+    }
+
+    proptest! {
+        /// Whatever clients do, at most one holds the lock, grants follow arrival order, and
+        /// tokens strictly increase.
+        #[test]
+        fn one_holder_fifo_and_growing_tokens(ops in proptest::collection::vec(op(), 1..60)) {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            rt.block_on(async {
+                let backend = MemoryBackend::new();
+                // Per client: a held lock, or a pending acquire (polled by hand).
+                let mut held: Vec<Option<Box<dyn HeldLock>>> = (0..4).map(|_| None).collect();
+                let mut waiting: Vec<Option<futures::future::BoxFuture<'_, Result<Box<dyn HeldLock>, LockError>>>> =
+                    (0..4).map(|_| None).collect();
+                let mut arrival: VecDeque<usize> = VecDeque::new();
+                let mut last = 0;
+                for op in ops {
+                    match op {
+                        Op::Take { client, queue } => {
+                            if held[client].is_some() || waiting[client].is_some() {
+                                continue;
+                            }
+                            let wait = if queue { Wait::Forever } else { Wait::No };
+                            let mut fut = backend.acquire(Kind::Lock, "x", Vec::new(), wait);
+                            match futures::poll!(&mut fut) {
+                                std::task::Poll::Ready(Ok(h)) => held[client] = Some(h),
+                                std::task::Poll::Ready(Err(LockError::Held { .. })) => prop_assert!(!queue),
+                                std::task::Poll::Ready(Err(e)) => panic!("{e}"),
+                                std::task::Poll::Pending => {
+                                    waiting[client] = Some(fut);
+                                    arrival.push_back(client);
+                                }
+                            }
+                        }
+                        Op::Let { client } => {
+                            if let Some(h) = held[client].take() {
+                                h.release().await.unwrap();
+                            } else if waiting[client].take().is_some() {
+                                arrival.retain(|c| *c != client);
+                            }
+                        }
+                    }
+                    // Poll every waiter: the first in arrival order may have been granted.
+                    for c in 0..4 {
+                        if let Some(fut) = waiting[c].as_mut() {
+                            if let std::task::Poll::Ready(r) = futures::poll!(fut) {
+                                waiting[c] = None;
+                                prop_assert_eq!(arrival.pop_front(), Some(c), "granted out of order");
+                                held[c] = Some(r.unwrap());
+                            }
+                        }
+                    }
+                    let holders: Vec<u64> = held.iter().flatten().map(|h| h.fencing_token()).collect();
+                    prop_assert!(holders.len() <= 1, "two holders: {:?}", holders);
+                    if let Some(t) = holders.first() {
+                        prop_assert!(*t >= last);
+                        last = *t;
+                    }
+                }
+                Ok(())
+            })?;
+        }
+    }
+}
