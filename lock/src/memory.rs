@@ -371,6 +371,8 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
 
+    type Pending<'a> = futures::future::BoxFuture<'a, Result<Box<dyn HeldLock>, LockError>>;
+
     #[derive(Debug, Clone)]
     enum Op {
         /// Client `i` tries to take the lock, or queues for it.
@@ -396,8 +398,7 @@ mod tests {
                 let backend = MemoryBackend::new();
                 // Per client: a held lock, or a pending acquire (polled by hand).
                 let mut held: Vec<Option<Box<dyn HeldLock>>> = (0..4).map(|_| None).collect();
-                let mut waiting: Vec<Option<futures::future::BoxFuture<'_, Result<Box<dyn HeldLock>, LockError>>>> =
-                    (0..4).map(|_| None).collect();
+                let mut waiting: Vec<Option<Pending<'_>>> = (0..4).map(|_| None).collect();
                 let mut arrival: VecDeque<usize> = VecDeque::new();
                 let mut last = 0;
                 for op in ops {
@@ -428,12 +429,12 @@ mod tests {
                     }
                     // Poll every waiter: the first in arrival order may have been granted.
                     for c in 0..4 {
-                        if let Some(fut) = waiting[c].as_mut() {
-                            if let std::task::Poll::Ready(r) = futures::poll!(fut) {
-                                waiting[c] = None;
-                                prop_assert_eq!(arrival.pop_front(), Some(c), "granted out of order");
-                                held[c] = Some(r.unwrap());
-                            }
+                        if let Some(fut) = waiting[c].as_mut()
+                            && let std::task::Poll::Ready(r) = futures::poll!(fut)
+                        {
+                            waiting[c] = None;
+                            prop_assert_eq!(arrival.pop_front(), Some(c), "granted out of order");
+                            held[c] = Some(r.unwrap());
                         }
                     }
                     let holders: Vec<u64> = held.iter().flatten().map(|h| h.fencing_token()).collect();
