@@ -1,6 +1,6 @@
 //! The arithmetic of each algorithm, as pure functions of (state, now, cost).
 //!
-//! Nothing here reads a clock or talks to a server. The Lua scripts in [`crate::redis`] implement
+//! Nothing here reads a clock or talks to a server. The Lua scripts of [`crate::RedisLimiter`] implement
 //! exactly this arithmetic on Redis (a test replays the same sequences through both and checks
 //! that every decision is identical), so these functions are also the specification of what the
 //! scripts do.

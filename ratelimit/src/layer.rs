@@ -12,7 +12,7 @@ use tower_service::Service;
 use crate::{Decision, RateLimiter};
 
 /// The boxed error of [`RateLimit`] services: the inner service's error, a [`Rejected`], or
-/// an [`Error`] of the limiter. Downcast to tell them apart.
+/// an [`Error`](crate::Error) of the limiter. Downcast to tell them apart.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// What a [`RateLimit`] service does with a request that is over its limit.

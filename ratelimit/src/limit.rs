@@ -141,3 +141,22 @@ mod tests {
         assert_eq!(Limit::per_hour(1).unwrap().window_us(), 3_600_000_000);
     }
 }
+
+#[cfg(all(test, feature = "serde"))]
+mod serde_tests {
+    use super::*;
+
+    #[test]
+    fn limits_deserialize_validated() {
+        let l: Limit = serde_json::from_str(r#"{"max": 100, "window_ms": 60000}"#).unwrap();
+        assert_eq!(l, Limit::per_minute(100).unwrap());
+        let e = serde_json::from_str::<Limit>(r#"{"max": 0, "window_ms": 1000}"#).unwrap_err();
+        assert!(e.to_string().contains("`max`"), "{e}");
+        let a: Algorithm = serde_json::from_str(r#"{"Gcra": {"burst": 5}}"#).unwrap();
+        assert_eq!(a, Algorithm::Gcra { burst: 5 });
+        assert_eq!(
+            serde_json::to_string(&l).unwrap(),
+            r#"{"max":100,"window_ms":60000}"#
+        );
+    }
+}

@@ -24,6 +24,7 @@ pub trait RateLimiter: Send + Sync {
     fn check_n(&self, key: &str, n: u32) -> impl Future<Output = Result<Decision, Error>> + Send;
 
     /// Decides one unit for `key`.
+    #[inline]
     fn check(&self, key: &str) -> impl Future<Output = Result<Decision, Error>> + Send {
         self.check_n(key, 1)
     }

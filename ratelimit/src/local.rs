@@ -224,6 +224,7 @@ where
     C: Clock + Clone + Send + Sync,
     C::Instant: Send + Sync,
 {
+    #[inline]
     fn check_n(&self, key: &str, n: u32) -> impl Future<Output = Result<Decision, Error>> + Send {
         std::future::ready(self.check_n_now(key, n))
     }
