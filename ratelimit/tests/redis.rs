@@ -581,3 +581,29 @@ async fn redis_down_from_the_start_is_answered_within_the_timeout() {
         "acquire fails fast: {r:?}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn acquire_on_redis_waits_for_the_server_retry_after() {
+    let server = Redis::start().expect("redis-server");
+    let limiter = RedisLimiter::builder(conn(&server.url()).await)
+        .limit(Limit::new(2, Duration::from_millis(400)).unwrap())
+        .build()
+        .unwrap();
+    assert!(limiter.check("k").await.unwrap().allowed);
+    assert!(limiter.check("k").await.unwrap().allowed);
+    let denied = limiter.check("k").await.unwrap();
+    let retry = denied.retry_after.expect("denied with retry_after");
+    let started = Instant::now();
+    let d = limiter.acquire("k").await.unwrap();
+    let waited = started.elapsed();
+    assert!(d.allowed);
+    // The wait is the server's retry_after (minus the time since that denial), plus jitter.
+    assert!(
+        waited + Duration::from_millis(20) >= retry,
+        "waited {waited:?}, retry_after {retry:?}"
+    );
+    assert!(
+        waited < retry + Duration::from_millis(300),
+        "waited {waited:?}, retry_after {retry:?}"
+    );
+}

@@ -535,6 +535,8 @@ where
     C: ConnectionLike + Clone + Send + Sync + 'static,
 {
     fn check_n(&self, key: &str, n: u32) -> impl Future<Output = Result<Decision, Error>> + Send {
-        self.decide(key, n)
+        use tracing::Instrument;
+        let span = tracing::debug_span!("ratelimit.decide", key, cost = n);
+        self.decide(key, n).instrument(span)
     }
 }
