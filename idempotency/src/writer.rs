@@ -13,15 +13,15 @@
 //!
 //! # Commit protocol
 //!
-//! **Local directory.** `put` writes the content to `_staging/<run>/`, fsyncs it, and leaves it
-//! there. `commit` takes the exclusive lock file `_manifest.lock`, re-reads the manifest, checks
-//! fencing token and generation, renames the staged files into their partition directories,
-//! fsyncs those directories, writes the new manifest to a staging file, fsyncs it, renames it over
-//! `_manifest.json`, fsyncs the prefix directory, and only then deletes the objects the old
-//! manifest named and the new one does not. Every `open` sweeps, under the same lock, the staging
-//! directories of runs that are gone (each run holds a lock on its own `_staging/<run>.lock` for
-//! its lifetime; the kernel drops it when the process dies) and any `part-*` object no manifest
-//! names.
+//! **Local directory.** `put` writes the content to `_staging/<run>/` and leaves it there.
+//! `commit` fsyncs the staged files (many at once), takes the exclusive lock file
+//! `_manifest.lock`, re-reads the manifest, checks fencing token and generation, renames the
+//! staged files into their partition directories, fsyncs those directories, writes the new
+//! manifest to a staging file, fsyncs it, renames it over `_manifest.json`, fsyncs the prefix
+//! directory, and only then deletes the objects the old manifest named and the new one does
+//! not. Every `open` sweeps, under the same lock, the staging directories of runs that are gone
+//! (each run holds a lock on its own `_staging/<run>.lock` for its lifetime; the kernel drops it
+//! when the process dies) and any `part-*` object the manifest does not name.
 //!
 //! **Object stores.** `put` uploads a changed partition straight to its final, unique name (a put
 //! is atomic on object stores). `commit` reads the manifest, checks fencing token and generation,
@@ -66,8 +66,8 @@ use crate::hash::ContentHash;
 use crate::manifest::{MANIFEST_FILE, Manifest, PartitionEntry};
 use crate::partition::{is_object_file_name, validate_partition};
 use crate::storage::{
-    Backend, DatasetStore, blocking, fsync_dir, lock_exclusive, remove_dir_all_if_exists,
-    remove_file_if_exists, try_lock, write_synced,
+    Backend, DatasetStore, blocking, fsync_dir, fsync_many, lock_exclusive,
+    remove_dir_all_if_exists, remove_file_if_exists, try_lock, write_synced, write_unsynced,
 };
 
 const LOCK_FILE: &str = "_manifest.lock";
@@ -613,7 +613,7 @@ impl PartitionedWriter {
             Backend::Local(_) => {
                 let path = self.next_staging_path()?;
                 let p = path.clone();
-                blocking(move || write_synced(&p, &bytes)).await?;
+                blocking(move || write_unsynced(&p, &bytes)).await?;
                 self.record(partition, entry, Some(path));
             }
             Backend::Object { store, base } => {
@@ -681,8 +681,8 @@ impl PartitionedWriter {
         let entry = self.new_entry(partition, hash, size, None);
         match (&self.backend, spool_path) {
             (Backend::Local(_), Some(path)) => {
-                let p = path.clone();
-                blocking(move || file.sync_all().map_err(io("fsync", &p))).await?;
+                // Fsynced in bulk at commit.
+                drop(file);
                 self.record(partition, entry, Some(path));
             }
             (Backend::Object { store, base }, _) => {
@@ -1131,6 +1131,11 @@ fn local_commit(
         field: "store",
         reason: "commit on a writer without a staging area (internal error)",
     })?;
+    if next.is_some() {
+        // Staged data is durable before anything names it (outside the lock: it can be slow).
+        let files: Vec<PathBuf> = staged.iter().map(|(f, _)| f.clone()).collect();
+        fsync_many(&files, false)?;
+    }
     let lock = lock_exclusive(&dir.join(LOCK_FILE), opts.lock_timeout)?;
     let current = local_read_manifest(dir, opts.rewrite_on_version_change)?;
     if let Err(e) = check_current(opts, &opts.prefix, base, current.as_ref()) {
@@ -1161,9 +1166,8 @@ fn local_commit(
         std::fs::rename(from, &to).map_err(io("rename into place", &to))?;
         touched.insert(parent);
     }
-    for d in &touched {
-        fsync_dir(d)?;
-    }
+    let touched: Vec<PathBuf> = touched.into_iter().collect();
+    fsync_many(&touched, true)?;
     // 2. The commit point: the manifest, staged, fsynced, renamed, directory fsynced.
     let tmp = run.dir.join("manifest.json");
     write_synced(&tmp, &next.encode())?;

@@ -41,7 +41,7 @@ fn hashes(v: u32) -> BTreeMap<String, ContentHash> {
         .collect()
 }
 
-async fn write_version(dir: &Path, v: u32) -> palisade_idempotency::Report {
+async fn write_version(dir: &Path, v: u32, announce: bool) -> palisade_idempotency::Report {
     let store = DatasetStore::local(dir);
     let mut w = PartitionedWriter::builder(&store, "table")
         .remove_missing(true)
@@ -49,10 +49,24 @@ async fn write_version(dir: &Path, v: u32) -> palisade_idempotency::Report {
         .open()
         .await
         .expect("open");
+    if announce {
+        // Tells the parent that the writer's work starts now.
+        use std::io::Write;
+        let mut out = std::io::stdout();
+        out.write_all(b"opened\n").expect("stdout");
+        out.flush().expect("stdout");
+    }
     for (name, bytes) in expected(v) {
         w.put(&name, bytes).await.expect("put");
     }
-    w.commit().await.expect("commit")
+    let report = w.commit().await.expect("commit");
+    if announce {
+        use std::io::Write;
+        let mut out = std::io::stdout();
+        out.write_all(b"committed\n").expect("stdout");
+        out.flush().expect("stdout");
+    }
+    report
 }
 
 /// The child side: runs one writer and exits. A no-op in a normal test run.
@@ -67,17 +81,43 @@ fn crash_child() {
         .enable_all()
         .build()
         .expect("runtime");
-    rt.block_on(write_version(Path::new(dir), v));
+    rt.block_on(write_version(Path::new(dir), v, true));
 }
 
-fn spawn_child(dir: &Path, v: u32) -> std::process::Child {
-    Command::new(std::env::current_exe().expect("test binary"))
-        .args(["crash_child", "--exact", "--nocapture", "--test-threads=1"])
+/// Starts a writer of version `v` in a child process, and returns once its writer is open (or
+/// the child ended), so that the kill delays fall inside the writer's work, not process start.
+/// The receiver gets a message when the child reports its commit.
+fn spawn_child(dir: &Path, v: u32) -> (std::process::Child, std::sync::mpsc::Receiver<()>) {
+    use std::io::BufRead;
+    let mut child = Command::new(std::env::current_exe().expect("test binary"))
+        .args([
+            "crash_child",
+            "--exact",
+            "--nocapture",
+            "--test-threads=1",
+            "-q",
+        ])
         .env(CHILD_ENV, format!("{}|{v}", dir.display()))
-        .stdout(Stdio::null())
+        .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
-        .expect("spawn child")
+        .expect("spawn child");
+    let stdout = child.stdout.take().expect("piped stdout");
+    let mut lines = std::io::BufReader::new(stdout).lines();
+    for line in lines.by_ref() {
+        if line.map(|l| l.contains("opened")).unwrap_or(true) {
+            break;
+        }
+    }
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in lines.map_while(Result::ok) {
+            if line.contains("committed") {
+                let _ = tx.send(());
+            }
+        }
+    });
+    (child, rx)
 }
 
 /// Every `part-*` file under the dataset, relative to it, with its content.
@@ -203,12 +243,14 @@ async fn sigkill_at_random_points_leaves_a_readable_dataset_that_converges() {
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
 
     // Versions 1 and 2 uninterrupted, in children; version 2 (an incremental run, like all the
-    // later ones) measures how long a run takes, process start included.
-    assert!(spawn_child(dir, 1).wait().unwrap().success());
+    // later ones) measures how long a writer's work takes, from open to commit.
+    assert!(spawn_child(dir, 1).0.wait().unwrap().success());
     check_converged(dir, 1).await;
+    let (mut child, committed) = spawn_child(dir, 2);
     let start = Instant::now();
-    assert!(spawn_child(dir, 2).wait().unwrap().success());
+    committed.recv().expect("the child reports its commit");
     let run_time = start.elapsed();
+    assert!(child.wait().unwrap().success());
     check_converged(dir, 2).await;
 
     // Kill until 50 kills have landed inside a run (a child that finished before its kill does
@@ -220,8 +262,9 @@ async fn sigkill_at_random_points_leaves_a_readable_dataset_that_converges() {
             v < 3 + 4 * KILLS,
             "kills keep missing the run; is the machine overloaded?"
         );
-        let delay = rng.random_range(0..(run_time.as_micros() as u64).max(1));
-        let mut child = spawn_child(dir, v);
+        // Kill delays span the writer's work up to its commit, and a little beyond.
+        let delay = rng.random_range(0..(run_time.as_micros() as u64 * 12 / 10).max(1));
+        let (mut child, _) = spawn_child(dir, v);
         std::thread::sleep(Duration::from_micros(delay));
         let _ = child.kill(); // SIGKILL
         let status = child.wait().unwrap();
@@ -236,7 +279,7 @@ async fn sigkill_at_random_points_leaves_a_readable_dataset_that_converges() {
             before_commit += 1;
         }
         // The next run converges; if the killed run had committed, it writes nothing.
-        let report = write_version(dir, v).await;
+        let report = write_version(dir, v, false).await;
         if status.success() {
             assert_eq!(report.bytes_written, 0);
         }
