@@ -96,6 +96,8 @@ struct Inner<C: Clock> {
     burst: u32,
     /// The time one unit takes to come back.
     per_unit: Duration,
+    /// `per_unit` in nanoseconds (fits: at most a 366-day window per unit).
+    per_unit_ns: u64,
     /// The time a whole burst takes to come back (the `window` reported in decisions).
     window: Duration,
 }
@@ -141,6 +143,7 @@ where
                 limiter,
                 burst,
                 per_unit: quota.replenish_interval(),
+                per_unit_ns: quota.replenish_interval().as_nanos() as u64,
                 window: period * burst,
             }),
         })
@@ -177,7 +180,11 @@ where
                     limit: inner.burst,
                     remaining,
                     retry_after: None,
-                    reset_after: inner.per_unit * (inner.burst - remaining.min(inner.burst)),
+                    reset_after: Duration::from_nanos(
+                        inner
+                            .per_unit_ns
+                            .saturating_mul(u64::from(inner.burst.saturating_sub(remaining))),
+                    ),
                     window: inner.window,
                     server_time: None,
                 }
