@@ -34,8 +34,15 @@ pub async fn demo() -> Result<(), Box<dyn std::error::Error>> {
                 Ok::<_, std::io::Error>("sent 3 invoices".to_string())
             })
             .await?;
-        let how = if outcome.is_replayed() { "replayed" } else { "executed" };
-        println!("[idempotency] attempt {attempt}: {how}: {}", outcome.into_inner());
+        let how = if outcome.is_replayed() {
+            "replayed"
+        } else {
+            "executed"
+        };
+        println!(
+            "[idempotency] attempt {attempt}: {how}: {}",
+            outcome.into_inner()
+        );
     }
     std::fs::remove_dir_all(&dir)?;
     Ok(())
