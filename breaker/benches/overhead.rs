@@ -222,6 +222,11 @@ fn summary() {
     type Op<'a> = Box<dyn Fn() + Sync + 'a>;
     let p_default = palisade_default();
     let p_untimed = palisade_untimed();
+    let p_time = CircuitBreaker::builder("bench")
+        .sliding_window(Window::Time(Duration::from_secs(60)))
+        .slow_call_detection(false)
+        .build()
+        .unwrap();
     let f_closed = failsafe::Config::new().build();
     let r_closed = recloser::Recloser::default();
     let p_open = palisade_open();
@@ -247,6 +252,12 @@ fn summary() {
                     "palisade (slow_call_detection(false))",
                     Box::new(|| {
                         let _ = black_box(p_untimed.call_blocking(work));
+                    }),
+                ),
+                (
+                    "palisade, Window::Time(60 s), no slow-call timing",
+                    Box::new(|| {
+                        let _ = black_box(p_time.call_blocking(work));
                     }),
                 ),
                 (
