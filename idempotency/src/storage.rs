@@ -295,10 +295,10 @@ mod tests {
             store_from_url("nope://x"),
             Err(Error::UnsupportedUrl { .. })
         ));
-        #[cfg(not(feature = "aws"))]
-        {
-            let err = store_from_url("s3://bucket/data").unwrap_err().to_string();
-            assert!(err.contains("`aws`"), "{err}");
+        // Whether s3:// works depends on object_store's `aws` feature, which another crate of
+        // the build may enable (cargo unifies features); without it, the error names ours.
+        if let Err(err) = store_from_url("s3://bucket/data") {
+            assert!(err.to_string().contains("`aws`"), "{err}");
         }
         assert!(matches!(
             store_from_url("not a url"),
