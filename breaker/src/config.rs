@@ -95,7 +95,7 @@ impl Default for Config {
             failure_rate_threshold: 0.5,
             slow_call_rate_threshold: 1.0,
             slow_call_duration: Duration::from_secs(60),
-            slow_call_detection: true,
+            slow_call_detection: false,
             window: Window::Count(100),
             minimum_calls: 100,
             wait_in_open: Duration::from_secs(60),
@@ -123,6 +123,12 @@ impl Default for Config {
 /// | `max_wait_in_half_open` | 0 (wait for the permitted calls) | `maxWaitDurationInHalfOpenState` |
 /// | `automatic_half_open` | false | `automaticTransitionFromOpenToHalfOpenEnabled` |
 ///
+/// One deviation: calls are timed (slow-call detection) only once `slow_call_duration` or
+/// `slow_call_rate_threshold` is set, or `slow_call_detection(true)` is called; then the defaults
+/// above apply. resilience4j times every call, but with its defaults (100 % of the window slower
+/// than 60 s) that rarely decides anything, and the two clock readings cost three times the rest
+/// of the closed-state path.
+///
 /// Invalid values are reported by [`build`](Self::build) as a [`ConfigError`] naming the option.
 #[derive(Debug, Clone)]
 #[must_use = "a builder does nothing until build() is called"]
@@ -130,6 +136,9 @@ pub struct BreakerBuilder {
     name: Arc<str>,
     cfg: Config,
     clock: Option<Arc<dyn Clock>>,
+    /// Set by `slow_call_detection`; otherwise detection is on iff a slow-call option was set.
+    slow_call_detection: Option<bool>,
+    slow_call_configured: bool,
 }
 
 impl BreakerBuilder {
@@ -138,6 +147,8 @@ impl BreakerBuilder {
             name: name.into(),
             cfg: Config::default(),
             clock: None,
+            slow_call_detection: None,
+            slow_call_configured: false,
         }
     }
 
@@ -148,23 +159,28 @@ impl BreakerBuilder {
         self
     }
 
-    /// The slow-call rate (a fraction in `(0, 1]`) at or above which the breaker opens. Default 1.0.
+    /// The slow-call rate (a fraction in `(0, 1]`) at or above which the breaker opens. Default
+    /// 1.0. Setting it turns slow-call detection on.
     pub fn slow_call_rate_threshold(mut self, threshold: f64) -> Self {
         self.cfg.slow_call_rate_threshold = threshold;
+        self.slow_call_configured = true;
         self
     }
 
-    /// A call that takes at least this long is slow. Default 60 s.
+    /// A call that takes at least this long is slow. Default 60 s. Setting it turns slow-call
+    /// detection on.
     pub fn slow_call_duration(mut self, duration: Duration) -> Self {
         self.cfg.slow_call_duration = duration;
+        self.slow_call_configured = true;
         self
     }
 
-    /// Whether [`CircuitBreaker::call`] times calls to find slow ones. Default true. Turning it
-    /// off (not a resilience4j option) saves the two clock readings per call on the hot path;
-    /// permits settled by hand still report the elapsed time they are given.
+    /// Whether [`CircuitBreaker::call`] times calls to find slow ones. Default: on once
+    /// `slow_call_duration` or `slow_call_rate_threshold` is set, off otherwise (see the table
+    /// above for why). Off saves the two clock readings per call on the hot path; permits settled
+    /// by hand still report the elapsed time they are given.
     pub fn slow_call_detection(mut self, enabled: bool) -> Self {
-        self.cfg.slow_call_detection = enabled;
+        self.slow_call_detection = Some(enabled);
         self
     }
 
@@ -230,7 +246,10 @@ impl BreakerBuilder {
     }
 
     /// Validates the options and builds the breaker, in the closed state.
-    pub fn build(self) -> Result<CircuitBreaker, ConfigError> {
+    pub fn build(mut self) -> Result<CircuitBreaker, ConfigError> {
+        self.cfg.slow_call_detection = self
+            .slow_call_detection
+            .unwrap_or(self.slow_call_configured);
         validate(&self.cfg)?;
         let clock = self
             .clock

@@ -146,6 +146,45 @@ async fn call_times_slow_calls_with_the_clock() {
     assert_eq!(b.metrics().slow_calls, 2);
 }
 
+#[tokio::test(start_paused = true)]
+async fn calls_are_timed_only_once_slow_calls_are_configured() {
+    let slow_call = |b: CircuitBreaker| async move {
+        let r: Result<(), BreakerError<()>> = b
+            .call(|| async {
+                tokio::time::sleep(secs(120)).await;
+                Ok(())
+            })
+            .await;
+        assert!(r.is_ok());
+        b.metrics().slow_calls
+    };
+    let builder = || CircuitBreaker::builder("t").clock(palisade_breaker::TokioClock::new());
+    let default = builder().build().unwrap();
+    assert_eq!(
+        slow_call(default).await,
+        0,
+        "by default calls are not timed"
+    );
+    let with_threshold = builder().slow_call_rate_threshold(0.9).build().unwrap();
+    assert_eq!(
+        slow_call(with_threshold).await,
+        1,
+        "a threshold turns detection on (60 s default)"
+    );
+    let explicit = builder().slow_call_detection(true).build().unwrap();
+    assert_eq!(
+        slow_call(explicit).await,
+        1,
+        "resilience4j's 60 s default applies"
+    );
+    let off = builder()
+        .slow_call_duration(secs(1))
+        .slow_call_detection(false)
+        .build()
+        .unwrap();
+    assert_eq!(slow_call(off).await, 0, "an explicit off wins");
+}
+
 #[test]
 fn open_waits_then_half_open_probes_decide() {
     let clock = FakeClock::new();
