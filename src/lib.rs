@@ -21,3 +21,8 @@ pub use palisade_ratelimit as ratelimit;
 /// The etcd client crate, to build the `etcd_client::Client` that `lock::Coordinator::etcd` takes.
 #[cfg(feature = "etcd")]
 pub use etcd_client;
+
+/// The README's examples, compiled as doctests so that they stay true.
+#[doc = include_str!("../README.md")]
+#[cfg(doctest)]
+pub struct ReadmeDoctests;
