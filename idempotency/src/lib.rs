@@ -3,6 +3,8 @@
 //! # Modules
 //!
 //! - [`writer`]: the content-hash [`PartitionedWriter`], its commit protocol and what readers see.
+//! - `swap` (private; see [`writer`]): multi-file partitions on a local directory, swapped in
+//!   whole with `renameat2(RENAME_EXCHANGE)` and rolled forward after a crash.
 //! - [`manifest`]: the [`Manifest`], the dataset's commit point.
 //! - [`hash`]: [`ContentHash`] and the canonical row [`ContentHasher`].
 //! - [`keys`]: run-once keys ([`IdempotencyStore`], [`MemoryStore`], [`FileStore`], [`RedisStore`]).
@@ -14,6 +16,7 @@ pub mod manifest;
 mod partition;
 mod reader;
 mod storage;
+mod swap;
 pub mod writer;
 
 pub use error::{Error, Result};
@@ -24,8 +27,8 @@ pub use hash::{
 pub use keys::{
     Claim, FileStore, IdempotencyStore, MemoryStore, OnceOptions, Outcome, OwnerToken, RedisStore,
 };
-pub use manifest::{Manifest, PartitionEntry};
+pub use manifest::{FileEntry, Manifest, PartitionEntry};
 pub use partition::validate_partition;
 pub use reader::Dataset;
 pub use storage::{DatasetStore, store_from_url};
-pub use writer::{PartitionedWriter, Report, WriterBuilder};
+pub use writer::{PartFile, PartitionedWriter, Report, WriterBuilder};

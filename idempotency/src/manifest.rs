@@ -7,7 +7,7 @@
 //! named by a manifest are written completely before the manifest, and deleted only after a
 //! later manifest stops naming them.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use serde::{Deserialize, Serialize};
 
@@ -18,29 +18,100 @@ use crate::partition::{is_object_file_name, validate_partition};
 /// The manifest's file name under the dataset prefix.
 pub const MANIFEST_FILE: &str = "_manifest.json";
 
-/// The version of the manifest's own layout.
-pub const MANIFEST_FORMAT: u32 = 1;
+/// The newest version of the manifest's own layout, which this version reads and writes.
+///
+/// Format 2 added multi-file partitions ([`PartitionEntry::files`]). A manifest without any
+/// multi-file partition is still written as format [`MANIFEST_FORMAT_SINGLE_FILE`], so versions
+/// of this crate that only know format 1 keep reading it; one that has multi-file partitions is
+/// written as format 2, which those versions refuse with [`Error::IncompatibleManifest`] (never
+/// mistaking it for a corrupt manifest). Both formats are current for this version: reading a
+/// format 1 manifest rewrites nothing.
+pub const MANIFEST_FORMAT: u32 = 2;
+
+/// The manifest layout without multi-file partitions (format 1).
+pub const MANIFEST_FORMAT_SINGLE_FILE: u32 = 1;
+
+/// One file of a multi-file partition, as committed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileEntry {
+    /// The file's name relative to the partition directory (may contain `/`).
+    pub name: String,
+    /// Where the file is stored, relative to the dataset prefix: `<partition>/<name>` on a local
+    /// directory, `<partition>/<dir>/<stem>-<run16><ext>` on object stores (a unique name per
+    /// version that keeps the file's extension).
+    pub object: String,
+    /// The file's size in bytes.
+    pub size: u64,
+    /// BLAKE3 of the file's bytes.
+    pub hash: ContentHash,
+}
 
 /// One live partition.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PartitionEntry {
-    /// The object holding the partition's content, relative to the dataset prefix.
+    /// The object holding the partition's content, relative to the dataset prefix. For a
+    /// multi-file partition: its directory, `<partition>/` (the files are in [`files`](Self::files)).
     pub object: String,
-    /// The content's size in bytes.
+    /// The content's size in bytes (the sum of the files' sizes for a multi-file partition).
     pub size: u64,
-    /// BLAKE3 of the stored bytes (readers can verify what they read against it).
+    /// BLAKE3 of the stored bytes (readers can verify what they read against it). For a
+    /// multi-file partition: the BLAKE3 of its file listing ([`files_digest`]), so equal
+    /// values mean the same names with the same contents.
     pub hash: ContentHash,
     /// The row-content hash the writer compared, when it was given one
     /// ([`put_with_rows_hash`](crate::PartitionedWriter::put_with_rows_hash)); `None` when the
     /// partition's identity is its bytes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rows_hash: Option<ContentHash>,
+    /// Multi-file partitions ([`put_files`](crate::PartitionedWriter::put_files)): the content
+    /// identity the caller gave, which the writer compared.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub identity: Option<ContentHash>,
+    /// Multi-file partitions: their files, sorted by name. Empty for a single-object partition.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub files: Vec<FileEntry>,
+}
+
+impl PartitionEntry {
+    /// Whether this partition is made of several files ([`files`](Self::files)).
+    pub fn is_multi_file(&self) -> bool {
+        !self.files.is_empty()
+    }
+
+    /// The objects holding this partition's data, relative to the dataset prefix: the one
+    /// [`object`](Self::object), or every file's object for a multi-file partition.
+    pub fn objects(&self) -> Vec<&str> {
+        if self.is_multi_file() {
+            self.files.iter().map(|f| f.object.as_str()).collect()
+        } else {
+            vec![self.object.as_str()]
+        }
+    }
+}
+
+/// The BLAKE3 of a multi-file partition's listing: for each file sorted by name, its name's
+/// length and bytes, its size and its hash (all little-endian, length-prefixed, so no two
+/// listings encode alike). Recorded as the partition's [`PartitionEntry::hash`].
+pub fn files_digest(files: &[FileEntry]) -> ContentHash {
+    let mut sorted: Vec<&FileEntry> = files.iter().collect();
+    sorted.sort_by(|a, b| a.name.cmp(&b.name));
+    let mut h = blake3::Hasher::new();
+    h.update(b"palisade-files-v1");
+    h.update(&(sorted.len() as u64).to_le_bytes());
+    for f in sorted {
+        h.update(&(f.name.len() as u64).to_le_bytes());
+        h.update(f.name.as_bytes());
+        h.update(&f.size.to_le_bytes());
+        h.update(f.hash.as_bytes());
+    }
+    h.finalize().into()
 }
 
 /// A committed version of the dataset.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Manifest {
-    /// The manifest layout version ([`MANIFEST_FORMAT`]).
+    /// The manifest layout version ([`MANIFEST_FORMAT_SINGLE_FILE`], or [`MANIFEST_FORMAT`] when
+    /// it has multi-file partitions).
     pub format: u32,
     /// The content hash algorithm ([`HASH_ALGORITHM`]).
     pub hash_algorithm: String,
@@ -59,7 +130,7 @@ impl Manifest {
     /// An empty manifest of this version (generation 0: nothing committed yet).
     pub fn empty() -> Self {
         Self {
-            format: MANIFEST_FORMAT,
+            format: MANIFEST_FORMAT_SINGLE_FILE,
             hash_algorithm: HASH_ALGORITHM.to_string(),
             canonical_encoding: CANONICAL_ENCODING_VERSION,
             generation: 0,
@@ -87,7 +158,8 @@ impl Manifest {
         };
         let m: Manifest =
             serde_json::from_slice(bytes).map_err(|e| corrupt(format!("not valid JSON: {e}")))?;
-        if m.format != MANIFEST_FORMAT && !accept_other_versions {
+        let format_ok = (MANIFEST_FORMAT_SINGLE_FILE..=MANIFEST_FORMAT).contains(&m.format);
+        if !format_ok && !accept_other_versions {
             return Err(Error::IncompatibleManifest {
                 path: path.to_string(),
                 field: "format",
@@ -117,6 +189,10 @@ impl Manifest {
         for (name, entry) in &m.partitions {
             validate_partition(name)
                 .map_err(|e| corrupt(format!("bad partition name {name:?}: {e}")))?;
+            if entry.is_multi_file() {
+                check_multi_file(name, entry).map_err(corrupt)?;
+                continue;
+            }
             let file = entry
                 .object
                 .strip_prefix(name.as_str())
@@ -134,12 +210,62 @@ impl Manifest {
         Ok(m)
     }
 
-    /// Whether this manifest was written by the current format, hash and encoding versions.
+    /// Whether this manifest was written by a current format, hash and encoding version.
     pub fn is_current_version(&self) -> bool {
-        self.format == MANIFEST_FORMAT
+        (MANIFEST_FORMAT_SINGLE_FILE..=MANIFEST_FORMAT).contains(&self.format)
             && self.hash_algorithm == HASH_ALGORITHM
             && self.canonical_encoding == CANONICAL_ENCODING_VERSION
     }
+
+    /// The oldest layout that can hold this manifest: format 2 only if it has a multi-file
+    /// partition, so that older versions of this crate keep reading everything else.
+    pub fn needed_format(&self) -> u32 {
+        if self.partitions.values().any(PartitionEntry::is_multi_file) {
+            MANIFEST_FORMAT
+        } else {
+            MANIFEST_FORMAT_SINGLE_FILE
+        }
+    }
+}
+
+/// Checks a multi-file entry: its directory, file names and objects stay inside the partition.
+fn check_multi_file(name: &str, entry: &PartitionEntry) -> std::result::Result<(), String> {
+    if entry.object != format!("{name}/") {
+        return Err(format!(
+            "multi-file partition {name:?} names directory {:?}, which is not its own",
+            entry.object
+        ));
+    }
+    let mut seen = BTreeSet::new();
+    for f in &entry.files {
+        validate_partition(&f.name)
+            .map_err(|e| format!("partition {name:?} has a bad file name {:?}: {e}", f.name))?;
+        if !seen.insert(f.name.as_str()) {
+            return Err(format!("partition {name:?} lists file {:?} twice", f.name));
+        }
+        let ok = f
+            .object
+            .strip_prefix(name)
+            .and_then(|r| r.strip_prefix('/'))
+            .is_some_and(is_safe_relative);
+        if !ok {
+            return Err(format!(
+                "partition {name:?} names object {:?}, which is not one of its own",
+                f.object
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// A relative path of non-empty segments, none of them `.` or `..`, without backslashes.
+pub(crate) fn is_safe_relative(path: &str) -> bool {
+    !path.is_empty()
+        && !path.contains('\\')
+        && !path.chars().any(char::is_control)
+        && path
+            .split('/')
+            .all(|s| !s.is_empty() && s != "." && s != "..")
 }
 
 #[cfg(test)]
@@ -156,6 +282,8 @@ mod tests {
                 size: 4,
                 hash: ContentHash::of_bytes(b"abcd"),
                 rows_hash: None,
+                identity: None,
+                files: Vec::new(),
             },
         );
         m

@@ -32,13 +32,23 @@ pub struct Dataset {
 
 impl Dataset {
     /// Reads the manifest under `prefix` (a missing manifest is an empty dataset).
+    ///
+    /// On a local directory, if a writer crashed after deciding a commit that swaps multi-file
+    /// partitions (`_manifest.pending.json` exists), this first completes that commit, under the
+    /// writer's lock, so the manifest read matches the directories.
     pub async fn open(store: impl Into<DatasetStore>, prefix: &str) -> Result<Self> {
         let backend = store.into().backend;
         let prefix = prefix.trim_matches('/').to_string();
         let manifest = match &backend {
             Backend::Local(root) => {
                 let dir = root.join(&prefix);
-                blocking(move || crate::writer::local_manifest(&dir)).await?
+                blocking(move || {
+                    // A commit decided by a writer that crashed is completed first (this takes
+                    // the writer's lock, only when there is one).
+                    crate::swap::complete_pending_unlocked(&dir)?;
+                    crate::writer::local_manifest(&dir)
+                })
+                .await?
             }
             Backend::Object { store, base } => {
                 let path = join(base, &prefix, MANIFEST_FILE);
@@ -72,8 +82,30 @@ impl Dataset {
             .unwrap_or_default()
     }
 
+    /// The live files of every partition per the manifest, sorted by partition: each
+    /// partition's object paths **relative to the dataset prefix** (join them to the store's
+    /// root and the prefix: `<root>/<prefix>/<object>`). A single-object partition has one; a
+    /// multi-file partition ([`put_files`](crate::PartitionedWriter::put_files)) has one per
+    /// file, sorted by file name: `<partition>/<name>` on a local directory,
+    /// `<partition>/<stem>-<run16><ext>` on object stores.
+    pub fn live_files(&self) -> Vec<(String, Vec<String>)> {
+        self.manifest
+            .as_ref()
+            .map(|m| {
+                m.partitions
+                    .iter()
+                    .map(|(k, e)| {
+                        let objects = e.objects().into_iter().map(str::to_string).collect();
+                        (k.clone(), objects)
+                    })
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
     /// Reads a partition's committed content and checks it against its hash (`None`: no such
-    /// partition).
+    /// partition). A multi-file partition is read file by file with
+    /// [`read_file`](Self::read_file); `read` refuses it with [`Error::InvalidPartition`].
     pub async fn read(&self, partition: &str) -> Result<Option<Bytes>> {
         let Some(entry) = self
             .manifest
@@ -82,24 +114,48 @@ impl Dataset {
         else {
             return Ok(None);
         };
+        if entry.is_multi_file() {
+            return Err(Error::InvalidPartition {
+                name: partition.to_string(),
+                reason: "it has several files: read them with `read_file`",
+            });
+        }
+        self.read_object(&entry.object, &entry.hash).await.map(Some)
+    }
+
+    /// Reads one file of a multi-file partition, by its name in the partition, and checks it
+    /// against its hash (`None`: no such partition or file).
+    pub async fn read_file(&self, partition: &str, name: &str) -> Result<Option<Bytes>> {
+        let Some(file) = self
+            .manifest
+            .as_ref()
+            .and_then(|m| m.partitions.get(partition))
+            .and_then(|e| e.files.iter().find(|f| f.name == name))
+        else {
+            return Ok(None);
+        };
+        self.read_object(&file.object, &file.hash).await.map(Some)
+    }
+
+    async fn read_object(&self, object: &str, hash: &ContentHash) -> Result<Bytes> {
         let (bytes, shown) = match &self.backend {
             Backend::Local(root) => {
-                let path = root.join(&self.prefix).join(&entry.object);
+                let path = root.join(&self.prefix).join(object);
                 let p = path.clone();
                 let b = blocking(move || std::fs::read(&p).map_err(io("read", &p))).await?;
                 (Bytes::from(b), path.display().to_string())
             }
             Backend::Object { store, base } => {
-                let path = join(base, &self.prefix, &entry.object);
+                let path = join(base, &self.prefix, object);
                 let got = store.get(&path).await.map_err(store_err("read", &path))?;
                 let b = got.bytes().await.map_err(store_err("read", &path))?;
                 (b, path.to_string())
             }
         };
-        if ContentHash::of_bytes(&bytes) != entry.hash {
+        if ContentHash::of_bytes(&bytes) != *hash {
             return Err(Error::CorruptObject { path: shown });
         }
-        Ok(Some(bytes))
+        Ok(bytes)
     }
 }
 

@@ -63,14 +63,14 @@ use tracing::{debug, info, warn};
 
 use crate::error::{Error, Result, io, store as store_err};
 use crate::hash::ContentHash;
-use crate::manifest::{MANIFEST_FILE, Manifest, PartitionEntry};
+use crate::manifest::{FileEntry, MANIFEST_FILE, Manifest, PartitionEntry, files_digest};
 use crate::partition::{is_object_file_name, validate_partition};
 use crate::storage::{
     Backend, DatasetStore, blocking, fsync_dir, fsync_many, lock_exclusive,
     remove_dir_all_if_exists, remove_file_if_exists, try_lock, write_synced, write_unsynced,
 };
 
-const LOCK_FILE: &str = "_manifest.lock";
+use crate::swap::LOCK_FILE;
 const STAGING_DIR: &str = "_staging";
 /// Inputs larger than this are hashed on the blocking pool, and streamed in multipart uploads.
 const LARGE: usize = 8 << 20;
@@ -197,6 +197,39 @@ struct Staged {
     /// Local directory: the fsynced staging file to rename into place at commit.
     /// Object stores: `None`, the object is already uploaded under `entry.object`.
     local_file: Option<PathBuf>,
+    /// Local directory, multi-file partitions: the staged version of the partition directory.
+    local_dir: Option<StagedDir>,
+}
+
+/// A multi-file partition's new version in the staging area.
+#[derive(Debug, Clone)]
+struct StagedDir {
+    /// `_staging/<run>/p<n>`.
+    dir: PathBuf,
+    /// Every file in it (fsynced at commit), the marker included.
+    files: Vec<PathBuf>,
+    /// It and its subdirectories (fsynced at commit).
+    dirs: Vec<PathBuf>,
+}
+
+/// One file of a multi-file partition ([`PartitionedWriter::put_files`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PartFile {
+    /// The file's path relative to the partition directory (validated like partition names:
+    /// non-empty segments, no `..`, no leading `_` or `.`; may contain `/`).
+    pub name: String,
+    /// Where to read it on the local disk.
+    pub path: PathBuf,
+}
+
+impl PartFile {
+    /// A file named `name` in the partition, read from `path`.
+    pub fn new(name: impl Into<String>, path: impl Into<PathBuf>) -> Self {
+        Self {
+            name: name.into(),
+            path: path.into(),
+        }
+    }
 }
 
 /// A local run's staging area; the lock on `lock` marks the run as alive.
@@ -398,6 +431,154 @@ impl PartitionedWriter {
             .await
     }
 
+    /// Puts a partition made of several local files (a Hive-style partition directory as Spark
+    /// or pandas write it). `identity` is the partition's content identity as the caller defines
+    /// it (for example BLAKE3 over the files' contents, order-insensitively, or an unordered
+    /// [`ContentHasher`](crate::ContentHasher) over the rows); the partition is written, all its
+    /// files streamed (never whole in memory), only if `identity` differs from the manifest's.
+    /// Returns `true` if it will be written at commit, `false` if unchanged.
+    ///
+    /// On a local directory the partition becomes a real directory `<prefix>/<partition>/`
+    /// holding exactly these files under their names; a new version replaces the old directory
+    /// whole and atomically at commit (see the [module docs](self#multi-file-partitions)). On
+    /// object stores each file is uploaded now under a unique name that keeps its extension,
+    /// `<partition>/<dir>/<stem>-<run16><ext>`. Either way the manifest records the identity and
+    /// every file's name, object, size and BLAKE3 (of the bytes actually written).
+    ///
+    /// A multi-file partition's directory belongs to it alone: a commit where another partition
+    /// lies inside it is refused with [`Error::InvalidPartition`].
+    pub async fn put_files(
+        &mut self,
+        partition: &str,
+        files: Vec<PartFile>,
+        identity: ContentHash,
+    ) -> Result<bool> {
+        self.check_new(partition)?;
+        check_part_files(partition, &files)?;
+        if let Some(other) = self.nested_conflict(partition) {
+            return Err(Error::InvalidPartition {
+                name: other,
+                reason: NESTED,
+            });
+        }
+        let unchanged = !self.rewrite_all
+            && self
+                .base
+                .partitions
+                .get(partition)
+                .is_some_and(|e| e.identity == Some(identity));
+        if unchanged {
+            debug!(partition, "unchanged");
+            self.unchanged.insert(partition.to_string());
+            return Ok(false);
+        }
+        let mut entries: Vec<FileEntry> = Vec::with_capacity(files.len());
+        let mut local_dir = None;
+        match self.backend.clone() {
+            Backend::Local(_) => {
+                let run = self.local.as_ref().ok_or_else(|| Error::Config {
+                    field: "store",
+                    reason: "local staging used on an object store (internal error)",
+                })?;
+                self.seq += 1;
+                let sdir = run.dir.join(format!("p{}", self.seq));
+                let marker = format!(".palisade-{}", self.run_id);
+                let (p, d) = (partition.to_string(), sdir.clone());
+                let (stats, synced, dirs) =
+                    blocking(move || stage_dir(&d, &p, &files, &marker)).await?;
+                for (name, size, hash) in stats {
+                    entries.push(FileEntry {
+                        object: format!("{partition}/{name}"),
+                        name,
+                        size,
+                        hash,
+                    });
+                }
+                local_dir = Some(StagedDir {
+                    dir: sdir,
+                    files: synced,
+                    dirs,
+                });
+            }
+            Backend::Object { store, base } => {
+                for f in files {
+                    let object = format!("{partition}/{}", unique_name(&f.name, &self.run_id));
+                    let target = obj_join(&base, &self.prefix, &object);
+                    match upload_hashing(&store, &target, &f.path).await {
+                        Ok((hash, size)) => entries.push(FileEntry {
+                            name: f.name,
+                            object,
+                            size,
+                            hash,
+                        }),
+                        Err(e) => {
+                            let done: Vec<String> =
+                                entries.iter().map(|e| e.object.clone()).collect();
+                            delete_objects(&store, &base, &self.prefix, &done).await;
+                            return Err(e);
+                        }
+                    }
+                }
+            }
+        }
+        entries.sort_by(|a, b| a.name.cmp(&b.name));
+        let size: u64 = entries.iter().map(|e| e.size).sum();
+        let entry = PartitionEntry {
+            object: format!("{partition}/"),
+            size,
+            hash: files_digest(&entries),
+            rows_hash: None,
+            identity: Some(identity),
+            files: entries,
+        };
+        debug!(
+            partition,
+            files = entry.files.len(),
+            size,
+            "staged multi-file partition"
+        );
+        self.staged.insert(
+            partition.to_string(),
+            Staged {
+                entry,
+                local_file: None,
+                local_dir,
+            },
+        );
+        self.bytes_written += size;
+        self.bytes_hashed += size;
+        Ok(true)
+    }
+
+    /// A partition (put in this run or committed) that `partition`'s directory would contain, or
+    /// that contains it as a multi-file partition.
+    fn nested_conflict(&self, partition: &str) -> Option<String> {
+        let inside = format!("{partition}/");
+        // Committed partitions not put again are removed at commit with `remove_missing`; the
+        // commit checks the final set again.
+        let base = self
+            .base
+            .partitions
+            .keys()
+            .filter(|_| !self.opts.remove_missing);
+        let names = base.chain(self.staged.keys()).chain(self.unchanged.iter());
+        for other in names {
+            if other.starts_with(&inside) {
+                return Some(other.clone());
+            }
+            let multi = self
+                .staged
+                .get(other)
+                .map(|s| s.entry.is_multi_file())
+                .or_else(|| self.base.partitions.get(other).map(|e| e.is_multi_file()))
+                .unwrap_or(false);
+            if multi && partition.starts_with(&format!("{other}/")) {
+                return Some(other.clone());
+            }
+        }
+        None
+    }
+
     /// Commits: writes the new manifest (only if something changed, or to record a newer
     /// fencing token) and returns what was done. On [`Error::Conflict`] or [`Error::Fenced`]
     /// nothing a reader sees has changed, and this run's staged data is deleted.
@@ -434,7 +615,6 @@ impl PartitionedWriter {
             Vec::new()
         };
         let mut next = self.base.clone();
-        next.format = crate::manifest::MANIFEST_FORMAT;
         next.hash_algorithm = crate::hash::HASH_ALGORITHM.to_string();
         next.canonical_encoding = crate::hash::CANONICAL_ENCODING_VERSION;
         next.generation = self.base.generation + 1;
@@ -442,16 +622,32 @@ impl PartitionedWriter {
             (Some(a), Some(b)) => Some(a.max(b)),
             (a, b) => a.or(b),
         };
+        // Objects to delete after the commit. On a local directory, a multi-file partition's old
+        // files leave with its directory (swapped out or moved aside whole), never one by one:
+        // the new version may reuse their names.
+        let local = matches!(self.backend, Backend::Local(_));
         let mut obsolete: Vec<String> = Vec::new();
+        let mut removed_dirs: Vec<String> = Vec::new();
         for (name, s) in &self.staged {
-            if let Some(old) = next.partitions.insert(name.clone(), s.entry.clone()) {
-                obsolete.push(old.object);
+            if let Some(old) = next.partitions.insert(name.clone(), s.entry.clone())
+                && !(local && old.is_multi_file() && s.entry.is_multi_file())
+            {
+                obsolete.extend(old.objects().into_iter().map(str::to_string));
             }
         }
         for name in &removed {
             if let Some(old) = next.partitions.remove(name) {
-                obsolete.push(old.object);
+                if local && old.is_multi_file() {
+                    removed_dirs.push(name.clone());
+                } else {
+                    obsolete.extend(old.objects().into_iter().map(str::to_string));
+                }
             }
+        }
+        next.format = next.needed_format();
+        if let Err(e) = check_nesting(&next) {
+            self.abort().await?;
+            return Err(e);
         }
         let needs_write = !self.staged.is_empty()
             || !removed.is_empty()
@@ -478,11 +674,32 @@ impl PartitionedWriter {
                     .values()
                     .filter_map(|s| s.local_file.clone().map(|f| (f, s.entry.object.clone())))
                     .collect();
+                let dirs: Vec<(String, StagedDir)> = self
+                    .staged
+                    .iter()
+                    .filter_map(|(k, s)| s.local_dir.clone().map(|d| (k.clone(), d)))
+                    .collect();
                 let local = self.local.take();
                 let (opts, base) = (self.opts.clone(), self.base.clone());
                 let next = needs_write.then_some(next);
-                blocking(move || local_commit(&dir, &opts, &base, next, staged, obsolete, local))
-                    .await
+                let run_id = self.run_id.clone();
+                blocking(move || {
+                    local_commit(
+                        &dir,
+                        &opts,
+                        &base,
+                        next,
+                        LocalChanges {
+                            staged,
+                            dirs,
+                            removed_dirs,
+                            obsolete,
+                            run_id,
+                        },
+                        local,
+                    )
+                })
+                .await
             }
             Backend::Object { store, base } => {
                 let next = needs_write.then_some(next);
@@ -528,7 +745,8 @@ impl PartitionedWriter {
                 let objects: Vec<String> = self
                     .staged
                     .values()
-                    .map(|s| s.entry.object.clone())
+                    .flat_map(|s| s.entry.objects())
+                    .map(str::to_string)
                     .collect();
                 delete_objects(&store, &base, &self.prefix, &objects).await;
             }
@@ -576,13 +794,21 @@ impl PartitionedWriter {
             size,
             hash,
             rows_hash,
+            identity: None,
+            files: Vec::new(),
         }
     }
 
     fn record(&mut self, partition: &str, entry: PartitionEntry, local_file: Option<PathBuf>) {
         debug!(partition, object = %entry.object, size = entry.size, "staged partition");
-        self.staged
-            .insert(partition.to_string(), Staged { entry, local_file });
+        self.staged.insert(
+            partition.to_string(),
+            Staged {
+                entry,
+                local_file,
+                local_dir: None,
+            },
+        );
     }
 
     fn next_staging_path(&mut self) -> Result<PathBuf> {
@@ -711,7 +937,8 @@ impl PartitionedWriter {
         let ours: Vec<String> = self
             .staged
             .values()
-            .map(|s| s.entry.object.clone())
+            .flat_map(|s| s.entry.objects())
+            .map(str::to_string)
             .collect();
         let mpath = obj_join(base, &self.prefix, MANIFEST_FILE);
         let outcome = async {
@@ -969,7 +1196,12 @@ async fn object_sweep(
     m: &Manifest,
     grace: Duration,
 ) {
-    let live: BTreeSet<String> = m.partitions.values().map(|e| e.object.clone()).collect();
+    let live: BTreeSet<String> = m
+        .partitions
+        .values()
+        .flat_map(|e| e.objects())
+        .map(str::to_string)
+        .collect();
     let now_ms = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_millis() as i64)
@@ -990,7 +1222,8 @@ async fn object_sweep(
         };
         let rel: Vec<String> = rel.map(|p| p.as_ref().to_string()).collect();
         let Some(file) = rel.last() else { continue };
-        if !is_object_file_name(file) || live.contains(&rel.join("/")) {
+        let ours = is_object_file_name(file) || is_multi_file_object_name(file);
+        if !ours || live.contains(&rel.join("/")) {
             continue;
         }
         let age_ms = now_ms - meta.last_modified.timestamp_millis();
@@ -1043,6 +1276,8 @@ fn local_open(
     let staging = dir.join(STAGING_DIR);
     std::fs::create_dir_all(&staging).map_err(io("create directory", &staging))?;
     let _manifest_lock = lock_exclusive(&dir.join(LOCK_FILE), lock_timeout)?;
+    // First complete a commit that a crashed writer decided: its new versions are staged.
+    crate::swap::complete_pending(dir)?;
     sweep_staging(&staging)?;
     let manifest = local_read_manifest(dir, accept)?;
     if let Some(m) = &manifest {
@@ -1087,7 +1322,12 @@ fn sweep_staging(staging: &std::path::Path) -> Result<()> {
 /// Never called without a manifest: if someone deleted it, the objects stay until a new manifest
 /// has been committed, so a mistaken deletion does not destroy the data.
 fn sweep_unreferenced(dir: &std::path::Path, m: &Manifest) -> Result<()> {
-    let live: BTreeSet<PathBuf> = m.partitions.values().map(|e| dir.join(&e.object)).collect();
+    let live: BTreeSet<PathBuf> = m
+        .partitions
+        .values()
+        .flat_map(|e| e.objects())
+        .map(|o| dir.join(o))
+        .collect();
     let mut stack = vec![dir.to_path_buf()];
     while let Some(d) = stack.pop() {
         let entries = match std::fs::read_dir(&d) {
@@ -1103,7 +1343,9 @@ fn sweep_unreferenced(dir: &std::path::Path, m: &Manifest) -> Result<()> {
                 if !(d == dir && name == STAGING_DIR) {
                     stack.push(entry.path());
                 }
-            } else if is_object_file_name(&name) && !live.contains(&entry.path()) {
+            } else if (is_object_file_name(&name) && !live.contains(&entry.path()))
+                || is_marker_name(&name)
+            {
                 debug!(path = %entry.path().display(), "sweeping unreferenced object");
                 remove_file_if_exists(&entry.path())?;
             }
@@ -1118,25 +1360,55 @@ fn discard_local_run(run: LocalRun) -> Result<()> {
     Ok(())
 }
 
+/// What a local commit moves into place and deletes.
+struct LocalChanges {
+    /// Single-object partitions: staged file, object.
+    staged: Vec<(PathBuf, String)>,
+    /// Multi-file partitions: name, staged directory.
+    dirs: Vec<(String, StagedDir)>,
+    /// Multi-file partitions removed.
+    removed_dirs: Vec<String>,
+    /// Objects to delete after the commit.
+    obsolete: Vec<String>,
+    run_id: String,
+}
+
 fn local_commit(
     dir: &std::path::Path,
     opts: &WriterBuilder,
     base: &Manifest,
     next: Option<Manifest>,
-    staged: Vec<(PathBuf, String)>,
-    obsolete: Vec<String>,
+    changes: LocalChanges,
     run: Option<LocalRun>,
 ) -> Result<()> {
+    let LocalChanges {
+        staged,
+        dirs,
+        removed_dirs,
+        obsolete,
+        run_id,
+    } = changes;
     let run = run.ok_or_else(|| Error::Config {
         field: "store",
         reason: "commit on a writer without a staging area (internal error)",
     })?;
     if next.is_some() {
         // Staged data is durable before anything names it (outside the lock: it can be slow).
-        let files: Vec<PathBuf> = staged.iter().map(|(f, _)| f.clone()).collect();
+        let mut files: Vec<PathBuf> = staged.iter().map(|(f, _)| f.clone()).collect();
+        let mut sync_dirs: Vec<PathBuf> = Vec::new();
+        for (_, d) in &dirs {
+            files.extend(d.files.iter().cloned());
+            sync_dirs.extend(d.dirs.iter().cloned());
+        }
         fsync_many(&files, false)?;
+        if !sync_dirs.is_empty() {
+            sync_dirs.push(run.dir.clone());
+            fsync_many(&sync_dirs, true)?;
+        }
     }
     let lock = lock_exclusive(&dir.join(LOCK_FILE), opts.lock_timeout)?;
+    // A commit decided by a writer that died is completed before ours is checked against it.
+    crate::swap::complete_pending(dir)?;
     let current = local_read_manifest(dir, opts.rewrite_on_version_change)?;
     if let Err(e) = check_current(opts, &opts.prefix, base, current.as_ref()) {
         discard_local_run(run)?;
@@ -1168,12 +1440,45 @@ fn local_commit(
     }
     let touched: Vec<PathBuf> = touched.into_iter().collect();
     fsync_many(&touched, true)?;
-    // 2. The commit point: the manifest, staged, fsynced, renamed, directory fsynced.
-    let tmp = run.dir.join("manifest.json");
-    write_synced(&tmp, &next.encode())?;
-    let target = dir.join(MANIFEST_FILE);
-    std::fs::rename(&tmp, &target).map_err(io("rename into place", &target))?;
-    fsync_dir(dir)?;
+    if dirs.is_empty() && removed_dirs.is_empty() {
+        // 2. The commit point: the manifest, staged, fsynced, renamed, directory fsynced.
+        let tmp = run.dir.join("manifest.json");
+        write_synced(&tmp, &next.encode())?;
+        let target = dir.join(MANIFEST_FILE);
+        std::fs::rename(&tmp, &target).map_err(io("rename into place", &target))?;
+        fsync_dir(dir)?;
+    } else {
+        // 2'. Directory swaps: decided by a durable pending record, then rolled forward (see
+        // the `swap` module); a failure from here on leaves the staging area to the next open.
+        let rel = |p: &std::path::Path| -> Result<String> {
+            p.strip_prefix(dir)
+                .map(|r| r.to_string_lossy().replace('\\', "/"))
+                .map_err(|_| Error::Config {
+                    field: "store",
+                    reason: "staging area outside the dataset (internal error)",
+                })
+        };
+        let mut pending = crate::swap::Pending {
+            manifest: next,
+            swaps: Vec::new(),
+            removals: Vec::new(),
+        };
+        for (partition, d) in &dirs {
+            pending.swaps.push(crate::swap::Swap {
+                partition: partition.clone(),
+                staged: rel(&d.dir)?,
+                marker: format!(".palisade-{run_id}"),
+            });
+        }
+        for (i, partition) in removed_dirs.iter().enumerate() {
+            pending.removals.push(crate::swap::Removal {
+                partition: partition.clone(),
+                aside: rel(&run.dir.join(format!("r{i}")))?,
+            });
+        }
+        crate::swap::write_pending(dir, &run.dir, &pending)?;
+        crate::swap::finish(dir, &pending, false)?;
+    }
     // 3. Objects no manifest names any more.
     for object in &obsolete {
         let p = dir.join(object);
@@ -1191,4 +1496,228 @@ fn local_commit(
     discard_local_run(run)?;
     drop(lock);
     Ok(())
+}
+
+const NESTED: &str = "a multi-file partition's directory belongs to it alone: no other partition \
+                      can lie inside it";
+
+/// Refuses a manifest where a partition lies inside a multi-file partition's directory.
+fn check_nesting(m: &Manifest) -> Result<()> {
+    for (name, e) in &m.partitions {
+        if !e.is_multi_file() {
+            continue;
+        }
+        let inside = format!("{name}/");
+        if let Some((other, _)) = m
+            .partitions
+            .range(inside.clone()..)
+            .next()
+            .filter(|(k, _)| k.starts_with(&inside))
+        {
+            return Err(Error::InvalidPartition {
+                name: other.clone(),
+                reason: NESTED,
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Checks the files of a multi-file partition: at least one, valid and distinct names, and no
+/// name that is a directory of another.
+fn check_part_files(partition: &str, files: &[PartFile]) -> Result<()> {
+    let bad = |reason| Error::InvalidPartition {
+        name: partition.to_string(),
+        reason,
+    };
+    if files.is_empty() {
+        return Err(bad("a multi-file partition needs at least one file"));
+    }
+    let mut names = BTreeSet::new();
+    for f in files {
+        validate_partition(&f.name).map_err(|e| match e {
+            Error::InvalidPartition { reason, .. } => Error::InvalidPartition {
+                name: format!("{partition}/{}", f.name),
+                reason,
+            },
+            other => other,
+        })?;
+        if !names.insert(f.name.as_str()) {
+            return Err(bad("two files have the same name"));
+        }
+    }
+    for n in &names {
+        let inside = format!("{n}/");
+        if names
+            .range(inside.as_str()..)
+            .next()
+            .is_some_and(|m| m.starts_with(&inside))
+        {
+            return Err(bad("a file name is also the directory of another file"));
+        }
+    }
+    Ok(())
+}
+
+/// Builds a multi-file partition's new version in `sdir`: each file copied while hashed, and
+/// the marker. Returns (name, size, hash) per file, the files and the directories to fsync.
+#[allow(clippy::type_complexity)]
+fn stage_dir(
+    sdir: &std::path::Path,
+    partition: &str,
+    files: &[PartFile],
+    marker: &str,
+) -> Result<(Vec<(String, u64, ContentHash)>, Vec<PathBuf>, Vec<PathBuf>)> {
+    std::fs::create_dir(sdir).map_err(io("create directory", sdir))?;
+    let mut dirs: BTreeSet<PathBuf> = BTreeSet::from([sdir.to_path_buf()]);
+    let mut synced = Vec::with_capacity(files.len() + 1);
+    let mut stats = Vec::with_capacity(files.len());
+    for f in files {
+        let to = sdir.join(&f.name);
+        if let Some(parent) = to.parent()
+            && parent != sdir
+            && !dirs.contains(parent)
+        {
+            std::fs::create_dir_all(parent).map_err(io("create directory", parent))?;
+            let mut p = parent.to_path_buf();
+            while p != sdir && dirs.insert(p.clone()) {
+                match p.parent() {
+                    Some(up) => p = up.to_path_buf(),
+                    None => break,
+                }
+            }
+        }
+        let out = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&to)
+            .map_err(io("create", &to))?;
+        let (hash, out) = copy_hashing(&f.path, out).map_err(|e| match e {
+            Error::Io { source, .. } => Error::Input {
+                partition: format!("{partition}/{} ({})", f.name, f.path.display()),
+                source,
+            },
+            other => other,
+        })?;
+        let size = out.metadata().map_err(io("stat", &to))?.len();
+        stats.push((f.name.clone(), size, hash));
+        synced.push(to);
+    }
+    let m = sdir.join(marker);
+    write_unsynced(&m, b"")?;
+    synced.push(m);
+    Ok((stats, synced, dirs.into_iter().collect()))
+}
+
+/// A file's object name on object stores: `<dir>/<stem>-<run16><ext>`, where the extension is
+/// everything from the first `.` of the last segment (`part-0.snappy.parquet` keeps
+/// `.snappy.parquet`).
+fn unique_name(name: &str, run_id: &str) -> String {
+    let (dir, file) = match name.rsplit_once('/') {
+        Some((d, f)) => (format!("{d}/"), f),
+        None => (String::new(), name),
+    };
+    let (stem, ext) = match file.find('.') {
+        Some(i) => file.split_at(i),
+        None => (file, ""),
+    };
+    format!("{dir}{stem}-{run_id}{ext}")
+}
+
+/// Whether a file name has the shape `unique_name` gives: `<stem>-<16 hex>` then the extension.
+pub(crate) fn is_multi_file_object_name(name: &str) -> bool {
+    let stem = name.split('.').next().unwrap_or(name);
+    let b = stem.as_bytes();
+    b.len() > 17 && b[b.len() - 17] == b'-' && b[b.len() - 16..].iter().all(u8::is_ascii_hexdigit)
+}
+
+/// The hidden marker a local swap leaves in a new version until its commit is finished.
+fn is_marker_name(name: &str) -> bool {
+    name.strip_prefix(".palisade-")
+        .is_some_and(|r| r.len() == 16 && r.bytes().all(|b| b.is_ascii_hexdigit()))
+}
+
+/// Uploads a local file to `target` while hashing what is read: the hash is of exactly the
+/// bytes uploaded. Up to 8 MiB in memory at a time.
+async fn upload_hashing(
+    store: &Arc<dyn ObjectStore>,
+    target: &ObjPath,
+    path: &std::path::Path,
+) -> Result<(ContentHash, u64)> {
+    use std::io::Read;
+    let p = path.to_path_buf();
+    let file = blocking(move || std::fs::File::open(&p).map_err(io("open", &p))).await?;
+    let file = Arc::new(std::sync::Mutex::new((file, blake3::Hasher::new())));
+    let read_chunk = |file: Arc<std::sync::Mutex<(std::fs::File, blake3::Hasher)>>| {
+        let p = path.to_path_buf();
+        blocking(move || {
+            let mut guard = file.lock().map_err(|_| Error::Io {
+                op: "read",
+                path: p.clone(),
+                source: std::io::Error::other("poisoned"),
+            })?;
+            let (f, h) = &mut *guard;
+            let mut buf = vec![0u8; LARGE];
+            let mut filled = 0;
+            while filled < buf.len() {
+                let n = f.read(&mut buf[filled..]).map_err(io("read", &p))?;
+                if n == 0 {
+                    break;
+                }
+                filled += n;
+            }
+            buf.truncate(filled);
+            h.update(&buf);
+            Ok(buf)
+        })
+    };
+    let first = read_chunk(file.clone()).await?;
+    let finish =
+        |file: Arc<std::sync::Mutex<(std::fs::File, blake3::Hasher)>>| -> Result<ContentHash> {
+            let guard = file.lock().map_err(|_| Error::Io {
+                op: "read",
+                path: path.to_path_buf(),
+                source: std::io::Error::other("poisoned"),
+            })?;
+            Ok(guard.1.finalize().into())
+        };
+    if first.len() < LARGE {
+        let size = first.len() as u64;
+        let hash = finish(file)?;
+        store
+            .put(target, PutPayload::from(first))
+            .await
+            .map_err(store_err("put", target))?;
+        return Ok((hash, size));
+    }
+    let upload = store
+        .put_multipart(target)
+        .await
+        .map_err(store_err("start multipart upload", target))?;
+    let mut writer = WriteMultipart::new(upload);
+    let mut size = first.len() as u64;
+    writer.put(Bytes::from(first));
+    loop {
+        let chunk = match read_chunk(file.clone()).await {
+            Ok(c) => c,
+            Err(e) => {
+                let _ = writer.abort().await;
+                return Err(e);
+            }
+        };
+        if chunk.is_empty() {
+            break;
+        }
+        size += chunk.len() as u64;
+        writer
+            .wait_for_capacity(4)
+            .await
+            .map_err(store_err("multipart upload", target))?;
+        writer.put(Bytes::from(chunk));
+    }
+    writer
+        .finish()
+        .await
+        .map_err(store_err("finish multipart upload", target))?;
+    Ok((finish(file)?, size))
 }

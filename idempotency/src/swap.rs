@@ -1,0 +1,435 @@
+//! Multi-file partitions on the local directory: whole partition directories swapped into place,
+//! with a roll-forward record so that a crash never leaves the manifest and the directories apart.
+//!
+//! # Layout
+//!
+//! A multi-file partition ([`put_files`](crate::PartitionedWriter::put_files)) is a real
+//! directory `<prefix>/<partition>/` that holds exactly its files under their own names, so a
+//! plain Hive-style reader sees a normal layout. Only the writer's hidden marker
+//! `.palisade-<run16>` can sit next to them for the length of a commit (Hive readers skip names
+//! starting with `.` or `_`).
+//!
+//! # Commit protocol (local directory)
+//!
+//! 1. `put_files` builds the new version in the run's staging area, `_staging/<run>/p<n>/`:
+//!    every file copied while it is hashed, plus the marker file `.palisade-<run16>`.
+//! 2. `commit` fsyncs those files and directories (outside the lock), takes `_manifest.lock`,
+//!    completes any interrupted commit (step 6), re-reads the manifest and checks fencing token
+//!    and generation. A refused commit stops here: nothing a reader sees has changed.
+//! 3. Single-object partitions of the run are renamed into place and their directories fsynced
+//!    (their names are new, so no reader sees them yet).
+//! 4. **The decision:** the new manifest, with the list of directory swaps and removals, is
+//!    written to `_manifest.pending.json` (staged, fsynced, renamed, prefix directory fsynced).
+//!    From here on the commit is rolled forward, never back.
+//! 5. Each new version is swapped into place: `renameat2(RENAME_EXCHANGE)` exchanges the staged
+//!    directory and the live one in one atomic step (the old version lands in the staging area);
+//!    a partition that did not exist yet is renamed into place, after its parent directories
+//!    (`k1=v/` of `k1=v/k2=w`) are created and fsynced. The directories are fsynced, then the
+//!    new manifest is installed as `_manifest.json` (staged, fsynced, renamed, fsynced): the
+//!    commit point for readers of the manifest. Then removed multi-file partitions are renamed
+//!    aside into the staging area (atomically disappearing), the markers are deleted,
+//!    `_manifest.pending.json` is deleted, and only then the old versions.
+//! 6. **Roll-forward:** `open`, `commit` and [`Dataset::open`](crate::Dataset::open) look for
+//!    `_manifest.pending.json`; if there is one (its writer crashed or failed in step 5) they
+//!    take the lock and complete it idempotently: a partition whose live directory holds this
+//!    run's marker was already swapped; otherwise its staged directory is swapped in. If the
+//!    installed manifest already has the pending generation, the swaps were all done and only the
+//!    clean-up remains. The staging sweep of `open` runs after this, so it never deletes a
+//!    version that a pending commit still has to swap in.
+//!
+//! # Where `RENAME_EXCHANGE` is not available
+//!
+//! Other operating systems, and Linux file systems without it (the call fails with `EINVAL`,
+//! `ENOSYS` or `EOPNOTSUPP`), fall back to two renames: the live directory aside into the
+//! staging area, then the new one in. Between the two, **the partition is missing** (a reader
+//! listing it finds no directory; never a mix). A crash in between is rolled forward like any
+//! other (the new version is renamed in).
+//!
+//! # What a plain directory reader observes
+//!
+//! - A partition directory always holds one complete version's files: the old set or the new
+//!   set, each file complete (the swap is one atomic rename of the whole directory). Never a
+//!   half-written file, never old and new files mixed.
+//! - Different partitions switch at different instants during a commit (one `renameat2` each),
+//!   so a reader that lists several partitions during a commit can see some new and some old.
+//! - A reader that holds a partition directory open, or is reading its files, keeps reading the
+//!   version it opened (renames do not disturb open files) until the old version is deleted after
+//!   the commit; then reads of files not yet opened fail with "not found": re-list and start
+//!   over.
+//! - Readers through the manifest ([`Dataset`](crate::Dataset), `_manifest.json`): the manifest
+//!   is installed after the swaps, so between the first swap and the install (milliseconds,
+//!   or until the next `open` after a crash) the manifest still describes the old versions of
+//!   partitions already swapped: such a reader can get "not found" (or a hash mismatch when a
+//!   file name is reused) and should re-read the manifest. `Dataset::open` completes a pending
+//!   commit before reading.
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use tracing::{debug, warn};
+
+use crate::error::{Error, Result, io};
+use crate::manifest::{MANIFEST_FILE, Manifest};
+use crate::storage::{
+    fsync_dir, fsync_many, lock_exclusive, remove_dir_all_if_exists, remove_file_if_exists,
+    write_synced,
+};
+
+/// The roll-forward record of a decided commit with directory swaps.
+pub(crate) const PENDING_FILE: &str = "_manifest.pending.json";
+/// Where `open` and `Dataset::open` wait for the lock when completing a pending commit.
+pub(crate) const LOCK_FILE: &str = "_manifest.lock";
+const STAGING_DIR: &str = "_staging";
+
+/// A decided commit: the manifest to install, and the directory moves that come with it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub(crate) struct Pending {
+    pub manifest: Manifest,
+    /// New versions of multi-file partitions to swap into place.
+    pub swaps: Vec<Swap>,
+    /// Multi-file partitions to take away after the manifest is installed.
+    pub removals: Vec<Removal>,
+}
+
+/// One directory swap; paths are relative to the dataset directory.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub(crate) struct Swap {
+    pub partition: String,
+    /// The staged new version, `_staging/<run>/p<n>`; after the exchange, the old version.
+    pub staged: String,
+    /// The marker file inside the new version that says it is in place.
+    pub marker: String,
+}
+
+/// One removal; paths are relative to the dataset directory.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub(crate) struct Removal {
+    pub partition: String,
+    /// Where the live directory is moved before it is deleted, `_staging/<run>/r<n>`.
+    pub aside: String,
+}
+
+impl Pending {
+    fn check(&self, path: &Path) -> Result<()> {
+        let corrupt = |reason: String| Error::CorruptManifest {
+            path: path.display().to_string(),
+            reason,
+        };
+        let staging = |p: &str| {
+            p.strip_prefix("_staging/")
+                .is_some_and(crate::manifest::is_safe_relative)
+        };
+        for s in &self.swaps {
+            crate::partition::validate_partition(&s.partition)
+                .map_err(|e| corrupt(format!("bad partition {:?}: {e}", s.partition)))?;
+            if !staging(&s.staged) || !s.marker.starts_with(".palisade-") || s.marker.contains('/')
+            {
+                return Err(corrupt(format!("bad swap record for {:?}", s.partition)));
+            }
+        }
+        for r in &self.removals {
+            crate::partition::validate_partition(&r.partition)
+                .map_err(|e| corrupt(format!("bad partition {:?}: {e}", r.partition)))?;
+            if !staging(&r.aside) {
+                return Err(corrupt(format!("bad removal record for {:?}", r.partition)));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The old versions a finished pending commit leaves in the staging area (deleted last).
+fn leftovers(dir: &Path, p: &Pending) -> Vec<PathBuf> {
+    let mut v = Vec::new();
+    for s in &p.swaps {
+        v.push(dir.join(&s.staged));
+        v.push(old_aside(&dir.join(&s.staged)));
+    }
+    for r in &p.removals {
+        v.push(dir.join(&r.aside));
+    }
+    v
+}
+
+/// Where the fallback (two renames) puts the old version.
+fn old_aside(staged: &Path) -> PathBuf {
+    let mut s = staged.as_os_str().to_owned();
+    s.push(".old");
+    PathBuf::from(s)
+}
+
+/// Writes the pending record durably (the decision point). Manifest lock held.
+pub(crate) fn write_pending(dir: &Path, run_dir: &Path, pending: &Pending) -> Result<()> {
+    let tmp = run_dir.join("pending.json");
+    remove_file_if_exists(&tmp)?;
+    let mut bytes = serde_json::to_vec_pretty(pending).map_err(|e| Error::Io {
+        op: "encode pending manifest",
+        path: tmp.clone(),
+        source: std::io::Error::other(e),
+    })?;
+    bytes.push(b'\n');
+    write_synced(&tmp, &bytes)?;
+    let target = dir.join(PENDING_FILE);
+    std::fs::rename(&tmp, &target).map_err(io("rename into place", &target))?;
+    fsync_dir(dir)
+}
+
+/// Completes a pending commit if there is one. Manifest lock held. Returns whether there was one.
+pub(crate) fn complete_pending(dir: &Path) -> Result<bool> {
+    let path = dir.join(PENDING_FILE);
+    let bytes = match std::fs::read(&path) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
+        Err(e) => return Err(io("read", &path)(e)),
+    };
+    let pending: Pending = serde_json::from_slice(&bytes).map_err(|e| Error::CorruptManifest {
+        path: path.display().to_string(),
+        reason: format!("not valid JSON: {e}"),
+    })?;
+    pending.check(&path)?;
+    warn!(
+        generation = pending.manifest.generation,
+        "completing a commit that was interrupted after its decision"
+    );
+    finish(dir, &pending, false)?;
+    Ok(true)
+}
+
+/// Completes a pending commit without the writer's lock: for readers. Takes the lock only if a
+/// pending record exists.
+pub(crate) fn complete_pending_unlocked(dir: &Path) -> Result<()> {
+    if !dir.join(PENDING_FILE).exists() {
+        return Ok(());
+    }
+    let _lock = lock_exclusive(&dir.join(LOCK_FILE), std::time::Duration::from_secs(30))?;
+    complete_pending(dir)?;
+    Ok(())
+}
+
+/// Steps 5 and 6 of the protocol: swaps (unless the manifest is already installed), install,
+/// removals, clean-up. Idempotent. Manifest lock held. `force_fallback` tests the two-rename
+/// path.
+pub(crate) fn finish(dir: &Path, pending: &Pending, force_fallback: bool) -> Result<()> {
+    let installed = crate::writer::local_manifest(dir)?
+        .is_some_and(|m| m.generation >= pending.manifest.generation);
+    if !installed {
+        let mut touched: BTreeSet<PathBuf> = BTreeSet::new();
+        for s in &pending.swaps {
+            swap_in(dir, s, force_fallback, &mut touched)?;
+        }
+        let touched: Vec<PathBuf> = touched.into_iter().collect();
+        fsync_many(&touched, true)?;
+        let tmp = dir.join(STAGING_DIR).join("_install.json");
+        remove_file_if_exists(&tmp)?;
+        write_synced(&tmp, &pending.manifest.encode())?;
+        let target = dir.join(MANIFEST_FILE);
+        std::fs::rename(&tmp, &target).map_err(io("rename into place", &target))?;
+        fsync_dir(dir)?;
+    }
+    // Removed partitions disappear (atomically: one rename each) after the manifest commit.
+    let mut touched: BTreeSet<PathBuf> = BTreeSet::new();
+    for r in &pending.removals {
+        let live = dir.join(&r.partition);
+        if std::fs::symlink_metadata(&live).is_err() {
+            continue;
+        }
+        let aside = dir.join(&r.aside);
+        if let Some(parent) = aside.parent() {
+            std::fs::create_dir_all(parent).map_err(io("create directory", parent))?;
+        }
+        std::fs::rename(&live, &aside).map_err(io("move aside", &live))?;
+        let mut d = live.parent().map(Path::to_path_buf);
+        while let Some(x) = d {
+            if x == dir || std::fs::remove_dir(&x).is_err() {
+                touched.insert(x);
+                break;
+            }
+            d = x.parent().map(Path::to_path_buf);
+        }
+    }
+    let touched: Vec<PathBuf> = touched.into_iter().collect();
+    fsync_many(&touched, true)?;
+    for s in &pending.swaps {
+        // Not fsynced: a marker that survives a crash is hidden, and swept by the next `open`.
+        let marker = dir.join(&s.partition).join(&s.marker);
+        if let Err(e) = remove_file_if_exists(&marker) {
+            warn!(error = %e, "could not delete a swap marker; the next open sweeps it");
+        }
+    }
+    let pending_path = dir.join(PENDING_FILE);
+    remove_file_if_exists(&pending_path)?;
+    fsync_dir(dir)?;
+    for old in leftovers(dir, pending) {
+        if let Err(e) = remove_dir_all_if_exists(&old) {
+            warn!(error = %e, "could not delete an old partition version; the next open sweeps it");
+        }
+    }
+    Ok(())
+}
+
+/// Puts one staged version in place, unless its marker says it already is.
+fn swap_in(
+    dir: &Path,
+    s: &Swap,
+    force_fallback: bool,
+    touched: &mut BTreeSet<PathBuf>,
+) -> Result<()> {
+    let live = dir.join(&s.partition);
+    let staged = dir.join(&s.staged);
+    if live.join(&s.marker).exists() {
+        return Ok(());
+    }
+    if !staged.join(&s.marker).exists() {
+        return Err(Error::CorruptManifest {
+            path: dir.join(PENDING_FILE).display().to_string(),
+            reason: format!(
+                "the interrupted commit's new version of partition {:?} is missing from {} \
+                 (was the staging area deleted by hand?)",
+                s.partition,
+                staged.display()
+            ),
+        });
+    }
+    let parent = live.parent().unwrap_or(dir).to_path_buf();
+    if std::fs::symlink_metadata(&live).is_ok() {
+        if force_fallback || !exchange(&staged, &live)? {
+            let aside = old_aside(&staged);
+            debug!(partition = %s.partition, "RENAME_EXCHANGE unavailable: two renames");
+            std::fs::rename(&live, &aside).map_err(io("move aside", &live))?;
+            std::fs::rename(&staged, &live).map_err(io("rename into place", &live))?;
+        }
+    } else {
+        if !parent.exists() {
+            std::fs::create_dir_all(&parent).map_err(io("create directory", &parent))?;
+            let mut p = parent.clone();
+            while p != dir {
+                touched.insert(p.clone());
+                match p.parent() {
+                    Some(up) => p = up.to_path_buf(),
+                    None => break,
+                }
+            }
+            touched.insert(dir.to_path_buf());
+            // New parents are durable before the partition is renamed into them.
+            let list: Vec<PathBuf> = touched.iter().cloned().collect();
+            fsync_many(&list, true)?;
+        }
+        std::fs::rename(&staged, &live).map_err(io("rename into place", &live))?;
+    }
+    touched.insert(parent);
+    if let Some(sp) = staged.parent() {
+        touched.insert(sp.to_path_buf());
+    }
+    Ok(())
+}
+
+/// Exchanges two directories atomically. `Ok(false)`: not supported here (use two renames).
+#[cfg(target_os = "linux")]
+fn exchange(a: &Path, b: &Path) -> Result<bool> {
+    use rustix::fs::{CWD, RenameFlags, renameat_with};
+    use rustix::io::Errno;
+    match renameat_with(CWD, a, CWD, b, RenameFlags::EXCHANGE) {
+        Ok(()) => Ok(true),
+        Err(e) if e == Errno::INVAL || e == Errno::NOSYS || e == Errno::OPNOTSUPP => Ok(false),
+        Err(e) => Err(io("exchange directories", b)(e.into())),
+    }
+}
+
+/// Exchanges two directories atomically. `Ok(false)`: not supported here (use two renames).
+#[cfg(not(target_os = "linux"))]
+fn exchange(_a: &Path, _b: &Path) -> Result<bool> {
+    Ok(false)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn version(dir: &Path, rel: &str, files: &[(&str, &str)], marker: Option<&str>) {
+        let d = dir.join(rel);
+        std::fs::create_dir_all(&d).unwrap();
+        for (n, c) in files {
+            std::fs::write(d.join(n), c).unwrap();
+        }
+        if let Some(m) = marker {
+            std::fs::write(d.join(m), b"").unwrap();
+        }
+    }
+
+    fn listing(d: &Path) -> Vec<(String, String)> {
+        let mut v: Vec<_> = std::fs::read_dir(d)
+            .unwrap()
+            .map(|e| {
+                let e = e.unwrap();
+                (
+                    e.file_name().to_string_lossy().to_string(),
+                    std::fs::read_to_string(e.path()).unwrap(),
+                )
+            })
+            .collect();
+        v.sort();
+        v
+    }
+
+    /// Both paths (exchange and the two-rename fallback) swap, and are idempotent.
+    #[test]
+    fn swap_exchange_and_fallback() {
+        for fallback in [false, true] {
+            let tmp = tempfile::tempdir().unwrap();
+            let dir = tmp.path();
+            std::fs::create_dir_all(dir.join("_staging/r")).unwrap();
+            version(dir, "k=1", &[("old.csv", "old")], None);
+            version(
+                dir,
+                "_staging/r/p1",
+                &[("new.csv", "new")],
+                Some(".palisade-r"),
+            );
+            version(dir, "_staging/r/p2", &[("x.csv", "x")], Some(".palisade-r"));
+            version(dir, "gone=1/sub=2", &[("g.csv", "g")], None);
+            let mut manifest = Manifest::empty();
+            manifest.generation = 1;
+            let pending = Pending {
+                manifest,
+                swaps: vec![
+                    Swap {
+                        partition: "k=1".into(),
+                        staged: "_staging/r/p1".into(),
+                        marker: ".palisade-r".into(),
+                    },
+                    Swap {
+                        partition: "a=1/b=2".into(),
+                        staged: "_staging/r/p2".into(),
+                        marker: ".palisade-r".into(),
+                    },
+                ],
+                removals: vec![Removal {
+                    partition: "gone=1/sub=2".into(),
+                    aside: "_staging/r/r1".into(),
+                }],
+            };
+            finish(dir, &pending, fallback).unwrap();
+            assert_eq!(
+                listing(&dir.join("k=1")),
+                vec![("new.csv".into(), "new".into())]
+            );
+            assert_eq!(
+                listing(&dir.join("a=1/b=2")),
+                vec![("x.csv".into(), "x".into())]
+            );
+            assert!(!dir.join("gone=1").exists());
+            assert!(!dir.join(PENDING_FILE).exists());
+            assert_eq!(
+                std::fs::read_dir(dir.join("_staging/r")).unwrap().count(),
+                0
+            );
+            // Idempotent: finishing again changes nothing.
+            finish(dir, &pending, fallback).unwrap();
+            assert_eq!(
+                listing(&dir.join("k=1")),
+                vec![("new.csv".into(), "new".into())]
+            );
+        }
+    }
+}
