@@ -259,8 +259,6 @@ mod write {
     //! The write step: every partition goes to `put_files`, which writes only changed ones.
 
     use super::output;
-    #[allow(unused_imports)]
-    use super::pending::PutFiles as _;
     use super::scan::Partition;
     use palisade_idempotency::{ContentHash, PartitionedWriter, Report, Result};
 
@@ -275,7 +273,7 @@ mod write {
             let files = p
                 .files
                 .iter()
-                .map(|f| super::pending::PartFile {
+                .map(|f| palisade_idempotency::PartFile {
                     name: f.name.clone(),
                     path: f.path.clone(),
                 })
@@ -303,8 +301,6 @@ pub async fn manifest(args: ManifestArgs) -> Result<u8, CliError> {
     let dataset = Dataset::open(&store, "")
         .await
         .map_err(|e| to_cli(e, Path::new("/nonexistent")))?;
-    #[allow(unused_imports)]
-    use pending::LiveFiles as _;
     let files = dataset.live_files();
     let base = args.dest.trim_end_matches('/');
     let shown = |rel: &str| match base.strip_prefix("file://") {
@@ -331,56 +327,4 @@ pub async fn manifest(args: ManifestArgs) -> Result<u8, CliError> {
         }
     }
     Ok(0)
-}
-
-/// Stand-ins for palisade-idempotency's multi-file partitions (`put_files`, `live_files`), which
-/// are being added there; removed when they land.
-mod pending {
-    use palisade_idempotency::{ContentHash, Dataset, Error, PartitionedWriter, Result};
-
-    #[allow(dead_code)]
-    pub struct PartFile {
-        pub name: String,
-        pub path: std::path::PathBuf,
-    }
-
-    pub trait PutFiles {
-        async fn put_files(
-            &mut self,
-            partition: &str,
-            files: Vec<PartFile>,
-            identity: ContentHash,
-        ) -> Result<bool>;
-    }
-
-    impl PutFiles for PartitionedWriter {
-        async fn put_files(
-            &mut self,
-            _partition: &str,
-            _files: Vec<PartFile>,
-            _identity: ContentHash,
-        ) -> Result<bool> {
-            Err(Error::Config {
-                field: "put_files",
-                reason: "multi-file partitions are not in palisade-idempotency yet",
-            })
-        }
-    }
-
-    pub trait LiveFiles {
-        fn live_files(&self) -> Vec<(String, Vec<String>)>;
-    }
-
-    impl LiveFiles for Dataset {
-        fn live_files(&self) -> Vec<(String, Vec<String>)> {
-            self.manifest()
-                .map(|m| {
-                    m.partitions
-                        .iter()
-                        .map(|(k, e)| (k.clone(), vec![e.object.clone()]))
-                        .collect()
-                })
-                .unwrap_or_default()
-        }
-    }
 }

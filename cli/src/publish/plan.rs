@@ -47,9 +47,10 @@ impl Plan {
     }
 }
 
-/// The identity the manifest records for a partition, as `put_files` compares it.
-pub fn committed_identity(entry: &PartitionEntry) -> ContentHash {
-    entry.rows_hash.unwrap_or(entry.hash)
+/// The identity the manifest records for a partition, as `put_files` compares it (`None` for
+/// a partition written otherwise, which `put_files` always rewrites).
+pub fn committed_identity(entry: &PartitionEntry) -> Option<ContentHash> {
+    entry.identity
 }
 
 /// Compares SRC's partitions (with their identities, in the same order) with the manifest.
@@ -66,7 +67,7 @@ pub fn plan(
             partition: p.name.clone(),
             action: match manifest.partitions.get(&p.name) {
                 None => Action::New,
-                Some(e) if committed_identity(e) == *id => Action::Unchanged,
+                Some(e) if committed_identity(e) == Some(*id) => Action::Unchanged,
                 Some(_) => Action::Changed,
             },
             files: p.files.len(),
@@ -100,7 +101,9 @@ mod tests {
             object: "x".into(),
             size: 1,
             hash: ContentHash::of_bytes(b"stored bytes"),
-            rows_hash: Some(id),
+            rows_hash: None,
+            identity: Some(id),
+            files: vec![],
         }
     }
 
