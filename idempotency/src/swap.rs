@@ -231,19 +231,28 @@ pub(crate) fn finish(dir: &Path, pending: &Pending, force_fallback: bool) -> Res
     let mut touched: BTreeSet<PathBuf> = BTreeSet::new();
     for r in &pending.removals {
         let live = dir.join(&r.partition);
-        if std::fs::symlink_metadata(&live).is_err() {
-            continue;
+        if std::fs::symlink_metadata(&live).is_ok() {
+            let aside = dir.join(&r.aside);
+            if let Some(parent) = aside.parent() {
+                std::fs::create_dir_all(parent).map_err(io("create directory", parent))?;
+            }
+            std::fs::rename(&live, &aside).map_err(io("move aside", &live))?;
         }
-        let aside = dir.join(&r.aside);
-        if let Some(parent) = aside.parent() {
-            std::fs::create_dir_all(parent).map_err(io("create directory", parent))?;
-        }
-        std::fs::rename(&live, &aside).map_err(io("move aside", &live))?;
+        // Empty parents go too (also when a crash came between the rename and this).
         let mut d = live.parent().map(Path::to_path_buf);
         while let Some(x) = d {
-            if x == dir || std::fs::remove_dir(&x).is_err() {
+            if x == dir {
                 touched.insert(x);
                 break;
+            }
+            match std::fs::remove_dir(&x) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(_) => {
+                    // Not empty: it stays, and its entry list changed.
+                    touched.insert(x);
+                    break;
+                }
             }
             d = x.parent().map(Path::to_path_buf);
         }
