@@ -318,6 +318,105 @@ mod tests {
         ));
     }
 
+    /// A manifest as the first version of this crate wrote it (format 1, no multi-file fields).
+    const FORMAT_1: &str = r#"{
+  "format": 1,
+  "hash_algorithm": "blake3",
+  "canonical_encoding": 1,
+  "generation": 4,
+  "fencing_token": 7,
+  "partitions": {
+    "date=1": {
+      "object": "date=1/part-0123456789abcdef-0123456789abcdef.csv",
+      "size": 4,
+      "hash": "0000000000000000000000000000000000000000000000000000000000000000"
+    }
+  }
+}"#;
+
+    #[test]
+    fn format_1_manifests_stay_readable_and_are_written_back_as_format_1() {
+        let m = Manifest::decode(FORMAT_1.as_bytes(), "m", false).unwrap();
+        assert!(m.is_current_version());
+        assert_eq!(m.needed_format(), MANIFEST_FORMAT_SINGLE_FILE);
+        let e = &m.partitions["date=1"];
+        assert!(!e.is_multi_file() && e.identity.is_none());
+        let text = String::from_utf8(m.encode()).unwrap();
+        assert!(
+            !text.contains("files") && !text.contains("identity"),
+            "{text}"
+        );
+    }
+
+    fn multi() -> Manifest {
+        let mut m = sample();
+        let files = vec![FileEntry {
+            name: "sub/part-0.parquet".into(),
+            object: "date=2/sub/part-0.parquet".into(),
+            size: 3,
+            hash: ContentHash::of_bytes(b"abc"),
+        }];
+        m.partitions.insert(
+            "date=2".into(),
+            PartitionEntry {
+                object: "date=2/".into(),
+                size: 3,
+                hash: files_digest(&files),
+                rows_hash: None,
+                identity: Some(ContentHash::of_bytes(b"id")),
+                files,
+            },
+        );
+        m.format = m.needed_format();
+        m
+    }
+
+    #[test]
+    fn multi_file_entries_round_trip_as_format_2() {
+        let m = multi();
+        assert_eq!(m.format, 2);
+        assert_eq!(Manifest::decode(&m.encode(), "m", false).unwrap(), m);
+        assert_eq!(
+            m.partitions["date=2"].objects(),
+            vec!["date=2/sub/part-0.parquet"]
+        );
+        let mut future = m.clone();
+        future.format = 3;
+        assert!(matches!(
+            Manifest::decode(&future.encode(), "m", false),
+            Err(Error::IncompatibleManifest {
+                field: "format",
+                ..
+            })
+        ));
+    }
+
+    #[test]
+    fn multi_file_entries_cannot_escape_their_partition() {
+        for (object, name) in [
+            ("date=1/x", "x"),
+            ("date=2/../x", "x"),
+            ("date=2//x", "x"),
+            ("date=2/x", "../x"),
+            ("date=2/x", "_SUCCESS"),
+        ] {
+            let mut m = multi();
+            let e = m.partitions.get_mut("date=2").unwrap();
+            e.files[0].object = object.into();
+            e.files[0].name = name.into();
+            assert!(
+                matches!(
+                    Manifest::decode(&m.encode(), "m", false),
+                    Err(Error::CorruptManifest { .. })
+                ),
+                "{object} {name}"
+            );
+        }
+        let mut m = multi();
+        m.partitions.get_mut("date=2").unwrap().object = "date=1/".into();
+        assert!(Manifest::decode(&m.encode(), "m", false).is_err());
+    }
+
     #[test]
     fn other_versions_are_detected() {
         let mut m = sample();

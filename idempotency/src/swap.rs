@@ -381,6 +381,130 @@ mod tests {
         v
     }
 
+    /// A writer that crashed after its decision, with one of two swaps done: `Dataset::open`
+    /// (like a writer's `open`) completes it; a pending record whose manifest is already
+    /// installed is only cleaned up; one that cannot be completed is a clear error.
+    #[test]
+    fn a_decided_commit_is_rolled_forward() {
+        use crate::manifest::{FileEntry, PartitionEntry, files_digest};
+        use crate::{ContentHash, Dataset, DatasetStore, PartFile, PartitionedWriter};
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let tmp = tempfile::tempdir().unwrap();
+            let src = tempfile::tempdir().unwrap();
+            let store = DatasetStore::local(tmp.path());
+            let dir = tmp.path().join("t");
+            let mut w = PartitionedWriter::open(&store, "t").await.unwrap();
+            for p in ["a=1", "a=2"] {
+                let f = src.path().join(format!("{p}.csv"));
+                std::fs::write(&f, format!("{p} old")).unwrap();
+                let id = ContentHash::of_bytes(p.as_bytes());
+                w.put_files(p, vec![PartFile::new("old.csv", f)], id)
+                    .await
+                    .unwrap();
+            }
+            w.commit().await.unwrap();
+
+            // The dead run's decision: new versions staged, pending record written.
+            let mut manifest = Dataset::open(&store, "t")
+                .await
+                .unwrap()
+                .manifest()
+                .unwrap()
+                .clone();
+            manifest.generation += 1;
+            let mut swaps = Vec::new();
+            for (i, p) in ["a=1", "a=2"].into_iter().enumerate() {
+                let staged = format!("_staging/dead/p{i}");
+                let content = format!("{p} new");
+                version(
+                    &dir,
+                    &staged,
+                    &[("new.csv", &content)],
+                    Some(".palisade-dead"),
+                );
+                let files = vec![FileEntry {
+                    name: "new.csv".into(),
+                    object: format!("{p}/new.csv"),
+                    size: content.len() as u64,
+                    hash: ContentHash::of_bytes(content.as_bytes()),
+                }];
+                manifest.partitions.insert(
+                    p.to_string(),
+                    PartitionEntry {
+                        object: format!("{p}/"),
+                        size: content.len() as u64,
+                        hash: files_digest(&files),
+                        rows_hash: None,
+                        identity: Some(ContentHash::of_bytes(content.as_bytes())),
+                        files,
+                    },
+                );
+                swaps.push(Swap {
+                    partition: p.to_string(),
+                    staged,
+                    marker: ".palisade-dead".into(),
+                });
+            }
+            let pending = Pending {
+                manifest,
+                swaps,
+                removals: Vec::new(),
+            };
+            write_pending(&dir, &dir.join("_staging/dead"), &pending).unwrap();
+            // The crash came after the first swap.
+            swap_in(&dir, &pending.swaps[0], false, &mut BTreeSet::new()).unwrap();
+            let names = |p: &str| -> Vec<String> {
+                listing(&dir.join(p)).into_iter().map(|(n, _)| n).collect()
+            };
+            assert_eq!(names("a=1"), vec![".palisade-dead", "new.csv"]);
+            assert_eq!(names("a=2"), vec!["old.csv"]);
+
+            let ds = Dataset::open(&store, "t").await.unwrap();
+            assert_eq!(ds.manifest().unwrap().generation, 2);
+            for p in ["a=1", "a=2"] {
+                assert_eq!(
+                    listing(&dir.join(p)),
+                    vec![("new.csv".to_string(), format!("{p} new"))]
+                );
+                let got = ds.read_file(p, "new.csv").await.unwrap().unwrap();
+                assert_eq!(got, format!("{p} new"));
+            }
+            assert!(!dir.join(PENDING_FILE).exists());
+            assert_eq!(
+                std::fs::read_dir(dir.join("_staging/dead"))
+                    .unwrap()
+                    .count(),
+                0,
+                "the old versions are deleted"
+            );
+
+            // Already installed: only the record goes (its staged versions are gone, so a swap
+            // attempt would fail).
+            write_pending(&dir, &dir.join("_staging/dead"), &pending).unwrap();
+            let w = PartitionedWriter::open(&store, "t").await.unwrap();
+            assert!(!dir.join(PENDING_FILE).exists());
+            assert_eq!(w.manifest().generation, 2);
+            w.abort().await.unwrap();
+            assert_eq!(std::fs::read_dir(dir.join("_staging")).unwrap().count(), 0);
+
+            // Not installed and not completable: a clear error naming the record, no change.
+            let mut broken = pending.clone();
+            broken.manifest.generation = 3;
+            std::fs::create_dir_all(dir.join("_staging/dead")).unwrap();
+            write_pending(&dir, &dir.join("_staging/dead"), &broken).unwrap();
+            let err = Dataset::open(&store, "t").await.unwrap_err();
+            assert!(
+                matches!(&err, Error::CorruptManifest { path, .. } if path.ends_with(PENDING_FILE)),
+                "{err}"
+            );
+            assert_eq!(names("a=1"), vec!["new.csv"]);
+        });
+    }
+
     /// Both paths (exchange and the two-rename fallback) swap, and are idempotent.
     #[test]
     fn swap_exchange_and_fallback() {

@@ -531,3 +531,40 @@ fn part_file_paths() {
     let f = PartFile::new("a/b.csv", PathBuf::from("/tmp/b.csv"));
     assert_eq!(f.name, "a/b.csv");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_writers_one_commits_the_other_conflicts() {
+    for local in [true, false] {
+        let (tmp, src) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let store = if local {
+            DatasetStore::local(tmp.path())
+        } else {
+            DatasetStore::memory()
+        };
+        let p = name(1);
+        run(&store, src.path(), &[(p.clone(), files(1, 1))], false).await;
+        for round in 0..5u32 {
+            let mut a = PartitionedWriter::open(&store, "t").await.unwrap();
+            let mut b = PartitionedWriter::open(&store, "t").await.unwrap();
+            let (fa, fb) = (files(1, 10 + round * 2), files(1, 11 + round * 2));
+            let sa = source(src.path(), &format!("a{round}"), &fa);
+            let sb = source(src.path(), &format!("b{round}"), &fb);
+            a.put_files(&p, sa, identity(&fa)).await.unwrap();
+            b.put_files(&p, sb, identity(&fb)).await.unwrap();
+            let (ra, rb) = tokio::join!(tokio::spawn(a.commit()), tokio::spawn(b.commit()));
+            let (ra, rb) = (ra.unwrap(), rb.unwrap());
+            let (winner, err) = match (ra, rb) {
+                (Ok(_), Err(e)) => (fa, e),
+                (Err(e), Ok(_)) => (fb, e),
+                other => panic!("round {round}: exactly one writer must commit: {other:?}"),
+            };
+            assert!(matches!(err, Error::Conflict { .. }), "{err}");
+            assert_eq!(through_manifest(&store, &p).await, winner);
+            if local {
+                assert_eq!(visible(&tmp.path().join("t").join(&p)), winner);
+                let staging = tmp.path().join("t/_staging");
+                assert_eq!(std::fs::read_dir(&staging).unwrap().count(), 0);
+            }
+        }
+    }
+}
