@@ -6,6 +6,7 @@
 //! - `local`: `LocalLimiter` ns per decision next to raw keyed `governor`, 1000 keys.
 //!
 //! `cargo bench -p palisade-ratelimit --bench decisions -- --warm-up-time 1 --measurement-time 3`
+//! (`PALISADE_BENCH=local` or `PALISADE_BENCH=redis` in the environment runs only that part).
 
 use std::hint::black_box;
 use std::num::NonZeroU32;
@@ -121,6 +122,9 @@ async fn evalsha_stats(
 }
 
 fn redis(c: &mut Criterion) {
+    if std::env::var("PALISADE_BENCH").is_ok_and(|only| only != "redis") {
+        return;
+    }
     let server = palisade_testkit::Redis::start().expect("redis-server");
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -197,27 +201,37 @@ fn redis(c: &mut Criterion) {
 }
 
 fn local(c: &mut Criterion) {
+    if std::env::var("PALISADE_BENCH").is_ok_and(|only| only != "local") {
+        return;
+    }
     let keys = keys();
     let ours = LocalLimiter::new(Limit::per_second(1_000_000).unwrap()).unwrap();
     let quota = governor::Quota::per_second(NonZeroU32::new(1_000_000).unwrap());
+    // The reference: governor's keyed limiter as `RateLimiter::keyed` builds it (its default
+    // DashMap store with std's SipHash, no middleware: the answer is only ok / not until).
     let raw = governor::RateLimiter::keyed(quota);
+    // The same, plus the remaining capacity our decisions carry (StateInformationMiddleware).
+    let informed = governor::RateLimiter::keyed(quota)
+        .with_middleware::<governor::middleware::StateInformationMiddleware>();
+    // The same, with the hasher our own key map uses (foldhash, through hashbrown).
+    let informed_foldhash =
+        governor::RateLimiter::dashmap_with_hasher(quota, hashbrown::DefaultHashBuilder::default())
+            .with_middleware::<governor::middleware::StateInformationMiddleware>();
     for k in &keys {
         let _ = ours.check_n_now(k, 1);
         let _ = raw.check_key(k);
-    }
-    // The same information our decisions carry (remaining capacity) costs governor this much:
-    let informed = governor::RateLimiter::keyed(quota)
-        .with_middleware::<governor::middleware::StateInformationMiddleware>();
-    for k in &keys {
         let _ = informed.check_key(k);
+        let _ = informed_foldhash.check_key(k);
     }
+    // Every row hands the whole answer of the call to `black_box` (governor's
+    // `Result<_, NotUntil>`, our `Result<Decision, Error>`), on the same key sequence.
     let mut group = c.benchmark_group("local_1000_keys");
     group.throughput(Throughput::Elements(1));
     let mut i = 0;
     group.bench_function("governor_keyed", |b| {
         b.iter(|| {
             i = (i + 7) % KEYS;
-            black_box(raw.check_key(&keys[i]).is_ok())
+            black_box(raw.check_key(&keys[i]))
         })
     });
     group.bench_function("governor_keyed_with_remaining", |b| {
@@ -226,8 +240,7 @@ fn local(c: &mut Criterion) {
             black_box(
                 informed
                     .check_key(&keys[i])
-                    .map(|s| s.remaining_burst_capacity())
-                    .ok(),
+                    .map(|s| s.remaining_burst_capacity()),
             )
         })
     });
@@ -240,74 +253,65 @@ fn local(c: &mut Criterion) {
     group.bench_function("palisade_LocalLimiter_check_n_now", |b| {
         b.iter(|| {
             i = (i + 7) % KEYS;
-            black_box(ours.check_n_now(&keys[i], 1).is_ok())
+            black_box(ours.check_n_now(&keys[i], 1))
         })
     });
     group.finish();
 
     // Side by side on a noisy machine: interleave short rounds of each and keep each one's best
-    // round, so that all three see the same background load.
+    // round, so that all of them see the same background load.
     const ROUND: usize = 200_000;
-    let mut best = [f64::MAX; 5];
-    for _ in 0..30 {
+    const ROUNDS: usize = 30;
+    let rows: [&str; 6] = [
+        "governor keyed (`RateLimiter::keyed`, `check_key(&String)`, ok/err only)",
+        "the same + `StateInformationMiddleware` (remaining capacity)",
+        "the same, key given as `&str` (copied into a thread-local `String`)",
+        "governor keyed + remaining, foldhash instead of SipHash (`dashmap_with_hasher`)",
+        "palisade `LocalLimiter::check_n_now(&str, 1)` (sync, full `Decision`)",
+        "palisade `LocalLimiter::check(&str)` (async trait, `now_or_never`, full `Decision`)",
+    ];
+    let mut best = [f64::MAX; 6];
+    for _ in 0..ROUNDS {
         for (slot, best) in best.iter_mut().enumerate() {
             let started = Instant::now();
             for r in 0..ROUND {
                 let k = &keys[(r * 7) % KEYS];
                 match slot {
-                    0 => _ = black_box(raw.check_key(k).is_ok()),
-                    1 => {
-                        _ = black_box(
-                            informed
-                                .check_key(k)
-                                .map(|s| s.remaining_burst_capacity())
-                                .ok(),
-                        )
-                    }
-                    2 => _ = black_box(ours.check(k).now_or_never()),
-                    3 => {
-                        // What taking `&str` costs: copying the key into a `String` to look it up.
+                    0 => _ = black_box(raw.check_key(k)),
+                    1 => _ = black_box(informed.check_key(k).map(|s| s.remaining_burst_capacity())),
+                    2 => {
                         thread_local! {
                             static BUF: std::cell::RefCell<String> = const { std::cell::RefCell::new(String::new()) };
                         }
+                        let k: &str = k;
                         _ = black_box(BUF.with_borrow_mut(|b| {
                             b.clear();
                             b.push_str(k);
-                            informed
-                                .check_key(b)
-                                .map(|s| s.remaining_burst_capacity())
-                                .ok()
+                            informed.check_key(b).map(|s| s.remaining_burst_capacity())
                         }))
                     }
-                    _ => _ = black_box(ours.check_n_now(k, 1).is_ok()),
+                    3 => {
+                        _ = black_box(
+                            informed_foldhash
+                                .check_key(k)
+                                .map(|s| s.remaining_burst_capacity()),
+                        )
+                    }
+                    4 => _ = black_box(ours.check_n_now(k, 1)),
+                    _ => _ = black_box(ours.check(k).now_or_never()),
                 }
             }
             *best = best.min(started.elapsed().as_nanos() as f64 / ROUND as f64);
         }
     }
-    println!("\n| local, 1000 keys, best of 30 interleaved rounds | ns/decision | vs governor |");
+    println!(
+        "\n| local, 1000 keys, best of {ROUNDS} interleaved rounds | ns/decision | vs governor |"
+    );
     println!("|---|---|---|");
-    println!("| governor keyed (`check_key`) | {:.1} | 1.00 |", best[0]);
-    println!(
-        "| governor keyed + `remaining_burst_capacity` | {:.1} | {:.2} |",
-        best[1],
-        best[1] / best[0]
-    );
-    println!(
-        "| palisade `LocalLimiter::check` (async trait, full `Decision`) | {:.1} | {:.2} |",
-        best[2],
-        best[2] / best[0]
-    );
-    println!(
-        "| governor keyed + remaining, key given as `&str` (copied) | {:.1} | {:.2} |",
-        best[3],
-        best[3] / best[0]
-    );
-    println!(
-        "| palisade `LocalLimiter::check_n_now` (sync, full `Decision`) | {:.1} | {:.2} |\n",
-        best[4],
-        best[4] / best[0]
-    );
+    for (row, ns) in rows.iter().zip(best) {
+        println!("| {row} | {ns:.1} | {:.2} |", ns / best[0]);
+    }
+    println!();
 
     let mut group = c.benchmark_group("clock");
     group.bench_function("std_instant_now", |b| b.iter(|| black_box(Instant::now())));

@@ -1,16 +1,18 @@
 //! The embedded default: an in-process keyed limiter on `governor`, timed by tokio's clock.
 
 use std::future::Future;
+use std::hash::BuildHasher;
 use std::num::NonZeroU32;
 use std::sync::Arc;
 use std::time::Duration;
 
-use std::cell::RefCell;
+use std::sync::{PoisonError, RwLock};
 
 use governor::clock::{Clock, Reference};
 use governor::middleware::StateInformationMiddleware;
-use governor::state::keyed::DefaultKeyedStateStore;
+use governor::state::{InMemoryState, NotKeyed, StateStore};
 use governor::{Quota, nanos::Nanos};
+use hashbrown::{DefaultHashBuilder, HashTable};
 
 use crate::{Decision, Error, Limit, RateLimiter};
 
@@ -46,18 +48,147 @@ impl Clock for TokioClock {
     }
 }
 
-type Keyed<C> =
-    governor::RateLimiter<String, DefaultKeyedStateStore<String>, C, StateInformationMiddleware>;
-
 /// The clock a [`LocalLimiter`] uses unless told otherwise: governor's default (quanta, the
 /// fastest monotonic clock on the platform).
 pub type DefaultClock = governor::clock::DefaultClock;
 
-thread_local! {
-    /// Governor's keyed limiter looks keys up by `&String`; callers hand us `&str`. Copying into
-    /// a per-thread buffer avoids an allocation per decision (governor clones the key only when
-    /// it first stores it).
-    static KEY: RefCell<String> = const { RefCell::new(String::new()) };
+/// One key's GCRA state: governor's [`InMemoryState`] (the key's theoretical arrival time in one
+/// atomic, updated by governor's compare-and-swap loop).
+///
+/// Governor's keyed stores look keys up by `&K` (a `&String` for string keys), so a caller
+/// holding a `&str` would have to copy it first. Instead, [`KeyMap`] looks the `&str` up itself
+/// and hands governor the state it found as the "key" of [`ByState`], a store whose key *is*
+/// the state. Governor's GCRA (`check_key`, `check_key_n`) and its `StateInformationMiddleware`
+/// still make every decision.
+#[derive(Default)]
+struct Slot(InMemoryState);
+
+impl Slot {
+    /// The theoretical arrival time (ns since the limiter's start); `None` for a fresh state.
+    fn tat(&self) -> Option<Nanos> {
+        // A closure that refuses to update reads the state without writing it.
+        self.0
+            .measure_and_replace(&NotKeyed::NonKey, Err::<((), Nanos), _>)
+            .err()
+            .flatten()
+    }
+}
+
+/// Governor's keyed API wants `Key: Eq + Hash + Clone`; a `Slot` is identified by its address
+/// (it is never hashed or compared on the decision path: [`ByState`] ignores both).
+impl PartialEq for Slot {
+    fn eq(&self, other: &Self) -> bool {
+        std::ptr::eq(self, other)
+    }
+}
+impl Eq for Slot {}
+impl std::hash::Hash for Slot {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        std::ptr::hash(self, state);
+    }
+}
+impl Clone for Slot {
+    /// A new state holding the same theoretical arrival time.
+    fn clone(&self) -> Self {
+        let copy = Slot::default();
+        if let Some(tat) = self.tat() {
+            let _ = copy
+                .0
+                .measure_and_replace(&NotKeyed::NonKey, |_| Ok::<_, ()>(((), tat)));
+        }
+        copy
+    }
+}
+
+/// A governor state store whose key is the state itself (see [`Slot`]).
+#[derive(Debug, Default)]
+struct ByState;
+
+impl StateStore for ByState {
+    type Key = Slot;
+
+    #[inline]
+    fn measure_and_replace<T, F, E>(&self, key: &Slot, f: F) -> Result<T, E>
+    where
+        F: Fn(Option<Nanos>) -> Result<(T, Nanos), E>,
+    {
+        key.0.measure_and_replace(&NotKeyed::NonKey, f)
+    }
+}
+
+type Engine<C> = governor::RateLimiter<Slot, ByState, C, StateInformationMiddleware>;
+
+type Shard = RwLock<HashTable<(Box<str>, Slot)>>;
+
+/// The keys: `Box<str>` → [`Slot`] in shards of hashbrown tables, each behind a read-write lock.
+/// A lookup hashes the `&str` once (foldhash, seeded per process), picks the shard from that
+/// hash, and finds the entry under a read lock: no allocation and no copy unless the key is new.
+struct KeyMap {
+    shards: Box<[Shard]>,
+    /// `64 - log2(shards)`: the shard is taken from the hash bits below the 7 top bits that
+    /// hashbrown uses inside a table.
+    shift: u32,
+    hasher: DefaultHashBuilder,
+}
+
+impl KeyMap {
+    fn new() -> Self {
+        let n = (std::thread::available_parallelism().map_or(1, usize::from) * 4)
+            .next_power_of_two()
+            .max(2);
+        KeyMap {
+            shards: (0..n).map(|_| RwLock::new(HashTable::new())).collect(),
+            shift: 64 - n.trailing_zeros(),
+            hasher: DefaultHashBuilder::default(),
+        }
+    }
+
+    /// Runs `f` on the state of `key`, creating it (fresh) if the key is new.
+    #[inline]
+    fn with<R>(&self, key: &str, f: impl FnOnce(&Slot) -> R) -> R {
+        let hash = self.hasher.hash_one(key);
+        let shard = &self.shards[((hash << 7) >> self.shift) as usize];
+        {
+            let table = shard.read().unwrap_or_else(PoisonError::into_inner);
+            if let Some((_, slot)) = table.find(hash, |(k, _)| **k == *key) {
+                return f(slot);
+            }
+        }
+        self.insert_with(shard, hash, key, f)
+    }
+
+    /// The first decision for `key` (or after `retain_recent` dropped it): kept out of line.
+    #[cold]
+    #[inline(never)]
+    fn insert_with<R>(&self, shard: &Shard, hash: u64, key: &str, f: impl FnOnce(&Slot) -> R) -> R {
+        let mut table = shard.write().unwrap_or_else(PoisonError::into_inner);
+        let entry = table
+            .entry(
+                hash,
+                |(k, _)| **k == *key,
+                |(k, _)| self.hasher.hash_one(&**k),
+            )
+            .or_insert_with(|| (key.into(), Slot::default()));
+        f(&entry.get().1)
+    }
+
+    /// Drops the keys for which `drop` is true; gives memory back when a shard is mostly empty.
+    fn retain(&self, drop: impl Fn(&Slot) -> bool) {
+        for shard in &self.shards {
+            let mut table = shard.write().unwrap_or_else(PoisonError::into_inner);
+            table.retain(|(_, slot)| !drop(slot));
+            if table.len() < table.capacity() / 4 {
+                table.shrink_to_fit(|(k, _)| self.hasher.hash_one(&**k));
+            }
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.shards
+            .iter()
+            .map(|s| s.read().unwrap_or_else(PoisonError::into_inner).len())
+            .sum()
+    }
 }
 
 /// The embedded default limiter: in-process, keyed, no server.
@@ -92,7 +223,12 @@ impl<C: Clock> std::fmt::Debug for LocalLimiter<C> {
 }
 
 struct Inner<C: Clock> {
-    limiter: Keyed<C>,
+    /// Governor's GCRA over the states in `keys`.
+    engine: Engine<C>,
+    keys: KeyMap,
+    /// A clock reading taken just after the engine's own start: `now - start` never exceeds
+    /// governor's relative time, so `retain_recent` never drops a key early.
+    start: C::Instant,
     burst: u32,
     /// The time one unit takes to come back.
     per_unit: Duration,
@@ -136,11 +272,13 @@ where
                 ),
             })?
             .allow_burst(burst_nz);
-        let limiter: Keyed<C> =
-            governor::RateLimiter::new(quota, DefaultKeyedStateStore::default(), clock);
+        let engine: Engine<C> = governor::RateLimiter::new(quota, ByState, clock);
+        let start = engine.clock().now();
         Ok(Self {
             inner: Arc::new(Inner {
-                limiter,
+                engine,
+                keys: KeyMap::new(),
+                start,
                 burst,
                 per_unit: quota.replenish_interval(),
                 per_unit_ns: quota.replenish_interval().as_nanos() as u64,
@@ -162,14 +300,12 @@ where
                 capacity: inner.burst,
             });
         }
-        let outcome = KEY.with_borrow_mut(|buf| {
-            buf.clear();
-            buf.push_str(key);
+        let outcome = inner.keys.with(key, |slot| {
             // governor's single-cell check is its fast path; `check_key_n` multiplies.
             if n == 1 {
-                Ok(inner.limiter.check_key(buf))
+                Ok(inner.engine.check_key(slot))
             } else {
-                inner.limiter.check_key_n(buf, cells)
+                inner.engine.check_key_n(slot, cells)
             }
         });
         Ok(match outcome {
@@ -190,7 +326,7 @@ where
                 }
             }
             Ok(Err(not_until)) => {
-                let wait = not_until.wait_time_from(inner.limiter.clock().now());
+                let wait = not_until.wait_time_from(inner.engine.clock().now());
                 Decision {
                     allowed: false,
                     limit: inner.burst,
@@ -212,17 +348,23 @@ where
 
     /// Forgets keys whose limit is fully replenished, so memory follows the active keys.
     pub fn retain_recent(&self) {
-        self.inner.limiter.retain_recent();
+        let inner = &*self.inner;
+        // A key whose theoretical arrival time has passed is indistinguishable from a new one
+        // (governor's own `retain_recent` uses the same test).
+        let now = inner.engine.clock().now().duration_since(inner.start);
+        inner
+            .keys
+            .retain(|slot| slot.tat().is_none_or(|tat| tat <= now));
     }
 
     /// The number of keys currently tracked.
     pub fn len(&self) -> usize {
-        self.inner.limiter.len()
+        self.inner.keys.len()
     }
 
     /// Whether no key is tracked.
     pub fn is_empty(&self) -> bool {
-        self.inner.limiter.is_empty()
+        self.len() == 0
     }
 }
 
@@ -234,5 +376,77 @@ where
     #[inline]
     fn check_n(&self, key: &str, n: u32) -> impl Future<Output = Result<Decision, Error>> + Send {
         std::future::ready(self.check_n_now(key, n))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use governor::clock::FakeRelativeClock;
+
+    fn limiter(max: u32) -> (LocalLimiter<FakeRelativeClock>, FakeRelativeClock) {
+        let clock = FakeRelativeClock::default();
+        let l = LocalLimiter::with_clock(Limit::per_second(max).unwrap(), max, clock.clone());
+        (l.unwrap(), clock)
+    }
+
+    #[test]
+    fn one_key_hammered_from_threads_admits_exactly_the_burst() {
+        let (l, _clock) = limiter(100);
+        let admitted: u32 = std::thread::scope(|s| {
+            let tasks: Vec<_> = (0..8)
+                .map(|_| {
+                    s.spawn(|| {
+                        (0..50)
+                            .filter(|_| l.check_n_now("hot", 1).unwrap().allowed)
+                            .count() as u32
+                    })
+                })
+                .collect();
+            tasks.into_iter().map(|t| t.join().unwrap()).sum()
+        });
+        assert_eq!(
+            admitted, 100,
+            "the fake clock never moved: exactly the burst"
+        );
+        assert_eq!(l.len(), 1);
+    }
+
+    #[test]
+    fn many_keys_across_shards_are_independent_and_forgotten_when_replenished() {
+        let (l, clock) = limiter(3);
+        let keys: Vec<String> = (0..5000).map(|i| format!("k{i}")).collect();
+        for k in &keys {
+            assert_eq!(l.check_n_now(k, 3).unwrap().remaining, 0, "{k}");
+        }
+        for k in &keys {
+            assert!(!l.check_n_now(k, 1).unwrap().allowed, "{k} kept its state");
+        }
+        assert_eq!(l.len(), keys.len());
+        // Half way through the refill nothing is forgotten; after it, everything is.
+        clock.advance(Duration::from_millis(500));
+        l.retain_recent();
+        assert_eq!(l.len(), keys.len());
+        assert!(l.check_n_now("k7", 1).unwrap().allowed);
+        clock.advance(Duration::from_millis(500));
+        l.retain_recent();
+        assert_eq!(l.len(), 1, "only k7, used 500 ms ago, is not replenished");
+        clock.advance(Duration::from_millis(334));
+        l.retain_recent();
+        assert!(l.is_empty());
+        // A forgotten key starts fresh.
+        assert_eq!(l.check_n_now("k1", 1).unwrap().remaining, 2);
+    }
+
+    #[test]
+    fn a_cloned_slot_has_the_same_state_and_its_own_identity() {
+        let slot = Slot::default();
+        assert_eq!(slot.tat(), None);
+        let _ = slot
+            .0
+            .measure_and_replace(&NotKeyed::NonKey, |_| Ok::<_, ()>(((), Nanos::new(42))));
+        let copy = slot.clone();
+        assert_eq!(copy.tat(), Some(Nanos::new(42)));
+        assert!(copy != slot && slot == slot);
     }
 }
