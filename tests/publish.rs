@@ -478,6 +478,81 @@ fn two_concurrent_publishes_one_commits_the_other_exits_with_the_conflict_code()
     assert_eq!(written(&rerun).len(), 4, "{rerun}");
 }
 
+/// Whether a publish has staged a partition under `dest` (`_staging/<run>/p<n>/`).
+fn staged(dest: &Path) -> bool {
+    let Ok(runs) = std::fs::read_dir(dest.join("_staging")) else {
+        return false;
+    };
+    runs.filter_map(Result::ok)
+        .filter_map(|run| std::fs::read_dir(run.path()).ok())
+        .flatten()
+        .filter_map(Result::ok)
+        .any(|e| e.file_name().to_string_lossy().starts_with('p'))
+}
+
+#[test]
+fn a_publish_paused_after_staging_with_an_older_token_is_fenced_at_commit() {
+    let f = Fixture::new();
+    let (a, b) = (f.path("a"), f.path("b"));
+    spark_output(&a, 4, 2, 1, 4 << 20);
+    spark_output(&b, 4, 2, 2, 1000);
+    // Holder A (token 5) opens the dataset and stages its first partition (in the writer's
+    // staging area, `_staging/<run>/p<n>/`)...
+    let mut first = f
+        .command(&[
+            "publish",
+            "--fencing-token",
+            "5",
+            a.to_str().unwrap(),
+            &f.dest(),
+        ])
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !staged(&f.path("dest")) {
+        assert!(Instant::now() < deadline, "A never staged a partition");
+        assert!(
+            first.try_wait().unwrap().is_none(),
+            "A finished before it could be paused"
+        );
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    // ...and freezes; holder B (token 6) publishes meanwhile.
+    signal(first.id(), nix::sys::signal::Signal::SIGSTOP);
+    let second = f.publish(&["--fencing-token", "6", b.to_str().unwrap(), &f.dest()]);
+    assert_eq!(written(&second).len(), 4);
+    signal(first.id(), nix::sys::signal::Signal::SIGCONT);
+    let out = wait(first, Duration::from_secs(60));
+    assert_eq!(out.status.code(), Some(FENCED), "{out:?}");
+    for files in read_dir_dataset(&f.path("dest")).values() {
+        for content in files.values() {
+            assert!(content.starts_with(b"v2 "), "the dataset is B's");
+        }
+    }
+    let out = f.run(&["manifest", "--json", &f.dest()]);
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(json["fencing_token"], 6, "{json}");
+}
+
+#[test]
+fn file_units_are_compared_one_file_at_a_time() {
+    let f = Fixture::new();
+    let src = f.path("out");
+    write(&src.join("a.csv"), "1\n");
+    write(&src.join("events/2024-01-01.jsonl"), "{}\n");
+    write(&src.join("_SUCCESS"), "");
+    let first = f.publish(&["--unit", "file", src.to_str().unwrap(), &f.dest()]);
+    assert_eq!(
+        written(&first),
+        ["a.csv", "events/2024-01-01.jsonl"],
+        "{first}"
+    );
+    assert_eq!(std::fs::read(f.path("dest/a.csv/a.csv")).unwrap(), b"1\n");
+    write(&src.join("a.csv"), "2\n");
+    let second = f.publish(&["--unit", "file", src.to_str().unwrap(), &f.dest()]);
+    assert_eq!(written(&second), ["a.csv"], "{second}");
+}
+
 /// A tiny deterministic PRNG (xorshift), seeded per run and printed, for kill points.
 struct Rng(u64);
 impl Rng {
