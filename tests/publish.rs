@@ -783,3 +783,92 @@ fn on_s3_a_rerun_writes_nothing_and_an_older_token_is_fenced() {
         "{files:?}"
     );
 }
+
+/// Runs `palisade ARGS` against moto, with the AWS settings in the environment.
+fn on_moto(f: &Fixture, s3: &S3, args: &[&str]) -> std::process::Child {
+    f.command(args)
+        .env("AWS_ENDPOINT_URL", s3.endpoint())
+        .env("AWS_ALLOW_HTTP", "true")
+        .env("AWS_ACCESS_KEY_ID", s3.access_key())
+        .env("AWS_SECRET_ACCESS_KEY", s3.secret_key())
+        .env("AWS_REGION", s3.region())
+        .spawn()
+        .expect("palisade starts")
+}
+
+/// Starts `publish ARGS` against moto and freezes it once it has opened DEST (it reads SRC's
+/// files only after opening), runs `meanwhile`, thaws it and returns its output.
+fn paused_while(
+    f: &Fixture,
+    s3: &S3,
+    args: &[&str],
+    src: &Path,
+    meanwhile: impl FnOnce(),
+) -> Output {
+    let src = src.canonicalize().unwrap();
+    let child = on_moto(f, s3, args);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !reading_under(child.id(), &src) {
+        assert!(
+            Instant::now() < deadline,
+            "the publish never started reading SRC"
+        );
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    signal(child.id(), nix::sys::signal::Signal::SIGSTOP);
+    meanwhile();
+    signal(child.id(), nix::sys::signal::Signal::SIGCONT);
+    wait(child, Duration::from_secs(60))
+}
+
+#[test]
+fn on_s3_a_publish_that_lost_the_race_conflicts_or_is_fenced_and_changes_nothing() {
+    // moto checks conditional writes sequentially, which is what these races need: the
+    // loser's commit comes after the winner's (see palisade_testkit::S3 on what moto lacks).
+    let s3 = S3::start().expect("moto starts (pip install 'moto[server]', see scripts/setup)");
+    s3.create_bucket("datasets").unwrap();
+    let f = Fixture::new();
+    let (a, b) = (f.path("a"), f.path("b"));
+    spark_output(&a, 4, 2, 1, 4 << 20);
+    spark_output(&b, 4, 2, 2, 1000);
+    let dest = "s3://datasets/races";
+    let ok = |args: &[&str]| {
+        let out = wait(on_moto(&f, &s3, args), Duration::from_secs(60));
+        assert_eq!(out.status.code(), Some(0), "{args:?}: {out:?}");
+    };
+    let files = || -> Vec<String> {
+        let out = wait(
+            on_moto(&f, &s3, &["manifest", dest]),
+            Duration::from_secs(60),
+        );
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(str::to_string)
+            .collect()
+    };
+
+    // Without tokens: B commits while A is frozen after opening; A's commit conflicts.
+    let out = paused_while(&f, &s3, &["publish", a.to_str().unwrap(), dest], &a, || {
+        ok(&["publish", b.to_str().unwrap(), dest])
+    });
+    assert_eq!(out.status.code(), Some(CONFLICT), "{out:?}");
+    let after_b = files();
+    assert_eq!(after_b.len(), 8, "{after_b:?}");
+
+    // With tokens: B (6) commits while A (5) is frozen; A is fenced.
+    ok(&["publish", "--fencing-token", "4", a.to_str().unwrap(), dest]);
+    let out = paused_while(
+        &f,
+        &s3,
+        &["publish", "--fencing-token", "5", a.to_str().unwrap(), dest],
+        &a,
+        || ok(&["publish", "--fencing-token", "6", b.to_str().unwrap(), dest]),
+    );
+    assert_eq!(out.status.code(), Some(FENCED), "{out:?}");
+    let listed = files();
+    assert_eq!(listed.len(), 8, "{listed:?}");
+    assert!(
+        listed.iter().all(|f| !after_b.contains(f)),
+        "token 6 rewrote every partition"
+    );
+}
