@@ -57,6 +57,10 @@ impl Fixture {
         all.extend_from_slice(args);
         let out = self.run(&all);
         assert_eq!(out.status.code(), Some(0), "publish {args:?}: {out:?}");
+        assert!(
+            out.stderr.is_empty(),
+            "quiet when stderr is not a terminal: {out:?}"
+        );
         serde_json::from_slice(&out.stdout).expect("publish --json prints one JSON object")
     }
 }
@@ -416,6 +420,21 @@ fn an_older_fencing_token_is_refused_and_changes_nothing() {
     let newer = f.publish(&["--fencing-token", "7", a.to_str().unwrap(), &f.dest()]);
     assert_eq!(newer["fencing_token"], 7);
     assert_eq!(written(&newer).len(), 2);
+    // An explicit opt-out commits without a token (and keeps the recorded one).
+    let unfenced = f.publish(&["--allow-unfenced", b.to_str().unwrap(), &f.dest()]);
+    assert_eq!(written(&unfenced).len(), 2, "{unfenced}");
+    let out = f.run(&[
+        "publish",
+        "--fencing-token",
+        "6",
+        a.to_str().unwrap(),
+        &f.dest(),
+    ]);
+    assert_eq!(
+        out.status.code(),
+        Some(FENCED),
+        "token 7 is still recorded: {out:?}"
+    );
 }
 
 /// Whether process `pid` has a regular file under `dir` open (from /proc).
