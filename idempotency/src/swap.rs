@@ -1,67 +1,8 @@
 //! Multi-file partitions on the local directory: whole partition directories swapped into place,
 //! with a roll-forward record so that a crash never leaves the manifest and the directories apart.
 //!
-//! # Layout
-//!
-//! A multi-file partition ([`put_files`](crate::PartitionedWriter::put_files)) is a real
-//! directory `<prefix>/<partition>/` that holds exactly its files under their own names, so a
-//! plain Hive-style reader sees a normal layout. Only the writer's hidden marker
-//! `.palisade-<run16>` can sit next to them for the length of a commit (Hive readers skip names
-//! starting with `.` or `_`).
-//!
-//! # Commit protocol (local directory)
-//!
-//! 1. `put_files` builds the new version in the run's staging area, `_staging/<run>/p<n>/`:
-//!    every file copied while it is hashed, plus the marker file `.palisade-<run16>`.
-//! 2. `commit` fsyncs those files and directories (outside the lock), takes `_manifest.lock`,
-//!    completes any interrupted commit (step 6), re-reads the manifest and checks fencing token
-//!    and generation. A refused commit stops here: nothing a reader sees has changed.
-//! 3. Single-object partitions of the run are renamed into place and their directories fsynced
-//!    (their names are new, so no reader sees them yet).
-//! 4. **The decision:** the new manifest, with the list of directory swaps and removals, is
-//!    written to `_manifest.pending.json` (staged, fsynced, renamed, prefix directory fsynced).
-//!    From here on the commit is rolled forward, never back.
-//! 5. Each new version is swapped into place: `renameat2(RENAME_EXCHANGE)` exchanges the staged
-//!    directory and the live one in one atomic step (the old version lands in the staging area);
-//!    a partition that did not exist yet is renamed into place, after its parent directories
-//!    (`k1=v/` of `k1=v/k2=w`) are created and fsynced. The directories are fsynced, then the
-//!    new manifest is installed as `_manifest.json` (staged, fsynced, renamed, fsynced): the
-//!    commit point for readers of the manifest. Then removed multi-file partitions are renamed
-//!    aside into the staging area (atomically disappearing), the markers are deleted,
-//!    `_manifest.pending.json` is deleted, and only then the old versions.
-//! 6. **Roll-forward:** `open`, `commit` and [`Dataset::open`](crate::Dataset::open) look for
-//!    `_manifest.pending.json`; if there is one (its writer crashed or failed in step 5) they
-//!    take the lock and complete it idempotently: a partition whose live directory holds this
-//!    run's marker was already swapped; otherwise its staged directory is swapped in. If the
-//!    installed manifest already has the pending generation, the swaps were all done and only the
-//!    clean-up remains. The staging sweep of `open` runs after this, so it never deletes a
-//!    version that a pending commit still has to swap in.
-//!
-//! # Where `RENAME_EXCHANGE` is not available
-//!
-//! Other operating systems, and Linux file systems without it (the call fails with `EINVAL`,
-//! `ENOSYS` or `EOPNOTSUPP`), fall back to two renames: the live directory aside into the
-//! staging area, then the new one in. Between the two, **the partition is missing** (a reader
-//! listing it finds no directory; never a mix). A crash in between is rolled forward like any
-//! other (the new version is renamed in).
-//!
-//! # What a plain directory reader observes
-//!
-//! - A partition directory always holds one complete version's files: the old set or the new
-//!   set, each file complete (the swap is one atomic rename of the whole directory). Never a
-//!   half-written file, never old and new files mixed.
-//! - Different partitions switch at different instants during a commit (one `renameat2` each),
-//!   so a reader that lists several partitions during a commit can see some new and some old.
-//! - A reader that holds a partition directory open, or is reading its files, keeps reading the
-//!   version it opened (renames do not disturb open files) until the old version is deleted after
-//!   the commit; then reads of files not yet opened fail with "not found": re-list and start
-//!   over.
-//! - Readers through the manifest ([`Dataset`](crate::Dataset), `_manifest.json`): the manifest
-//!   is installed after the swaps, so between the first swap and the install (milliseconds,
-//!   or until the next `open` after a crash) the manifest still describes the old versions of
-//!   partitions already swapped: such a reader can get "not found" (or a hash mismatch when a
-//!   file name is reused) and should re-read the manifest. `Dataset::open` completes a pending
-//!   commit before reading.
+//! The protocol, its fallback and what readers observe are documented in the
+//! [writer module](crate::writer#multi-file-partitions) (this module is private).
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};

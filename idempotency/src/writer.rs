@@ -5,7 +5,11 @@
 //! ```text
 //! <prefix>/_manifest.json                          the commit point (see [`Manifest`])
 //! <prefix>/<partition>/part-<hash16>-<run16><ext>  one object per partition version
+//! <prefix>/<partition>/<name>...                   multi-file partitions, local directory
+//! <prefix>/<partition>/<stem>-<run16><ext>...      multi-file partitions, object stores
 //! <prefix>/_manifest.lock, _staging/               local directory only: lock file, staged data
+//! <prefix>/_manifest.pending.json                  local directory only: a decided commit
+//!                                                  that swaps directories, until it is done
 //! ```
 //!
 //! A partition's data object is named by the first 16 hex digits of its BLAKE3 hash and by the
@@ -31,16 +35,108 @@
 //! run, and a writer that has been open longer than half of it re-checks its uploads before it
 //! commits).
 //!
+//! # Multi-file partitions
+//!
+//! [`put_files`](PartitionedWriter::put_files) puts a partition made of several files, as Spark
+//! or pandas write a Hive-style partition directory (part files whose names change every run).
+//! The caller gives the partition's content identity; the files are written only if it differs
+//! from the manifest's, and the manifest records the identity and every file's name, object,
+//! size and BLAKE3. Manifests that have such partitions are written as format 2
+//! ([`MANIFEST_FORMAT`](crate::manifest::MANIFEST_FORMAT)); all others stay format 1, readable
+//! by older versions of this crate. A multi-file partition's directory belongs to it alone: a
+//! commit with another partition inside it is refused.
+//!
+//! ## On a local directory
+//!
+//! A multi-file partition is a real
+//! directory `<prefix>/<partition>/` that holds exactly its files under their own names, so a
+//! plain Hive-style reader sees a normal layout. Only the writer's hidden marker
+//! `.palisade-<run16>` can sit next to them for the length of a commit (Hive readers skip names
+//! starting with `.` or `_`).
+//!
+//! ## Commit protocol (local directory)
+//!
+//! 1. `put_files` builds the new version in the run's staging area, `_staging/<run>/p<n>/`:
+//!    every file copied while it is hashed, plus the marker file `.palisade-<run16>`.
+//! 2. `commit` fsyncs those files and directories (outside the lock), takes `_manifest.lock`,
+//!    completes any interrupted commit (step 6), re-reads the manifest and checks fencing token
+//!    and generation. A refused commit stops here: nothing a reader sees has changed.
+//! 3. Single-object partitions of the run are renamed into place and their directories fsynced
+//!    (their names are new, so no reader sees them yet).
+//! 4. **The decision:** the new manifest, with the list of directory swaps and removals, is
+//!    written to `_manifest.pending.json` (staged, fsynced, renamed, prefix directory fsynced).
+//!    From here on the commit is rolled forward, never back.
+//! 5. Each new version is swapped into place: `renameat2(RENAME_EXCHANGE)` exchanges the staged
+//!    directory and the live one in one atomic step (the old version lands in the staging area);
+//!    a partition that did not exist yet is renamed into place, after its parent directories
+//!    (`k1=v/` of `k1=v/k2=w`) are created and fsynced. The directories are fsynced, then the
+//!    new manifest is installed as `_manifest.json` (staged, fsynced, renamed, fsynced): the
+//!    commit point for readers of the manifest. Then removed multi-file partitions are renamed
+//!    aside into the staging area (atomically disappearing), the markers are deleted,
+//!    `_manifest.pending.json` is deleted, and only then the old versions.
+//! 6. **Roll-forward:** `open`, `commit` and [`Dataset::open`](crate::Dataset::open) look for
+//!    `_manifest.pending.json`; if there is one (its writer crashed or failed in step 5) they
+//!    take the lock and complete it idempotently: a partition whose live directory holds this
+//!    run's marker was already swapped; otherwise its staged directory is swapped in. If the
+//!    installed manifest already has the pending generation, the swaps were all done and only the
+//!    clean-up remains. The staging sweep of `open` runs after this, so it never deletes a
+//!    version that a pending commit still has to swap in. (A `commit` that fails with an I/O
+//!    error after step 4 returns the error, but its commit is decided: the next `open`
+//!    completes it.) A pending record that cannot be completed (its staged versions deleted
+//!    by hand) is [`Error::CorruptManifest`] naming `_manifest.pending.json`.
+//!
+//! ## Where `RENAME_EXCHANGE` is not available
+//!
+//! Other operating systems, and Linux file systems without it (the call fails with `EINVAL`,
+//! `ENOSYS` or `EOPNOTSUPP`), fall back to two renames: the live directory aside into the
+//! staging area, then the new one in. Between the two, **the partition is missing** (a reader
+//! listing it finds no directory; never a mix). A crash in between is rolled forward like any
+//! other (the new version is renamed in).
+//!
+//! ## What a plain directory reader observes
+//!
+//! - A partition directory always holds one complete version's files: the old set or the new
+//!   set, each file complete (the swap is one atomic rename of the whole directory). Never a
+//!   half-written file, never old and new files mixed.
+//! - Different partitions switch at different instants during a commit (one `renameat2` each),
+//!   so a reader that lists several partitions during a commit can see some new and some old.
+//! - Files a reader has already opened keep their content until it closes them, even after the
+//!   old version is deleted (renames and deletions do not disturb open files). But a reader
+//!   that listed a directory before its swap and opens files by path after it gets the new
+//!   version's files: a name that is gone is "not found" (re-list and start over), and a reused
+//!   name opens the new content. A reader that must never mix versions opens all the files it
+//!   listed before reading, or reads through the manifest and checks the hashes.
+//! - Readers through the manifest ([`Dataset`](crate::Dataset), `_manifest.json`): the manifest
+//!   is installed after the swaps, so between the first swap and the install (milliseconds,
+//!   or until the next `open` after a crash) the manifest still describes the old versions of
+//!   partitions already swapped: such a reader can get "not found" (or a hash mismatch when a
+//!   file name is reused) and should re-read the manifest. `Dataset::open` completes a pending
+//!   commit before reading.
+//!
+//! ## Object stores
+//!
+//! `put_files` uploads each file at once (streamed, 8 MiB at a time, hashed as it is read)
+//! under a unique name that keeps its extension, `<partition>/<dir>/<stem>-<run16><ext>`
+//! (`part-0.snappy.parquet` becomes `part-0-<run16>.snappy.parquet`). The manifest's
+//! conditional put is the commit point; the replaced version's objects are deleted right after
+//! it. A plain listing of `<partition>/` therefore sees **both versions** from the uploads until
+//! that deletion (and after a crash, the dead run's uploads until a later `open` sweeps them,
+//! once they are older than `orphan_grace`): readers that need a consistent view read through
+//! the manifest ([`Dataset::live_files`](crate::Dataset::live_files), or `palisade manifest`).
+//!
 //! # What readers observe
 //!
 //! - **Through the manifest** ([`Dataset`](crate::Dataset), or any reader that reads
 //!   `_manifest.json` and then the objects it names): one committed version of every partition,
-//!   complete; never an object that is missing or half-written.
+//!   complete; never an object that is missing or half-written. (Multi-file partitions on a
+//!   local directory are swapped in place, which has a short window before the manifest is
+//!   installed: see [above](#what-a-plain-directory-reader-observes).)
 //! - **A plain directory listing** (a Hive-style reader globbing `<partition>/*`): never a
 //!   half-written file (data is staged outside the partition directories, and objects are
 //!   written whole). But while a commit replaces a partition, and after a crash until the next
 //!   `open` sweeps, a partition directory can hold both the old and the new object; such readers
-//!   should read through the manifest, or use the CLI's `publish`, which swaps whole directories.
+//!   should read through the manifest, or use multi-file partitions, whose directories are
+//!   swapped whole on a local directory (see [above](#what-a-plain-directory-reader-observes)).
 //! - Replaced objects are deleted right after the commit that stops naming them, so a reader that
 //!   is still reading objects named by the previous manifest can get "not found": it should
 //!   re-read the manifest and start over.
@@ -447,6 +543,23 @@ impl PartitionedWriter {
     ///
     /// A multi-file partition's directory belongs to it alone: a commit where another partition
     /// lies inside it is refused with [`Error::InvalidPartition`].
+    ///
+    /// ```
+    /// # tokio::runtime::Runtime::new().unwrap().block_on(async {
+    /// use palisade_idempotency::{ContentHash, DatasetStore, PartFile, PartitionedWriter};
+    /// let out = tempfile::tempdir()?; // a job's output: out/date=2024-01-01/part-*.csv
+    /// std::fs::write(out.path().join("part-0001.csv"), "id\n1\n")?;
+    /// std::fs::write(out.path().join("part-0002.csv"), "id\n2\n")?;
+    /// let dest = tempfile::tempdir()?;
+    /// let store = DatasetStore::local(dest.path()); // or store_from_url("s3://...")
+    /// let mut w = PartitionedWriter::open(&store, "sales").await?;
+    /// let files = ["part-0001.csv", "part-0002.csv"].map(|n| PartFile::new(n, out.path().join(n)));
+    /// let identity = ContentHash::of_bytes(b"the caller's content identity");
+    /// assert!(w.put_files("date=2024-01-01", files.to_vec(), identity).await?);
+    /// w.commit().await?;
+    /// assert!(dest.path().join("sales/date=2024-01-01/part-0002.csv").is_file());
+    /// # Ok::<(), Box<dyn std::error::Error>>(()) }).unwrap();
+    /// ```
     pub async fn put_files(
         &mut self,
         partition: &str,
@@ -581,7 +694,9 @@ impl PartitionedWriter {
 
     /// Commits: writes the new manifest (only if something changed, or to record a newer
     /// fencing token) and returns what was done. On [`Error::Conflict`] or [`Error::Fenced`]
-    /// nothing a reader sees has changed, and this run's staged data is deleted.
+    /// nothing a reader sees has changed, and this run's staged data is deleted. On a local
+    /// directory, a commit that swaps multi-file partitions and fails with an I/O error after its
+    /// decision is completed by the next `open` (see the [module docs](self#multi-file-partitions)).
     #[tracing::instrument(
         name = "commit_dataset",
         skip_all,
