@@ -31,8 +31,9 @@ pub struct PublishArgs {
     #[arg(value_name = "SRC")]
     pub src: PathBuf,
 
-    /// The dataset: file:///path, s3://bucket/prefix (credentials and endpoint from the AWS_*
-    /// environment variables), gs://, az:// (with the matching features), memory:// (tests).
+    /// The dataset: file:///path, s3://bucket/prefix (credentials, region and endpoint from the
+    /// AWS_* environment variables), gs://bucket/prefix and az://container/prefix (with the
+    /// `gcp`/`azure` features; GOOGLE_*/AZURE_* variables), memory:// (tests).
     #[arg(value_name = "DEST")]
     pub dest: String,
 
@@ -107,8 +108,9 @@ pub struct ManifestArgs {
 }
 
 /// Opens DEST. `s3://` is configured from the standard AWS_* environment variables
-/// (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_REGION, AWS_ALLOW_HTTP...);
-/// everything else goes through `palisade_idempotency::store_from_url`.
+/// (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_REGION, AWS_ALLOW_HTTP...),
+/// `gs://` and `az://` (features `gcp`, `azure`) from GOOGLE_*/AZURE_* ones; everything else
+/// goes through `palisade_idempotency::store_from_url`.
 pub fn open_store(dest: &str) -> Result<DatasetStore, CliError> {
     if let Some(rest) = dest
         .strip_prefix("s3://")
@@ -118,23 +120,53 @@ pub fn open_store(dest: &str) -> Result<DatasetStore, CliError> {
         if bucket.is_empty() {
             return Err(CliError::config(format!("DEST {dest:?}: no bucket")));
         }
-        // A few retries within 15 s: an unreachable endpoint fails the publish in seconds
-        // instead of after object_store's default 3 minutes.
-        let retry = object_store::RetryConfig {
-            max_retries: 3,
-            retry_timeout: Duration::from_secs(15),
-            ..Default::default()
-        };
         let store = object_store::aws::AmazonS3Builder::from_env()
             .with_bucket_name(bucket)
-            .with_retry(retry)
+            .with_retry(retry_config())
             .build()
             .map_err(|e| CliError::config(format!("DEST {dest:?}: {e}")))?;
-        let store: Arc<dyn object_store::ObjectStore> = Arc::new(store);
-        return DatasetStore::object_store(store, base.trim_matches('/'))
-            .map_err(|e| CliError::config(format!("DEST {dest:?}: {}", chain(&e))));
+        return object_dataset(dest, Arc::new(store), base);
+    }
+    #[cfg(feature = "gcp")]
+    if let Some(rest) = dest.strip_prefix("gs://") {
+        let base = rest.split_once('/').map_or("", |(_, b)| b);
+        let store = object_store::gcp::GoogleCloudStorageBuilder::from_env()
+            .with_url(dest)
+            .with_retry(retry_config())
+            .build()
+            .map_err(|e| CliError::config(format!("DEST {dest:?}: {e}")))?;
+        return object_dataset(dest, Arc::new(store), base);
+    }
+    #[cfg(feature = "azure")]
+    if let Some(rest) = dest.strip_prefix("az://") {
+        let base = rest.split_once('/').map_or("", |(_, b)| b);
+        let store = object_store::azure::MicrosoftAzureBuilder::from_env()
+            .with_url(dest)
+            .with_retry(retry_config())
+            .build()
+            .map_err(|e| CliError::config(format!("DEST {dest:?}: {e}")))?;
+        return object_dataset(dest, Arc::new(store), base);
     }
     palisade_idempotency::store_from_url(dest).map_err(|e| CliError::config(chain(&e)))
+}
+
+/// A few retries within 15 s: an unreachable endpoint fails the publish in seconds instead of
+/// after object_store's default 3 minutes.
+fn retry_config() -> object_store::RetryConfig {
+    object_store::RetryConfig {
+        max_retries: 3,
+        retry_timeout: Duration::from_secs(15),
+        ..Default::default()
+    }
+}
+
+fn object_dataset(
+    dest: &str,
+    store: Arc<dyn object_store::ObjectStore>,
+    base: &str,
+) -> Result<DatasetStore, CliError> {
+    DatasetStore::object_store(store, base.trim_matches('/'))
+        .map_err(|e| CliError::config(format!("DEST {dest:?}: {}", chain(&e))))
 }
 
 /// Maps a writer error to the exit code and a one-line message.
