@@ -446,6 +446,43 @@ mod tests {
         });
     }
 
+    /// A crash between the fallback's two renames (the live version aside, the new one not yet
+    /// in: the partition is missing) is rolled forward: the new version is renamed in.
+    #[test]
+    fn a_crash_inside_the_fallback_is_rolled_forward() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path();
+        version(
+            dir,
+            "_staging/r/p1",
+            &[("new.csv", "new")],
+            Some(".palisade-r"),
+        );
+        version(dir, "_staging/r/p1.old", &[("old.csv", "old")], None);
+        let mut manifest = Manifest::empty();
+        manifest.generation = 1;
+        let pending = Pending {
+            manifest,
+            swaps: vec![Swap {
+                partition: "k=1".into(),
+                staged: "_staging/r/p1".into(),
+                marker: ".palisade-r".into(),
+            }],
+            removals: Vec::new(),
+        };
+        write_pending(dir, &dir.join("_staging/r"), &pending).unwrap();
+        assert!(complete_pending(dir).unwrap());
+        assert_eq!(
+            listing(&dir.join("k=1")),
+            vec![("new.csv".into(), "new".into())]
+        );
+        assert_eq!(
+            std::fs::read_dir(dir.join("_staging/r")).unwrap().count(),
+            0
+        );
+        assert!(!complete_pending(dir).unwrap(), "nothing pending any more");
+    }
+
     /// Both paths (exchange and the two-rename fallback) swap, and are idempotent.
     #[test]
     fn swap_exchange_and_fallback() {

@@ -539,7 +539,10 @@ impl PartitionedWriter {
     /// whole and atomically at commit (see the [module docs](self#multi-file-partitions)). On
     /// object stores each file is uploaded now under a unique name that keeps its extension,
     /// `<partition>/<dir>/<stem>-<run16><ext>`. Either way the manifest records the identity and
-    /// every file's name, object, size and BLAKE3 (of the bytes actually written).
+    /// every file's name, object, size and BLAKE3 (of the bytes actually written, hashed while
+    /// they are copied). In the [`Report`], a written partition adds its total size to
+    /// `bytes_written` and `bytes_hashed`; an unchanged one adds nothing (its files are not read;
+    /// the caller's own identity hashing is not counted).
     ///
     /// A multi-file partition's directory belongs to it alone: a commit where another partition
     /// lies inside it is refused with [`Error::InvalidPartition`].
