@@ -333,6 +333,9 @@ pub async fn manifest(args: ManifestArgs) -> Result<u8, CliError> {
     let dataset = Dataset::open(&store, "")
         .await
         .map_err(|e| to_cli(e, Path::new("/nonexistent")))?;
+    if dataset.manifest().is_none() {
+        eprintln!("palisade: no dataset at {} yet (nothing was ever published)", args.dest);
+    }
     let files = dataset.live_files();
     let base = args.dest.trim_end_matches('/');
     let shown = |rel: &str| match base.strip_prefix("file://") {
