@@ -249,7 +249,9 @@ async fn sigkill_at_random_points_leaves_a_readable_dataset_that_converges() {
     let (mut child, committed) = spawn_child(dir, 2);
     let start = Instant::now();
     committed.recv().expect("the child reports its commit");
-    let run_time = start.elapsed();
+    // The estimate adapts: on a loaded machine the measured run can be much slower than the
+    // next ones, and kills aimed past their end would keep missing.
+    let mut run_time = start.elapsed();
     assert!(child.wait().unwrap().success());
     check_converged(dir, 2).await;
 
@@ -270,6 +272,7 @@ async fn sigkill_at_random_points_leaves_a_readable_dataset_that_converges() {
         let status = child.wait().unwrap();
         if status.success() {
             finished += 1;
+            run_time = (run_time * 3 / 4).max(Duration::from_millis(1));
         } else {
             landed += 1;
         }
