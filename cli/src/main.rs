@@ -1,5 +1,5 @@
 //! The `palisade` command: guard any job from cron, Airflow or a shell with a lock, a
-//! run-once key or a rate limit.
+//! run-once key or a rate limit, and publish its output idempotently (`publish`).
 
 mod backend;
 mod child;
@@ -17,8 +17,9 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 /// Guard any command with a lock (with fencing tokens and a registry of running jobs), a
-/// run-once key, or a rate limit. Locks live in a directory on this host by default, and in
-/// etcd with --etcd (or PALISADE_ETCD_ENDPOINTS) for a fleet.
+/// run-once key, or a rate limit; publish a job's output idempotently and fenced. Locks live in
+/// a directory on this host by default, and in etcd with --etcd (or PALISADE_ETCD_ENDPOINTS)
+/// for a fleet.
 #[derive(Debug, Parser)]
 #[command(name = "palisade", version, after_help = exit::TABLE)]
 struct Cli {
