@@ -270,6 +270,11 @@ fn local(c: &mut Criterion) {
         "palisade `LocalLimiter::check_n_now(&str, 1)` (sync, full `Decision`)",
         "palisade `LocalLimiter::check(&str)` (async trait, `now_or_never`, full `Decision`)",
     ];
+    println!(
+        "sizes: decision {} result {}",
+        std::mem::size_of::<palisade_ratelimit::Decision>(),
+        std::mem::size_of::<Result<palisade_ratelimit::Decision, palisade_ratelimit::Error>>()
+    );
     let mut best = [f64::MAX; 6];
     for _ in 0..ROUNDS {
         for (slot, best) in best.iter_mut().enumerate() {
