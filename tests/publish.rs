@@ -322,6 +322,17 @@ fn bad_input_is_one_line_naming_the_file_and_publishes_nothing() {
     let out = f.run(&["publish", missing.to_str().unwrap(), &f.dest()]);
     one_line(&out, BAD_INPUT, "no-such-dir");
 
+    // A job that wrote nothing (only Spark's marker files).
+    let empty = f.path("empty");
+    write(&empty.join("_SUCCESS"), "");
+    let out = f.run(&[
+        "publish",
+        "--remove-missing",
+        empty.to_str().unwrap(),
+        &f.dest(),
+    ]);
+    one_line(&out, BAD_INPUT, "--allow-empty");
+
     let src = f.path("out");
     write(&src.join("date=1/good.parquet"), "PAR1 but not really");
     let out = f.run(&[

@@ -69,6 +69,11 @@ pub struct PublishArgs {
     #[arg(long)]
     pub remove_missing: bool,
 
+    /// Accept a SRC without any data file (with --remove-missing this empties DEST). By
+    /// default an empty SRC is refused (exit 66): it is usually a job that wrote nothing.
+    #[arg(long)]
+    pub allow_empty: bool,
+
     /// Print the plan (what would be written and removed) and write nothing.
     #[arg(long)]
     pub dry_run: bool,
@@ -197,6 +202,17 @@ pub async fn publish(args: PublishArgs) -> Result<u8, CliError> {
         .await
         .map_err(|e| CliError::new(INTERNAL, e.to_string()))?
         .map_err(|e| CliError::new(BAD_INPUT, e.0))?;
+    if partitions.is_empty() && !args.allow_empty {
+        return Err(CliError::new(
+            BAD_INPUT,
+            format!(
+                "SRC {} holds no data files (after skipping _*, .* and *.crc names and applying \
+                 --include/--exclude); refusing to publish an empty dataset, pass --allow-empty \
+                 if that is intended",
+                args.src.display()
+            ),
+        ));
+    }
     let src_root = args.src.canonicalize().unwrap_or_else(|_| args.src.clone());
 
     // Open first: an unreachable DEST or a fenced token fails before any hashing.
@@ -334,7 +350,10 @@ pub async fn manifest(args: ManifestArgs) -> Result<u8, CliError> {
         .await
         .map_err(|e| to_cli(e, Path::new("/nonexistent")))?;
     if dataset.manifest().is_none() {
-        eprintln!("palisade: no dataset at {} yet (nothing was ever published)", args.dest);
+        eprintln!(
+            "palisade: no dataset at {} yet (nothing was ever published)",
+            args.dest
+        );
     }
     let files = dataset.live_files();
     let base = args.dest.trim_end_matches('/');
