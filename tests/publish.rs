@@ -419,6 +419,23 @@ fn an_older_fencing_token_is_refused_and_changes_nothing() {
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(FENCED), "{out:?}");
+    // A token that is not a number is a configuration error; an empty one counts as none.
+    let out = f
+        .command(&["publish", a.to_str().unwrap(), &f.dest()])
+        .env("PALISADE_FENCING_TOKEN", "five")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(78), "{out:?}");
+    let out = f
+        .command(&["publish", a.to_str().unwrap(), &f.dest()])
+        .env("PALISADE_FENCING_TOKEN", "")
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(FENCED),
+        "no token on a fenced dataset: {out:?}"
+    );
     // No token on a fenced dataset is refused too, unless opted out.
     let out = f.run(&["publish", a.to_str().unwrap(), &f.dest()]);
     assert_eq!(out.status.code(), Some(FENCED), "{out:?}");

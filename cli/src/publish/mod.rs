@@ -80,8 +80,9 @@ pub struct PublishArgs {
 
     /// The lock holder's fencing token (`palisade run --lock` sets PALISADE_FENCING_TOKEN):
     /// the commit is refused (exit 77) if a higher token has already committed.
+    /// An empty PALISADE_FENCING_TOKEN counts as none.
     #[arg(long, env = "PALISADE_FENCING_TOKEN", value_name = "TOKEN")]
-    pub fencing_token: Option<u64>,
+    pub fencing_token: Option<String>,
 
     /// Commit without a fencing token to a dataset that records one (default: refused).
     #[arg(long)]
@@ -191,6 +192,14 @@ fn to_cli(error: Error, src: &Path) -> CliError {
 /// Runs `palisade publish` and returns the exit code.
 pub async fn publish(args: PublishArgs) -> Result<u8, CliError> {
     let started = Instant::now();
+    let fencing_token: Option<u64> = match args.fencing_token.as_deref().map(str::trim) {
+        None | Some("") => None,
+        Some(t) => Some(t.parse().map_err(|_| {
+            CliError::config(format!(
+                "--fencing-token / PALISADE_FENCING_TOKEN {t:?}: expected a non-negative integer"
+            ))
+        })?),
+    };
     let store = open_store(&args.dest)?;
     let scan_opts = ScanOptions {
         unit: args.unit,
@@ -220,7 +229,7 @@ pub async fn publish(args: PublishArgs) -> Result<u8, CliError> {
         .allow_unfenced(args.allow_unfenced)
         .remove_missing(args.remove_missing)
         .lock_timeout(args.lock_timeout);
-    if let Some(token) = args.fencing_token {
+    if let Some(token) = fencing_token {
         builder = builder.fencing_token(token);
     }
     let writer = builder.open().await.map_err(|e| to_cli(e, &src_root))?;
@@ -274,7 +283,7 @@ pub async fn publish(args: PublishArgs) -> Result<u8, CliError> {
         bytes_written: the_plan.writes().map(|i| i.bytes).sum(),
         bytes_hashed,
         generation: writer.manifest().generation,
-        fencing_token: args.fencing_token,
+        fencing_token,
         seconds: 0.0,
         plan: None,
     };
