@@ -27,9 +27,7 @@ fn write_parts(dir: &Path, rows: &[Row], files: usize, codec: Compression) {
         Field::new("name", DataType::Utf8, false),
         Field::new("amount", DataType::Float64, false),
     ]));
-    let props = WriterProperties::builder()
-        .set_compression(codec)
-        .build();
+    let props = WriterProperties::builder().set_compression(codec).build();
     for (i, chunk) in rows.chunks(rows.len().div_ceil(files)).enumerate() {
         let batch = RecordBatch::try_new(
             schema.clone(),
@@ -40,8 +38,7 @@ fn write_parts(dir: &Path, rows: &[Row], files: usize, codec: Compression) {
             ],
         )
         .unwrap();
-        let file =
-            std::fs::File::create(dir.join(format!("part-{i:05}-{files}.parquet"))).unwrap();
+        let file = std::fs::File::create(dir.join(format!("part-{i:05}-{files}.parquet"))).unwrap();
         let mut w = ArrowWriter::try_new(file, schema.clone(), Some(props.clone())).unwrap();
         w.write(&batch).unwrap();
         w.close().unwrap();
@@ -67,7 +64,12 @@ fn parquet_rows_resplit_and_reordered_write_nothing_and_one_changed_row_rewrites
     let src = tmp.path().join("out");
     let dest = format!("file://{}", tmp.path().join("dest").display());
     for p in 0..3 {
-        write_parts(&src.join(format!("date={p}")), &rows(p), 2, Compression::SNAPPY);
+        write_parts(
+            &src.join(format!("date={p}")),
+            &rows(p),
+            2,
+            Compression::SNAPPY,
+        );
     }
     let first = publish(&src, &dest);
     assert_eq!(first["written"].as_array().unwrap().len(), 3, "{first}");
