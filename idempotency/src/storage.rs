@@ -97,8 +97,23 @@ impl From<&DatasetStore> for DatasetStore {
 /// - `file:///data/out`: a local directory, the embedded default (fsync + rename + lock file).
 /// - `memory://` (or `memory:///base`): a fresh in-memory object store.
 /// - `s3://bucket/path`, `gs://bucket/path`, `az://container/path`: with this crate's `aws`,
-///   `gcp` or `azure` feature; credentials come from the environment as `object_store` reads them.
+///   `gcp` or `azure` feature; endpoint, region and credentials come from the `AWS_*`,
+///   `GOOGLE_*` and `AZURE_*` environment variables, as `object_store`'s `from_env` builders read
+///   them (e.g. `AWS_ENDPOINT_URL` and `AWS_ALLOW_HTTP=true` for MinIO or moto).
 pub fn store_from_url(url: &str) -> Result<DatasetStore> {
+    store_from_url_with(
+        url,
+        std::env::vars().filter(|(k, _)| {
+            k.starts_with("AWS_") || k.starts_with("GOOGLE_") || k.starts_with("AZURE_")
+        }),
+    )
+}
+
+/// [`store_from_url`] with the remote store's options given instead of read from the environment.
+fn store_from_url_with(
+    url: &str,
+    options: impl IntoIterator<Item = (String, String)>,
+) -> Result<DatasetStore> {
     let unsupported = |reason: String| Error::UnsupportedUrl {
         url: url.to_string(),
         reason,
@@ -116,7 +131,7 @@ pub fn store_from_url(url: &str) -> Result<DatasetStore> {
             DatasetStore::object_store(Arc::new(InMemory::new()), &base)
         }
         scheme => {
-            let (store, base) = object_store::parse_url(&parsed).map_err(|e| {
+            let (store, base) = object_store::parse_url_opts(&parsed, options).map_err(|e| {
                 unsupported(format!(
                     "{e}; remote stores need this crate's `aws` (s3://), `gcp` (gs://) or \
                      `azure` (az://) feature"
@@ -299,6 +314,21 @@ mod tests {
         // the build may enable (cargo unifies features); without it, the error names ours.
         if let Err(err) = store_from_url("s3://bucket/data") {
             assert!(err.to_string().contains("`aws`"), "{err}");
+        }
+        // Remote options reach the store (when object_store was built with `aws`).
+        let options = [
+            (
+                "AWS_ENDPOINT_URL".to_string(),
+                "http://127.0.0.1:9".to_string(),
+            ),
+            ("AWS_REGION".to_string(), "eu-north-1".to_string()),
+        ];
+        if let Ok(store) = store_from_url_with("s3://bucket/data", options) {
+            let shown = format!("{store:?}");
+            assert!(
+                shown.contains("127.0.0.1:9") && shown.contains("eu-north-1"),
+                "{shown}"
+            );
         }
         assert!(matches!(
             store_from_url("not a url"),
