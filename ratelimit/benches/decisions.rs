@@ -213,7 +213,9 @@ fn local(c: &mut Criterion) {
     // The same, plus the remaining capacity our decisions carry (StateInformationMiddleware).
     let informed = governor::RateLimiter::keyed(quota)
         .with_middleware::<governor::middleware::StateInformationMiddleware>();
-    // The same, with the hasher our own key map uses (foldhash, through hashbrown).
+    // The same two, with the hasher our own key map uses (foldhash, through hashbrown).
+    let raw_foldhash =
+        governor::RateLimiter::dashmap_with_hasher(quota, hashbrown::DefaultHashBuilder::default());
     let informed_foldhash =
         governor::RateLimiter::dashmap_with_hasher(quota, hashbrown::DefaultHashBuilder::default())
             .with_middleware::<governor::middleware::StateInformationMiddleware>();
@@ -222,6 +224,7 @@ fn local(c: &mut Criterion) {
         let _ = raw.check_key(k);
         let _ = informed.check_key(k);
         let _ = informed_foldhash.check_key(k);
+        let _ = raw_foldhash.check_key(k);
     }
     // Every row hands the whole answer of the call to `black_box` (governor's
     // `Result<_, NotUntil>`, our `Result<Decision, Error>`), on the same key sequence.
@@ -232,6 +235,12 @@ fn local(c: &mut Criterion) {
         b.iter(|| {
             i = (i + 7) % KEYS;
             black_box(raw.check_key(&keys[i]))
+        })
+    });
+    group.bench_function("governor_keyed_foldhash", |b| {
+        b.iter(|| {
+            i = (i + 7) % KEYS;
+            black_box(raw_foldhash.check_key(&keys[i]))
         })
     });
     group.bench_function("governor_keyed_with_remaining", |b| {
@@ -262,11 +271,12 @@ fn local(c: &mut Criterion) {
     // round, so that all of them see the same background load.
     const ROUND: usize = 200_000;
     const ROUNDS: usize = 30;
-    let rows: [&str; 6] = [
+    let rows: [&str; 7] = [
         "governor keyed (`RateLimiter::keyed`, `check_key(&String)`, ok/err only)",
         "the same + `StateInformationMiddleware` (remaining capacity)",
         "the same, key given as `&str` (copied into a thread-local `String`)",
-        "governor keyed + remaining, foldhash instead of SipHash (`dashmap_with_hasher`)",
+        "governor keyed, foldhash instead of SipHash (`dashmap_with_hasher`), ok/err only",
+        "the same + `StateInformationMiddleware` (remaining capacity)",
         "palisade `LocalLimiter::check_n_now(&str, 1)` (sync, full `Decision`)",
         "palisade `LocalLimiter::check(&str)` (async trait, `now_or_never`, full `Decision`)",
     ];
@@ -275,7 +285,7 @@ fn local(c: &mut Criterion) {
         std::mem::size_of::<palisade_ratelimit::Decision>(),
         std::mem::size_of::<Result<palisade_ratelimit::Decision, palisade_ratelimit::Error>>()
     );
-    let mut best = [f64::MAX; 6];
+    let mut best = [f64::MAX; 7];
     for _ in 0..ROUNDS {
         for (slot, best) in best.iter_mut().enumerate() {
             let started = Instant::now();
@@ -295,14 +305,15 @@ fn local(c: &mut Criterion) {
                             informed.check_key(b).map(|s| s.remaining_burst_capacity())
                         }))
                     }
-                    3 => {
+                    3 => _ = black_box(raw_foldhash.check_key(k)),
+                    4 => {
                         _ = black_box(
                             informed_foldhash
                                 .check_key(k)
                                 .map(|s| s.remaining_burst_capacity()),
                         )
                     }
-                    4 => _ = black_box(ours.check_n_now(k, 1)),
+                    5 => _ = black_box(ours.check_n_now(k, 1)),
                     _ => _ = black_box(ours.check(k).now_or_never()),
                 }
             }
@@ -310,11 +321,15 @@ fn local(c: &mut Criterion) {
         }
     }
     println!(
-        "\n| local, 1000 keys, best of {ROUNDS} interleaved rounds | ns/decision | vs governor |"
+        "\n| local, 1000 keys, best of {ROUNDS} interleaved rounds | ns/decision | vs governor | vs governor with foldhash |"
     );
-    println!("|---|---|---|");
+    println!("|---|---|---|---|");
     for (row, ns) in rows.iter().zip(best) {
-        println!("| {row} | {ns:.1} | {:.2} |", ns / best[0]);
+        println!(
+            "| {row} | {ns:.1} | {:.2} | {:.2} |",
+            ns / best[0],
+            ns / best[3]
+        );
     }
     println!();
 

@@ -223,6 +223,11 @@ impl KeyMap {
 /// hard cap per sliding window (a full burst followed by the steady rate admits up to about
 /// `2 × max` in one window); it limits one process only. Cloning shares the state.
 ///
+/// Governor makes every decision (its GCRA on its `InMemoryState`, one atomic per key); the
+/// keys live in a sharded map of our own, looked up by `&str` without copying. A key is kept
+/// from its first decision until [`LocalLimiter::retain_recent`] finds it fully replenished:
+/// call that periodically when keys come and go (e.g. one per client address).
+///
 /// The clock is governor's fastest ([`DefaultClock`]); for tests on tokio's paused clock, build
 /// it with [`LocalLimiter::with_clock`] and [`TokioClock`].
 pub struct LocalLimiter<C: Clock = DefaultClock> {
