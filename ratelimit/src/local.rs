@@ -58,8 +58,8 @@ pub type DefaultClock = governor::clock::DefaultClock;
 /// Governor's keyed stores look keys up by `&K` (a `&String` for string keys), so a caller
 /// holding a `&str` would have to copy it first. Instead, [`KeyMap`] looks the `&str` up itself
 /// and hands governor the state it found as the "key" of [`ByState`], a store whose key *is*
-/// the state. Governor's GCRA (`check_key`, `check_key_n`) and its `StateInformationMiddleware`
-/// still make every decision.
+/// the state. Governor's `RateLimiter` (`check_key`, `check_key_n`: its GCRA and its
+/// compare-and-swap on this state) still makes every decision.
 #[derive(Default)]
 struct Slot(InMemoryState);
 
