@@ -176,6 +176,10 @@ pub(crate) fn fsync_dir(dir: &FsPath) -> Result<()> {
 /// concurrent fsyncs into fewer journal commits, which matters for thousands of partitions.
 pub(crate) fn fsync_many(paths: &[PathBuf], dirs: bool) -> Result<()> {
     const THREADS: usize = 16;
+    #[cfg(target_os = "linux")]
+    if paths.len() > SYNCFS_ABOVE {
+        return syncfs_all(paths);
+    }
     let one = |p: &PathBuf| {
         if dirs {
             fsync_dir(p)
@@ -204,6 +208,35 @@ pub(crate) fn fsync_many(paths: &[PathBuf], dirs: bool) -> Result<()> {
             })
         })
     })
+}
+
+/// Above this many paths, one `syncfs` per file system replaces the per-path fsyncs.
+#[cfg(target_os = "linux")]
+const SYNCFS_ABOVE: usize = 64;
+
+/// Makes every path durable with one `syncfs(2)` per file system they live on: it writes back
+/// all dirty data and metadata of that file system and waits for it (reporting write-back errors
+/// since Linux 5.8), which covers each file's data and each directory's entries, at the cost of
+/// also flushing unrelated dirty data. For thousands of staged files this is one journal commit
+/// instead of thousands, as `cp -r && sync` does.
+#[cfg(target_os = "linux")]
+fn syncfs_all(paths: &[PathBuf]) -> Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    let mut done: Vec<u64> = Vec::new();
+    for p in paths {
+        let meta = std::fs::metadata(p).map_err(io("stat", p))?;
+        if done.contains(&meta.dev()) {
+            continue;
+        }
+        let f = File::open(p).map_err(io("open for syncfs", p))?;
+        rustix::fs::syncfs(&f).map_err(|e| Error::Io {
+            op: "syncfs",
+            path: p.clone(),
+            source: e.into(),
+        })?;
+        done.push(meta.dev());
+    }
+    Ok(())
 }
 
 /// Writes `bytes` to a new file without fsync (staged data is fsynced in bulk at commit).
@@ -301,6 +334,25 @@ pub(crate) async fn blocking<T: Send + 'static>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn fsync_many_takes_few_or_many_paths_and_names_a_missing_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let files: Vec<PathBuf> = (0..100)
+            .map(|i| {
+                let p = dir.path().join(format!("f{i}"));
+                std::fs::write(&p, b"x").unwrap();
+                p
+            })
+            .collect();
+        fsync_many(&files[..3], false).unwrap();
+        fsync_many(&files, false).unwrap(); // one syncfs on Linux
+        fsync_many(&[dir.path().to_path_buf()], true).unwrap();
+        let mut missing = files.clone();
+        missing.push(dir.path().join("gone"));
+        let err = fsync_many(&missing, false).unwrap_err().to_string();
+        assert!(err.contains("gone"), "{err}");
+    }
 
     #[test]
     fn urls() {
