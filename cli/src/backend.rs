@@ -73,12 +73,23 @@ impl BackendArgs {
             return Coordinator::file(&dir).map_err(CliError::from);
         }
         let client = self.etcd_client().await?;
-        Coordinator::etcd(client)
+        // The client connects lazily; granting the session's lease is the first round trip, and
+        // the lock crate retries it for up to a TTL: --connect-timeout bounds the whole start.
+        let connect = Coordinator::etcd(client)
             .namespace(self.namespace.clone())
             .lease_ttl(ttl)
-            .connect()
-            .await
-            .map_err(CliError::from)
+            .connect();
+        match tokio::time::timeout(self.connect_timeout, connect).await {
+            Ok(result) => result.map_err(CliError::from),
+            Err(_) => Err(CliError::new(
+                UNAVAILABLE,
+                format!(
+                    "cannot reach etcd at {} within {} (--connect-timeout)",
+                    self.etcd.join(","),
+                    humantime::format_duration(self.connect_timeout)
+                ),
+            )),
+        }
     }
 
     async fn etcd_client(&self) -> Result<etcd_client::Client, CliError> {
