@@ -223,7 +223,10 @@ fn errors_are_one_line_with_distinct_codes() {
     ]);
     assert_eq!(out.status.code(), Some(69), "{out:?}");
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(stderr.contains("within 1s"), "--connect-timeout bounds the start: {stderr}");
+    assert!(
+        stderr.contains("within 1s"),
+        "--connect-timeout bounds the start: {stderr}"
+    );
     assert_eq!(stderr.trim().lines().count(), 1, "one line: {stderr}");
     assert!(stderr.starts_with("palisade: "), "{stderr}");
     assert!(!stderr.contains("panicked"), "{stderr}");
