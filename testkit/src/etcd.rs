@@ -1,14 +1,12 @@
 //! etcd: one server, or a cluster of several members on loopback.
 
 use crate::net::{free_port, http};
-use crate::process::{Server, find_binary};
+use crate::process::{Server, find_binary, on_fresh_ports};
 use crate::{Error, STARTUP_TIMEOUT};
 use nix::sys::signal::Signal;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 use tempfile::TempDir;
-
-const ATTEMPTS: usize = 3;
 
 /// A running `etcd` server (alone, or one member of an [`EtcdCluster`]).
 ///
@@ -31,24 +29,18 @@ impl Etcd {
     /// Starts a single-member etcd on free loopback ports with a fresh data directory, and
     /// waits (at most [`STARTUP_TIMEOUT`]) until it answers `/health`.
     pub fn start() -> Result<Etcd, Error> {
-        let mut last = None;
-        for _ in 0..ATTEMPTS {
+        on_fresh_ports(|| {
             let dir = tempfile::Builder::new()
                 .prefix("palisade-etcd-")
                 .tempdir()
                 .map_err(Error::io("creating a data directory for etcd"))?;
             let ports = [MemberPorts::pick("m0")?];
             let mut etcd = Etcd::member(&dir, &ports, 0)?;
-            match etcd.server.spawn().and_then(|()| etcd.wait_healthy()) {
-                Ok(()) => {
-                    etcd._dir = Some(dir);
-                    return Ok(etcd);
-                }
-                Err(e) if Server::port_was_taken(&e) => last = Some(e),
-                Err(e) => return Err(e),
-            }
-        }
-        Err(last.expect("at least one attempt was made"))
+            etcd.server.spawn()?;
+            etcd.wait_healthy()?;
+            etcd._dir = Some(dir);
+            Ok(etcd)
+        })
     }
 
     fn member(dir: &TempDir, cluster: &[MemberPorts], index: usize) -> Result<Etcd, Error> {
@@ -178,8 +170,7 @@ impl EtcdCluster {
     /// Starts `size` members that form one cluster, and waits until every member is healthy.
     pub fn start(size: usize) -> Result<EtcdCluster, Error> {
         assert!(size > 0, "an etcd cluster needs at least one member");
-        let mut last = None;
-        for _ in 0..ATTEMPTS {
+        on_fresh_ports(|| {
             let dir = tempfile::Builder::new()
                 .prefix("palisade-etcd-cluster-")
                 .tempdir()
@@ -191,17 +182,10 @@ impl EtcdCluster {
                 .map(|i| Etcd::member(&dir, &ports, i))
                 .collect::<Result<Vec<_>, _>>()?;
             // All members must be running before any of them can elect a leader.
-            let started = members
-                .iter()
-                .try_for_each(|m| m.server.spawn())
-                .and_then(|()| members.iter().try_for_each(Etcd::wait_healthy));
-            match started {
-                Ok(()) => return Ok(EtcdCluster { members, _dir: dir }),
-                Err(e) if Server::port_was_taken(&e) => last = Some(e),
-                Err(e) => return Err(e),
-            }
-        }
-        Err(last.expect("at least one attempt was made"))
+            members.iter().try_for_each(|m| m.server.spawn())?;
+            members.iter().try_for_each(Etcd::wait_healthy)?;
+            Ok(EtcdCluster { members, _dir: dir })
+        })
     }
 
     /// Every member's client URL.

@@ -60,6 +60,31 @@ fn spawn(command: Command) -> std::io::Result<Child> {
         .map_err(|_| std::io::Error::other("the testkit's spawner thread is gone"))?
 }
 
+/// How many times a start is tried when a port it picked was taken meanwhile.
+const ATTEMPTS: usize = 3;
+
+/// Runs `start` until it succeeds, fails for another reason, or has failed [`ATTEMPTS`] times
+/// because a port it picked was taken in between (another test process won the race for a free
+/// port): each call of `start` picks fresh ports.
+pub(crate) fn on_fresh_ports<T>(mut start: impl FnMut() -> Result<T, Error>) -> Result<T, Error> {
+    let mut attempt = 1;
+    loop {
+        match start() {
+            Err(e) if attempt < ATTEMPTS && port_was_taken(&e) => attempt += 1,
+            result => return result,
+        }
+    }
+}
+
+/// Whether a server exited because its port was taken ("address already in use" from etcd and
+/// Redis, "Address already in use" from Python's moto).
+fn port_was_taken(error: &Error) -> bool {
+    match error {
+        Error::Exited { log, .. } => log.to_ascii_lowercase().contains("address already in use"),
+        _ => false,
+    }
+}
+
 /// Locks a mutex, ignoring poisoning: a panicking test must not make cleanup panic too.
 pub(crate) fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     mutex
@@ -182,15 +207,6 @@ impl Server {
             None => Some("killed".into()),
             Some(Ok(Some(status))) => Some(status.to_string()),
             Some(_) => None,
-        }
-    }
-
-    /// Whether the last start failed because a port was taken (another test won the race
-    /// for a port we picked), which is worth another try on other ports.
-    pub(crate) fn port_was_taken(error: &Error) -> bool {
-        match error {
-            Error::Exited { log, .. } => log.contains("address already in use"),
-            _ => false,
         }
     }
 

@@ -1,7 +1,7 @@
 //! redis-server: one server without persistence, or a Redis Cluster of masters.
 
 use crate::net::{free_port, free_port_pair, resp};
-use crate::process::{Server, find_binary};
+use crate::process::{Server, find_binary, on_fresh_ports};
 use crate::{Error, STARTUP_TIMEOUT};
 use nix::sys::signal::Signal;
 use std::net::SocketAddr;
@@ -9,7 +9,6 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 use tempfile::TempDir;
 
-const ATTEMPTS: usize = 3;
 /// Redis Cluster's bus listens on the client port plus this.
 const CLUSTER_BUS_OFFSET: u16 = 10000;
 
@@ -92,24 +91,18 @@ impl Redis {
 
     /// Starts a Redis server with these options (see [`RedisOptions`]).
     pub fn start_with(options: RedisOptions) -> Result<Redis, Error> {
-        let mut last = None;
-        for _ in 0..ATTEMPTS {
+        on_fresh_ports(|| {
             let dir = tempfile::Builder::new()
                 .prefix("palisade-redis-")
                 .tempdir()
                 .map_err(Error::io("creating a directory for redis-server"))?;
             let port = free_port().map_err(Error::io("finding a free port"))?;
             let mut redis = Redis::node(&dir, port, &options, false)?;
-            match redis.server.spawn().and_then(|()| redis.wait_answering()) {
-                Ok(()) => {
-                    redis._dir = Some(dir);
-                    return Ok(redis);
-                }
-                Err(e) if Server::port_was_taken(&e) => last = Some(e),
-                Err(e) => return Err(e),
-            }
-        }
-        Err(last.expect("at least one attempt was made"))
+            redis.server.spawn()?;
+            redis.wait_answering()?;
+            redis._dir = Some(dir);
+            Ok(redis)
+        })
     }
 
     fn node(
@@ -244,8 +237,7 @@ impl RedisCluster {
     pub fn start(masters: usize) -> Result<RedisCluster, Error> {
         assert!(masters >= 3, "Redis Cluster needs at least 3 masters");
         let cli = find_binary("redis-cli", "redis-tools", "PALISADE_REDIS_CLI_BIN")?;
-        let mut last = None;
-        for _ in 0..ATTEMPTS {
+        on_fresh_ports(|| {
             let dir = tempfile::Builder::new()
                 .prefix("palisade-redis-cluster-")
                 .tempdir()
@@ -257,22 +249,13 @@ impl RedisCluster {
                     Redis::node(&dir, port, &RedisOptions::default(), true)
                 })
                 .collect::<Result<Vec<_>, _>>()?;
-            let started = nodes
+            nodes
                 .iter()
-                .try_for_each(|n| n.server.spawn().and_then(|()| n.wait_answering()));
-            match started {
-                Ok(()) => {}
-                Err(e) if Server::port_was_taken(&e) => {
-                    last = Some(e);
-                    continue;
-                }
-                Err(e) => return Err(e),
-            }
+                .try_for_each(|n| n.server.spawn().and_then(|()| n.wait_answering()))?;
             let cluster = RedisCluster { nodes, _dir: dir };
             cluster.create(&cli)?;
-            return Ok(cluster);
-        }
-        Err(last.expect("at least one attempt was made"))
+            Ok(cluster)
+        })
     }
 
     fn create(&self, cli: &std::path::Path) -> Result<(), Error> {

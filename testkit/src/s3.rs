@@ -2,14 +2,12 @@
 
 use crate::Error;
 use crate::net::{free_port, http};
-use crate::process::{Server, find_binary};
+use crate::process::{Server, find_binary, on_fresh_ports};
 use nix::sys::signal::Signal;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use tempfile::TempDir;
-
-const ATTEMPTS: usize = 3;
 
 /// The PyPI package (with its extra) that provides `moto_server`.
 pub(crate) const MOTO_PACKAGE: &str = "moto[server]";
@@ -73,8 +71,7 @@ impl S3 {
     /// [`Error::MissingBinary`] naming `moto[server]` and `scripts/setup`.
     pub fn start() -> Result<S3, Error> {
         let (program, prefix) = moto_command()?;
-        let mut last = None;
-        for _ in 0..ATTEMPTS {
+        on_fresh_ports(|| {
             let dir = tempfile::Builder::new()
                 .prefix("palisade-s3-")
                 .tempdir()
@@ -89,13 +86,10 @@ impl S3 {
                 addr: SocketAddr::from(([127, 0, 0, 1], port)),
                 _dir: dir,
             };
-            match s3.server.spawn().and_then(|()| s3.wait_answering()) {
-                Ok(()) => return Ok(s3),
-                Err(e) if port_was_taken(&e) => last = Some(e),
-                Err(e) => return Err(e),
-            }
-        }
-        Err(last.expect("at least one attempt was made"))
+            s3.server.spawn()?;
+            s3.wait_answering()?;
+            Ok(s3)
+        })
     }
 
     fn wait_answering(&self) -> Result<(), Error> {
@@ -213,14 +207,6 @@ fn moto_command() -> Result<(PathBuf, Vec<String>), Error> {
         }
     }
     missing.map(|program| (program, Vec::new()))
-}
-
-/// Python's message is "Address already in use" (capitalised, unlike etcd's and Redis's).
-fn port_was_taken(error: &Error) -> bool {
-    match error {
-        Error::Exited { log, .. } => log.to_ascii_lowercase().contains("address already in use"),
-        _ => false,
-    }
 }
 
 /// The `<Code>` of an S3 XML error body.
