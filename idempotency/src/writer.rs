@@ -1688,8 +1688,6 @@ fn stage_dir(
 ) -> Result<(Vec<(String, u64, ContentHash)>, Vec<PathBuf>, Vec<PathBuf>)> {
     std::fs::create_dir(sdir).map_err(io("create directory", sdir))?;
     let mut dirs: BTreeSet<PathBuf> = BTreeSet::from([sdir.to_path_buf()]);
-    let mut synced = Vec::with_capacity(files.len() + 1);
-    let mut stats = Vec::with_capacity(files.len());
     for f in files {
         let to = sdir.join(&f.name);
         if let Some(parent) = to.parent()
@@ -1705,6 +1703,11 @@ fn stage_dir(
                 }
             }
         }
+    }
+    // Copy (and hash) the files on a few threads: hashing is CPU and writing is the kernel's,
+    // so a partition of several part files stages in about the time of its largest file.
+    let stage_one = |f: &PartFile| -> Result<(String, u64, ContentHash, PathBuf)> {
+        let to = sdir.join(&f.name);
         let out = std::fs::OpenOptions::new()
             .write(true)
             .create_new(true)
@@ -1718,7 +1721,40 @@ fn stage_dir(
             other => other,
         })?;
         let size = out.metadata().map_err(io("stat", &to))?.len();
-        stats.push((f.name.clone(), size, hash));
+        Ok((f.name.clone(), size, hash, to))
+    };
+    let threads = std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .clamp(1, 4)
+        .min(files.len().max(1));
+    let staged: Vec<Result<(String, u64, ContentHash, PathBuf)>> = if threads <= 1 {
+        files.iter().map(stage_one).collect()
+    } else {
+        let chunk = files.len().div_ceil(threads);
+        std::thread::scope(|scope| {
+            let handles: Vec<_> = files
+                .chunks(chunk)
+                .map(|part| scope.spawn(move || part.iter().map(stage_one).collect::<Vec<_>>()))
+                .collect();
+            handles
+                .into_iter()
+                .flat_map(|h| {
+                    h.join().unwrap_or_else(|_| {
+                        vec![Err(Error::Io {
+                            op: "stage",
+                            path: sdir.to_path_buf(),
+                            source: std::io::Error::other("a staging thread panicked"),
+                        })]
+                    })
+                })
+                .collect()
+        })
+    };
+    let mut synced = Vec::with_capacity(files.len() + 1);
+    let mut stats = Vec::with_capacity(files.len());
+    for result in staged {
+        let (name, size, hash, to) = result?;
+        stats.push((name, size, hash));
         synced.push(to);
     }
     let m = sdir.join(marker);
