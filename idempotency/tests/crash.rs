@@ -3,9 +3,10 @@
 //! run. After each kill the reader-visible state is checked, then a rerun must converge to what
 //! an uninterrupted run produces.
 
+mod common;
+
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use palisade_idempotency::{ContentHash, Dataset, DatasetStore, PartitionedWriter};
@@ -50,21 +51,14 @@ async fn write_version(dir: &Path, v: u32, announce: bool) -> palisade_idempoten
         .await
         .expect("open");
     if announce {
-        // Tells the parent that the writer's work starts now.
-        use std::io::Write;
-        let mut out = std::io::stdout();
-        out.write_all(b"opened\n").expect("stdout");
-        out.flush().expect("stdout");
+        common::announce("opened");
     }
     for (name, bytes) in expected(v) {
         w.put(&name, bytes).await.expect("put");
     }
     let report = w.commit().await.expect("commit");
     if announce {
-        use std::io::Write;
-        let mut out = std::io::stdout();
-        out.write_all(b"committed\n").expect("stdout");
-        out.flush().expect("stdout");
+        common::announce("committed");
     }
     report
 }
@@ -84,40 +78,8 @@ fn crash_child() {
     rt.block_on(write_version(Path::new(dir), v, true));
 }
 
-/// Starts a writer of version `v` in a child process, and returns once its writer is open (or
-/// the child ended), so that the kill delays fall inside the writer's work, not process start.
-/// The receiver gets a message when the child reports its commit.
 fn spawn_child(dir: &Path, v: u32) -> (std::process::Child, std::sync::mpsc::Receiver<()>) {
-    use std::io::BufRead;
-    let mut child = Command::new(std::env::current_exe().expect("test binary"))
-        .args([
-            "crash_child",
-            "--exact",
-            "--nocapture",
-            "--test-threads=1",
-            "-q",
-        ])
-        .env(CHILD_ENV, format!("{}|{v}", dir.display()))
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("spawn child");
-    let stdout = child.stdout.take().expect("piped stdout");
-    let mut lines = std::io::BufReader::new(stdout).lines();
-    for line in lines.by_ref() {
-        if line.map(|l| l.contains("opened")).unwrap_or(true) {
-            break;
-        }
-    }
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in lines.map_while(Result::ok) {
-            if line.contains("committed") {
-                let _ = tx.send(());
-            }
-        }
-    });
-    (child, rx)
+    common::spawn_child("crash_child", CHILD_ENV, dir, v)
 }
 
 /// Every `part-*` file under the dataset, relative to it, with its content.

@@ -6,9 +6,10 @@
 //! directories match the manifest exactly; and a rerun converges to what an uninterrupted run
 //! produces (same manifest content, same files, no leftovers).
 
+mod common;
+
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use palisade_idempotency::{ContentHash, Dataset, DatasetStore, PartFile, PartitionedWriter};
@@ -84,9 +85,7 @@ async fn write_version(dir: &Path, v: u32, announce: bool) -> palisade_idempoten
         .await
         .expect("open");
     if announce {
-        let mut out = std::io::stdout();
-        out.write_all(b"opened\n").expect("stdout");
-        out.flush().expect("stdout");
+        common::announce("opened");
     }
     for (p, files) in expected(v) {
         let part_files = files
@@ -99,9 +98,7 @@ async fn write_version(dir: &Path, v: u32, announce: bool) -> palisade_idempoten
     }
     let report = w.commit().await.expect("commit");
     if announce {
-        let mut out = std::io::stdout();
-        out.write_all(b"committed\n").expect("stdout");
-        out.flush().expect("stdout");
+        common::announce("committed");
     }
     report
 }
@@ -121,38 +118,8 @@ fn multi_crash_child() {
     rt.block_on(write_version(Path::new(dir), v, true));
 }
 
-/// Starts a writer of version `v` in a child process and returns once its writer is open.
 fn spawn_child(dir: &Path, v: u32) -> (std::process::Child, std::sync::mpsc::Receiver<()>) {
-    use std::io::BufRead;
-    let mut child = Command::new(std::env::current_exe().expect("test binary"))
-        .args([
-            "multi_crash_child",
-            "--exact",
-            "--nocapture",
-            "--test-threads=1",
-            "-q",
-        ])
-        .env(CHILD_ENV, format!("{}|{v}", dir.display()))
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("spawn child");
-    let stdout = child.stdout.take().expect("piped stdout");
-    let mut lines = std::io::BufReader::new(stdout).lines();
-    for line in lines.by_ref() {
-        if line.map(|l| l.contains("opened")).unwrap_or(true) {
-            break;
-        }
-    }
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in lines.map_while(Result::ok) {
-            if line.contains("committed") {
-                let _ = tx.send(());
-            }
-        }
-    });
-    (child, rx)
+    common::spawn_child("multi_crash_child", CHILD_ENV, dir, v)
 }
 
 /// What a plain Hive-style reader sees: every directory holding visible files (names not
