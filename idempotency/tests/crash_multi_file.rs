@@ -77,7 +77,6 @@ fn write_source(dir: &Path, v: u32) {
 }
 
 async fn write_version(dir: &Path, v: u32, announce: bool) -> palisade_idempotency::Report {
-    use std::io::Write;
     let store = DatasetStore::local(dir.join("out"));
     let mut w = PartitionedWriter::builder(&store, "table")
         .remove_missing(true)
