@@ -473,3 +473,30 @@ fn jobs_watch_reports_a_job_starting_and_finishing() {
         assert_eq!(started["command"][0], "sh", "[{label}] {events:?}");
     }
 }
+
+#[test]
+fn once_keeps_the_key_of_a_run_that_outlasts_its_claim_ttl() {
+    let p = Palisade::new(None);
+    let holder = p.spawn(&[
+        "once",
+        "--key",
+        "k",
+        "--claim-ttl",
+        "1s",
+        "--",
+        "sh",
+        "-c",
+        HOLD,
+    ]);
+    wait_for_file(&p.dir.path().join("started"), "the first run to start");
+    // Well past --claim-ttl: the claim would have lapsed twice over if palisade did not renew it.
+    std::thread::sleep(Duration::from_millis(2500));
+    let busy = p.output(&["once", "--key", "k", "--no-wait", "--", "sh", "-c", HOLD]);
+    assert_eq!(
+        busy.status.code(),
+        Some(75),
+        "the live run keeps its key: {busy:?}"
+    );
+    std::fs::write(p.dir.path().join("release"), "").unwrap();
+    assert_eq!(p.finish(holder).code(), Some(0));
+}

@@ -27,16 +27,17 @@ pub struct OnceArgs {
     #[arg(long, value_parser = humantime::parse_duration, default_value = "7days", value_name = "DURATION")]
     pub ttl: Duration,
 
-    /// How long a run may take before its claim lapses and another invocation may run the key
-    /// (set it above the longest run: a runner that died holds the key this long).
-    #[arg(long, value_parser = humantime::parse_duration, default_value = "1h", value_name = "DURATION")]
+    /// How long the key stays claimed after palisade died (or lost touch with the store): while
+    /// the command runs, palisade renews the claim every third of this, however long it runs.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "1m", value_name = "DURATION")]
     pub claim_ttl: Duration,
 
     /// Exit 75 at once when the key runs elsewhere, instead of waiting for that run to end.
     #[arg(long, conflicts_with = "wait_for")]
     pub no_wait: bool,
 
-    /// Wait at most this long for a run elsewhere to end (default: as long as --claim-ttl).
+    /// Wait at most this long for a run elsewhere to end (default: without limit; a run whose
+    /// runner died stops blocking after --claim-ttl).
     #[arg(long, value_parser = humantime::parse_duration, value_name = "DURATION")]
     pub wait_for: Option<Duration>,
 
@@ -69,7 +70,11 @@ pub async fn once(args: OnceArgs) -> Result<u8, CliError> {
     let options = if args.no_wait {
         options
     } else {
-        options.wait(args.wait_for.unwrap_or(args.claim_ttl))
+        // "Forever": ten years is beyond any run, and keeps the deadline arithmetic finite.
+        options.wait(
+            args.wait_for
+                .unwrap_or(Duration::from_secs(10 * 365 * 24 * 3600)),
+        )
     };
     options.validate().map_err(to_cli)?;
     match args.store.as_deref() {

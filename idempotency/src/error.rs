@@ -241,7 +241,8 @@ pub enum Error {
     /// The runner's claim expired and another runner took the key over before it completed.
     #[error(
         "the claim on idempotency key {key:?} expired and another runner owns it now; the result \
-         of this run was not recorded: raise `in_progress_ttl` above the longest run"
+         of this run was not recorded: this runner could not renew its claim within \
+         `in_progress_ttl` (paused, or cut off from the store); raise it if that can be normal"
     )]
     OwnershipLost {
         /// The key.

@@ -39,6 +39,7 @@ async fn suite(name: &str, factory: Factory) {
     fingerprint_mismatch(name, &store).await;
     failed_job_records_nothing(name, &store).await;
     killed_runner_is_reclaimed_after_in_progress_ttl(name, &store).await;
+    live_runner_keeps_its_claim_past_in_progress_ttl(name, &store).await;
     presumed_dead_owner_cannot_overwrite(name, &store).await;
     missing_key(name, &store).await;
 }
@@ -235,6 +236,48 @@ async fn killed_runner_is_reclaimed_after_in_progress_ttl(name: &str, store: &St
             Err(e) => panic!("{name}: {e}"),
         }
     }
+}
+
+/// A runner that is alive renews its claim while its job runs, however long it takes: nobody
+/// takes the key over after `in_progress_ttl`, and the result is recorded.
+async fn live_runner_keeps_its_claim_past_in_progress_ttl(name: &str, store: &Store) {
+    const TTL: Duration = Duration::from_millis(900);
+    let (started_tx, started_rx) = tokio::sync::oneshot::channel();
+    let (finish_tx, finish_rx) = tokio::sync::oneshot::channel::<()>();
+    let s = store.clone();
+    let runner = tokio::spawn(async move {
+        s.once("long", "fp", &opts().in_progress_ttl(TTL), || async move {
+            let _ = started_tx.send(());
+            let _ = finish_rx.await;
+            Ok::<_, std::io::Error>(7)
+        })
+        .await
+    });
+    started_rx.await.unwrap();
+    // Well past the claim's lifetime: without renewal it would have lapsed twice over.
+    tokio::time::sleep(TTL * 7 / 3).await;
+    let other = store
+        .once("long", "fp", &opts(), || async {
+            Ok::<_, std::io::Error>(8)
+        })
+        .await;
+    assert!(
+        matches!(other, Err(Error::InProgress { .. })),
+        "{name}: the live runner's claim was taken over: {other:?}"
+    );
+    finish_tx.send(()).unwrap();
+    assert_eq!(
+        runner.await.unwrap().unwrap(),
+        Outcome::Executed(7),
+        "{name}"
+    );
+    let replay = store
+        .once("long", "fp", &opts(), || async {
+            Ok::<_, std::io::Error>(9)
+        })
+        .await
+        .unwrap();
+    assert_eq!(replay, Outcome::Replayed(7), "{name}");
 }
 
 async fn presumed_dead_owner_cannot_overwrite(name: &str, store: &Store) {

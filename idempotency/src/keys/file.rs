@@ -210,6 +210,20 @@ impl IdempotencyStore for FileStore {
         .await
     }
 
+    async fn extend(&self, key: &str, owner: &OwnerToken, ttl: Duration) -> Result<bool> {
+        let owner = owner.clone();
+        self.locked(key, move |dir, path, current| match current {
+            Some(mut r)
+                if r.state == State::InProgress && r.owner.as_deref() == Some(owner.as_str()) =>
+            {
+                r.expires_at_ms = now_ms() + ttl.as_millis() as u64;
+                write(dir, path, &r).map(|()| true)
+            }
+            _ => Ok(false),
+        })
+        .await
+    }
+
     async fn release(&self, key: &str, owner: &OwnerToken) -> Result<()> {
         let owner = owner.clone();
         self.locked(key, move |_dir, path, current| match current {

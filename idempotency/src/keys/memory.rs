@@ -139,4 +139,17 @@ impl IdempotencyStore for MemoryStore {
         });
         Ok(())
     }
+
+    async fn extend(&self, key: &str, owner: &OwnerToken, ttl: Duration) -> Result<bool> {
+        let now = Instant::now();
+        Ok(self.with(|m| match m.get_mut(key) {
+            Some(Record::InProgress {
+                owner: o, expires, ..
+            }) if o == owner && *expires > now => {
+                *expires = now + ttl;
+                true
+            }
+            _ => false,
+        }))
+    }
 }

@@ -2,8 +2,10 @@
 //! later calls replay its recorded result.
 //!
 //! A key's record goes through two states. **In progress**: a runner claimed it with a random
-//! owner token; the claim lapses after `in_progress_ttl`, so a runner that died does not block
-//! the key for ever. **Completed**: the owner stored the result, kept for `ttl`. Only the owner
+//! owner token; `once` renews the claim every third of `in_progress_ttl` while the job runs,
+//! so a live runner keeps it however long the job takes, and the claim lapses `in_progress_ttl`
+//! after a runner died (or lost touch with the store), so a dead runner does not block the key
+//! for ever. **Completed**: the owner stored the result, kept for `ttl`. Only the owner
 //! token can complete or release a claim, atomically (a Lua script on Redis, a lock file and
 //! rename for files, a mutex in memory): a runner that was presumed dead and comes back after its
 //! claim was taken over gets [`Error::OwnershipLost`] and cannot overwrite the new owner's
@@ -99,7 +101,8 @@ impl<T> Outcome<T> {
 pub struct OnceOptions {
     /// How long a completed result is kept and replayed.
     pub ttl: Duration,
-    /// How long a claim lasts before another runner may take the key over.
+    /// How long a claim outlives its runner: `once` renews it every third of this while the job
+    /// runs, so it lapses only this long after the runner died or lost touch with the store.
     pub in_progress_ttl: Duration,
     /// If set, a call that finds the key in progress waits up to this long for it to complete
     /// (or lapse) instead of failing with [`Error::InProgress`].
@@ -126,7 +129,9 @@ impl OnceOptions {
         self
     }
 
-    /// Let claims lapse after this long (default 5 min); set it above the longest run.
+    /// Let a claim lapse this long after its runner stopped renewing it (default 5 min). A live
+    /// runner renews it every third of this, so it bounds how long a dead runner blocks the key,
+    /// not how long a job may run.
     pub fn in_progress_ttl(mut self, ttl: Duration) -> Self {
         self.in_progress_ttl = ttl;
         self
@@ -187,6 +192,17 @@ pub trait IdempotencyStore: Send + Sync {
     /// longer holds it.
     async fn release(&self, key: &str, owner: &OwnerToken) -> Result<()>;
 
+    /// Renews the claim `owner` holds on `key` for another `in_progress_ttl` from now; false if
+    /// `owner` no longer holds it (it lapsed and another runner took the key). `once` calls it
+    /// every third of `in_progress_ttl` while the job runs, so a live runner keeps its claim
+    /// however long the job takes, and only a runner that died lets it lapse.
+    async fn extend(
+        &self,
+        key: &str,
+        owner: &OwnerToken,
+        in_progress_ttl: Duration,
+    ) -> Result<bool>;
+
     /// Runs `job` once per `key`: the first call runs it and records its result; later calls with
     /// the same key and `fingerprint` get [`Outcome::Replayed`] without running it. See
     /// [`Error`] for the errors and their HTTP mapping.
@@ -236,6 +252,9 @@ impl<S: IdempotencyStore + ?Sized> IdempotencyStore for Arc<S> {
     async fn release(&self, key: &str, owner: &OwnerToken) -> Result<()> {
         (**self).release(key, owner).await
     }
+    async fn extend(&self, key: &str, owner: &OwnerToken, ttl: Duration) -> Result<bool> {
+        (**self).extend(key, owner, ttl).await
+    }
 }
 
 /// Checks a key: non-empty, at most 512 bytes, no control characters.
@@ -254,6 +273,29 @@ pub fn validate_key(key: &str) -> Result<()> {
         });
     }
     Ok(())
+}
+
+/// Renews `owner`'s claim every third of `ttl` for as long as it is polled (the job runs).
+/// It never completes: when the claim is lost it stops renewing and waits (the job's `complete`
+/// then reports [`Error::OwnershipLost`]); a failed renewal is retried at the next period.
+async fn keep_claim<S: IdempotencyStore + ?Sized>(
+    store: &S,
+    key: &str,
+    owner: &OwnerToken,
+    ttl: Duration,
+) -> std::convert::Infallible {
+    let period = (ttl / 3).max(Duration::from_millis(1));
+    loop {
+        tokio::time::sleep(period).await;
+        match store.extend(key, owner, ttl).await {
+            Ok(true) => {}
+            Ok(false) => {
+                tracing::warn!(key, "the claim lapsed and another runner took the key");
+                return std::future::pending().await;
+            }
+            Err(e) => tracing::warn!(key, error = %e, "could not renew the claim; retrying"),
+        }
+    }
 }
 
 #[tracing::instrument(name = "once", skip_all, fields(key = %key))]
@@ -281,8 +323,10 @@ where
         {
             Claim::Acquired(owner) => {
                 debug!(key, "claimed; running the job");
-                let ran: std::result::Result<T, Box<dyn std::error::Error + Send + Sync>> =
-                    job().await.map_err(Into::into);
+                let ran: std::result::Result<T, Box<dyn std::error::Error + Send + Sync>> = tokio::select! {
+                    ran = job() => ran.map_err(Into::into),
+                    never = keep_claim(store, key, &owner, options.in_progress_ttl) => match never {},
+                };
                 return match ran {
                     Ok(value) => {
                         let json = match serde_json::to_string(&value) {

@@ -32,6 +32,15 @@ end
 return 0
 ";
 
+/// Renews the claim if `owner` holds it: 1, else 0. KEYS[1] record; ARGV: owner, ttl ms.
+const EXTEND: &str = r"
+if redis.call('HGET', KEYS[1], 'state') == 'in_progress' and redis.call('HGET', KEYS[1], 'owner') == ARGV[1] then
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+  return 1
+end
+return 0
+";
+
 /// Deletes the record if `owner` holds its claim. KEYS[1] record; ARGV: owner.
 const RELEASE: &str = r"
 if redis.call('HGET', KEYS[1], 'state') == 'in_progress' and redis.call('HGET', KEYS[1], 'owner') == ARGV[1] then
@@ -55,6 +64,7 @@ pub struct RedisStore {
     claim: redis::Script,
     complete: redis::Script,
     release: redis::Script,
+    extend: redis::Script,
 }
 
 /// A standalone or a cluster connection; both reconnect by themselves.
@@ -141,6 +151,7 @@ impl RedisStore {
             claim: redis::Script::new(CLAIM),
             complete: redis::Script::new(COMPLETE),
             release: redis::Script::new(RELEASE),
+            extend: redis::Script::new(EXTEND),
         }
     }
 
@@ -222,6 +233,20 @@ impl IdempotencyStore for RedisStore {
                 key: key.to_string(),
             })
         }
+    }
+
+    async fn extend(&self, key: &str, owner: &OwnerToken, ttl: Duration) -> Result<bool> {
+        let mut inv = self.extend.key(self.key(key));
+        inv.arg(owner.as_str()).arg(ttl.as_millis().max(1) as u64);
+        let renewed: i64 = self
+            .conn
+            .invoke(&inv)
+            .await
+            .map_err(|source| Error::Redis {
+                op: "extend claim",
+                source,
+            })?;
+        Ok(renewed == 1)
     }
 
     async fn release(&self, key: &str, owner: &OwnerToken) -> Result<()> {
