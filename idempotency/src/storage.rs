@@ -156,6 +156,30 @@ fn store_from_url_with(
 
 // ---------- local file helpers (blocking; called from spawn_blocking) ----------
 
+/// Creates `parent` (a directory under `root`) if it is missing, and records every directory
+/// whose entries that changes, from `parent` up to and including `root`, in `touched` (they need
+/// an fsync before what is renamed into them is durable). Returns whether it created anything.
+pub(crate) fn create_parents(
+    parent: &FsPath,
+    root: &FsPath,
+    touched: &mut std::collections::BTreeSet<PathBuf>,
+) -> Result<bool> {
+    if parent.exists() {
+        return Ok(false);
+    }
+    std::fs::create_dir_all(parent).map_err(io("create directory", parent))?;
+    let mut p = parent.to_path_buf();
+    while p != root {
+        touched.insert(p.clone());
+        match p.parent() {
+            Some(up) => p = up.to_path_buf(),
+            None => break,
+        }
+    }
+    touched.insert(root.to_path_buf());
+    Ok(true)
+}
+
 /// Makes a directory's entries (renames, new files) durable. On Unix this fsyncs the directory;
 /// elsewhere directories cannot be opened for it, and rename durability is the file system's.
 pub(crate) fn fsync_dir(dir: &FsPath) -> Result<()> {

@@ -13,8 +13,8 @@ use tracing::{debug, warn};
 use crate::error::{Error, Result, io};
 use crate::manifest::{MANIFEST_FILE, Manifest};
 use crate::storage::{
-    fsync_dir, fsync_many, lock_exclusive, remove_dir_all_if_exists, remove_file_if_exists,
-    write_synced,
+    create_parents, fsync_dir, fsync_many, lock_exclusive, remove_dir_all_if_exists,
+    remove_file_if_exists, write_synced,
 };
 
 /// The roll-forward record of a decided commit with directory swaps.
@@ -250,17 +250,7 @@ fn swap_in(
             std::fs::rename(&staged, &live).map_err(io("rename into place", &live))?;
         }
     } else {
-        if !parent.exists() {
-            std::fs::create_dir_all(&parent).map_err(io("create directory", &parent))?;
-            let mut p = parent.clone();
-            while p != dir {
-                touched.insert(p.clone());
-                match p.parent() {
-                    Some(up) => p = up.to_path_buf(),
-                    None => break,
-                }
-            }
-            touched.insert(dir.to_path_buf());
+        if create_parents(&parent, dir, touched)? {
             // New parents are durable before the partition is renamed into them.
             let list: Vec<PathBuf> = touched.iter().cloned().collect();
             fsync_many(&list, true)?;

@@ -162,7 +162,7 @@ use crate::hash::ContentHash;
 use crate::manifest::{FileEntry, MANIFEST_FILE, Manifest, PartitionEntry, files_digest};
 use crate::partition::{is_object_file_name, validate_partition};
 use crate::storage::{
-    Backend, DatasetStore, blocking, fsync_dir, fsync_many, lock_exclusive,
+    Backend, DatasetStore, blocking, create_parents, fsync_dir, fsync_many, lock_exclusive,
     remove_dir_all_if_exists, remove_file_if_exists, try_lock, write_synced, write_unsynced,
 };
 
@@ -1541,18 +1541,7 @@ fn local_commit(
     for (from, object) in &staged {
         let to = dir.join(object);
         let parent = to.parent().unwrap_or(dir).to_path_buf();
-        if !parent.exists() {
-            std::fs::create_dir_all(&parent).map_err(io("create directory", &parent))?;
-            let mut p = parent.clone();
-            while p != dir {
-                touched.insert(p.clone());
-                match p.parent() {
-                    Some(up) => p = up.to_path_buf(),
-                    None => break,
-                }
-            }
-            touched.insert(dir.to_path_buf());
-        }
+        create_parents(&parent, dir, &mut touched)?;
         std::fs::rename(from, &to).map_err(io("rename into place", &to))?;
         touched.insert(parent);
     }
