@@ -6,7 +6,7 @@
 
 mod common;
 
-use common::{Palisade, wait_for_file};
+use common::{Palisade, wait_bounded, wait_for_file};
 use palisade_testkit::{Etcd, S3};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -48,7 +48,7 @@ impl Fixture {
 
     fn run(&self, args: &[&str]) -> Output {
         let child = self.command(args).spawn().expect("palisade starts");
-        wait(child, Duration::from_secs(120))
+        wait_bounded(child, Duration::from_secs(120))
     }
 
     /// `publish --json ARGS`, which must succeed; returns the JSON summary.
@@ -63,19 +63,6 @@ impl Fixture {
         );
         serde_json::from_slice(&out.stdout).expect("publish --json prints one JSON object")
     }
-}
-
-fn wait(mut child: std::process::Child, limit: Duration) -> Output {
-    let deadline = Instant::now() + limit;
-    while child.try_wait().expect("waitpid").is_none() {
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let output = child.wait_with_output().expect("output");
-            panic!("palisade did not exit within {limit:?}: {output:?}");
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    child.wait_with_output().expect("output")
 }
 
 fn write(path: &Path, content: impl AsRef<[u8]>) {
@@ -569,7 +556,7 @@ fn a_publish_paused_after_staging_with_an_older_token_is_fenced_at_commit() {
     let second = f.publish(&["--fencing-token", "6", b.to_str().unwrap(), &f.dest()]);
     assert_eq!(written(&second).len(), 4);
     signal(first.id(), nix::sys::signal::Signal::SIGCONT);
-    let out = wait(first, Duration::from_secs(60));
+    let out = wait_bounded(first, Duration::from_secs(60));
     assert_eq!(out.status.code(), Some(FENCED), "{out:?}");
     for files in read_dir_dataset(&f.path("dest")).values() {
         for content in files.values() {
@@ -689,7 +676,7 @@ fn sigkill_at_random_points_leaves_whole_partitions_and_a_rerun_converges() {
             rng.next() % (full + full / 10).max(1),
         ));
         signal(child.id(), nix::sys::signal::Signal::SIGKILL);
-        let out = wait(child, Duration::from_secs(30));
+        let out = wait_bounded(child, Duration::from_secs(30));
         if out.status.code().is_none() {
             kills += 1;
         }
@@ -865,7 +852,7 @@ fn paused_while(
     signal(child.id(), nix::sys::signal::Signal::SIGSTOP);
     meanwhile();
     signal(child.id(), nix::sys::signal::Signal::SIGCONT);
-    wait(child, Duration::from_secs(60))
+    wait_bounded(child, Duration::from_secs(60))
 }
 
 #[test]
@@ -880,11 +867,11 @@ fn on_s3_a_publish_that_lost_the_race_conflicts_or_is_fenced_and_changes_nothing
     spark_output(&b, 4, 2, 2, 1000);
     let dest = "s3://datasets/races";
     let ok = |args: &[&str]| {
-        let out = wait(on_moto(&f, &s3, args), Duration::from_secs(60));
+        let out = wait_bounded(on_moto(&f, &s3, args), Duration::from_secs(60));
         assert_eq!(out.status.code(), Some(0), "{args:?}: {out:?}");
     };
     let files = || -> Vec<String> {
-        let out = wait(
+        let out = wait_bounded(
             on_moto(&f, &s3, &["manifest", dest]),
             Duration::from_secs(60),
         );

@@ -74,7 +74,9 @@ impl Palisade {
     }
 }
 
-fn wait_bounded(mut child: Child, limit: Duration) -> Output {
+/// Waits (at most `limit`) for a spawned process to exit, and returns its output; kills it and
+/// fails with its output if it does not.
+pub fn wait_bounded(mut child: Child, limit: Duration) -> Output {
     let deadline = Instant::now() + limit;
     while child.try_wait().expect("waitpid").is_none() {
         if Instant::now() > deadline {
