@@ -12,7 +12,9 @@ use std::sync::mpsc;
 use std::sync::{Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
 
-/// Finds `binary` on PATH (and in the sbin directories Debian uses), or says which package has it.
+/// Finds `binary` on PATH (and in the sbin directories Debian uses, and the virtual environment
+/// `.venv/` that `scripts/setup` creates at the workspace root for moto), or says which package
+/// has it.
 pub(crate) fn find_binary(
     binary: &'static str,
     package: &'static str,
@@ -22,8 +24,10 @@ pub(crate) fn find_binary(
         return Ok(PathBuf::from(path));
     }
     let path = std::env::var_os("PATH").unwrap_or_default();
+    let venv = Path::new(env!("CARGO_MANIFEST_DIR")).join("../.venv/bin");
     std::env::split_paths(&path)
         .chain(["/usr/sbin", "/usr/bin", "/usr/local/bin"].map(PathBuf::from))
+        .chain([venv])
         .map(|dir| dir.join(binary))
         .find(|candidate| candidate.is_file())
         .ok_or(Error::MissingBinary { binary, package })
