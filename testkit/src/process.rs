@@ -168,6 +168,9 @@ impl Server {
         Ok(())
     }
 
+    /// Sends `signal`. For `SIGSTOP` and `SIGCONT` it returns only once the process is stopped
+    /// (state `T` in `/proc/<pid>/stat`) or runs again: the kernel delivers the signal later,
+    /// when the process is next scheduled, and a test that injects a pause must not race it.
     pub(crate) fn signal(&self, signal: Signal) -> Result<(), Error> {
         let pid = self.pid().ok_or_else(|| Error::NotRunning {
             server: self.label.clone(),
@@ -175,7 +178,28 @@ impl Server {
         kill(Pid::from_raw(pid as i32), signal).map_err(|errno| Error::Io {
             context: format!("sending {signal} to {}", self.label),
             source: errno.into(),
-        })
+        })?;
+        let stopped = match signal {
+            Signal::SIGSTOP => true,
+            Signal::SIGCONT => false,
+            _ => return Ok(()),
+        };
+        let deadline = Instant::now() + STARTUP_TIMEOUT;
+        loop {
+            match process_state(pid) {
+                Some(state) if (state == 'T') == stopped => return Ok(()),
+                None => return Ok(()), // exited: nothing left to wait for
+                Some(state) if Instant::now() >= deadline => {
+                    return Err(Error::Io {
+                        context: format!("waiting for {} to take {signal}", self.label),
+                        source: std::io::Error::other(format!(
+                            "still in state {state} after {STARTUP_TIMEOUT:?}"
+                        )),
+                    });
+                }
+                Some(_) => std::thread::sleep(Duration::from_millis(1)),
+            }
+        }
     }
 
     /// Polls `ready` until it says yes, the process exits, or [`STARTUP_TIMEOUT`] passes.
@@ -226,6 +250,14 @@ impl Drop for Server {
     }
 }
 
+/// The one-letter state of a process (`R`, `S`, `T`, `Z`, ...) from `/proc/<pid>/stat`, or
+/// `None` when there is no such process.
+pub(crate) fn process_state(pid: u32) -> Option<char> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // "pid (comm) S ...": comm may hold spaces and parentheses, so look after the last ')'.
+    stat[stat.rfind(')')? + 1..].trim_start().chars().next()
+}
+
 fn read_tail(path: &Path, lines: usize) -> String {
     let Ok(mut file) = std::fs::File::open(path) else {
         return String::from("(no log)");
@@ -255,6 +287,36 @@ mod tests {
         assert!(matches!(error, Error::MissingBinary { .. }));
         assert!(message.contains("palisade-no-such-package"), "{message}");
         assert!(message.contains("scripts/setup"), "{message}");
+    }
+
+    #[test]
+    fn pause_returns_once_the_process_is_stopped_and_resume_once_it_runs() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        // A busy process, so that it is often running (or queued) when SIGSTOP is sent.
+        let server = Server::new(
+            "busy".into(),
+            PathBuf::from("/bin/sh"),
+            vec!["-c".into(), "while :; do :; done".into()],
+            dir.path().join("log"),
+        );
+        server.spawn().expect("spawn");
+        let pid = server.pid().expect("running");
+        for round in 0..200 {
+            server.signal(Signal::SIGSTOP).expect("pause");
+            let state = process_state(pid);
+            assert_eq!(
+                state,
+                Some('T'),
+                "round {round}: pause returned in state {state:?}"
+            );
+            server.signal(Signal::SIGCONT).expect("resume");
+            let state = process_state(pid);
+            assert_ne!(
+                state,
+                Some('T'),
+                "round {round}: resume returned while stopped"
+            );
+        }
     }
 
     #[test]
