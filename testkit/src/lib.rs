@@ -9,6 +9,10 @@
 //! object-store tests; it keeps state in memory (a restart empties it) and its conditional
 //! writes differ from real S3's in one way, documented on [`S3`].
 //!
+//! [`TlsFiles`] makes a throw-away CA with server and client certificates (and an expired one,
+//! and one of another CA, for negative tests); [`Etcd::start_tls`] and [`RedisOptions::tls`] serve
+//! clients over TLS only with them, and [`Etcd::start_with_auth`] turns etcd's auth on.
+//!
 //! ```no_run
 //! use palisade_testkit::{Etcd, Redis};
 //!
@@ -43,12 +47,16 @@
 mod etcd;
 mod net;
 mod process;
+mod proxy;
 mod redis;
 mod s3;
+mod tls;
 
 pub use etcd::{Etcd, EtcdCluster};
+pub use proxy::{Direction, FaultProxy, Mode, ProxyStats};
 pub use redis::{Redis, RedisCluster, RedisOptions};
 pub use s3::S3;
+pub use tls::{CLIENT_COMMON_NAME, CertFiles, TlsFiles};
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -111,6 +119,18 @@ pub enum Error {
         /// The underlying error.
         #[source]
         source: std::io::Error,
+    },
+    /// Generating a test certificate failed (see [`TlsFiles::generate`]).
+    #[error("generating a test certificate failed: {detail}")]
+    Certificate {
+        /// Which certificate, and rcgen's message.
+        detail: String,
+    },
+    /// etcd refused a step of enabling authentication (see [`Etcd::start_with_auth`]).
+    #[error("enabling authentication on etcd failed: {detail}")]
+    Auth {
+        /// The request and etcd's answer.
+        detail: String,
     },
     /// Forming a cluster failed (e.g. `redis-cli --cluster create` or an etcd leader election).
     #[error("forming the {what} cluster failed: {detail}")]

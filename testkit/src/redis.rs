@@ -2,6 +2,8 @@
 
 use crate::net::{free_port, free_port_pair, resp};
 use crate::process::{Server, find_binary, on_fresh_ports};
+use crate::proxy::FaultProxy;
+use crate::tls::{self, TlsFiles};
 use crate::{Error, STARTUP_TIMEOUT};
 use nix::sys::signal::Signal;
 use std::net::SocketAddr;
@@ -25,6 +27,9 @@ pub struct RedisOptions {
     password: Option<String>,
     users: Vec<(String, String)>,
     extra: Vec<String>,
+    tls: Option<TlsFiles>,
+    /// `--tls-auth-clients optional` instead of Redis's default `yes`.
+    tls_clients_optional: bool,
 }
 
 impl RedisOptions {
@@ -37,6 +42,33 @@ impl RedisOptions {
     /// Adds an ACL user with this password and access to every key, channel and command.
     pub fn user(mut self, name: impl Into<String>, password: impl Into<String>) -> Self {
         self.users.push((name.into(), password.into()));
+        self
+    }
+
+    /// Serves clients over TLS only: `--tls-port` on the server's port and `--port 0`, with
+    /// `files.server_cert`, trusting client certificates signed by `files.ca`. Client
+    /// certificates are required (Redis's default) unless [`tls_auth_clients`](Self::tls_auth_clients)
+    /// says otherwise. [`Redis::url`] is then `rediss://127.0.0.1:PORT/`.
+    ///
+    /// ```no_run
+    /// # fn main() -> Result<(), palisade_testkit::Error> {
+    /// let tls = palisade_testkit::TlsFiles::generate()?;
+    /// let redis = palisade_testkit::Redis::start_with(
+    ///     palisade_testkit::RedisOptions::default().tls(&tls).tls_auth_clients(false),
+    /// )?;
+    /// assert!(redis.url().starts_with("rediss://"));
+    /// # Ok(()) }
+    /// ```
+    pub fn tls(mut self, files: &TlsFiles) -> Self {
+        self.tls = Some(files.clone());
+        self
+    }
+
+    /// With [`tls`](Self::tls): whether clients must present a certificate signed by the CA
+    /// (`true`, the default: `--tls-auth-clients yes`) or may connect without one (`false`:
+    /// `--tls-auth-clients optional`; a certificate that is presented must still be valid).
+    pub fn tls_auth_clients(mut self, required: bool) -> Self {
+        self.tls_clients_optional = !required;
         self
     }
 
@@ -68,6 +100,33 @@ impl RedisOptions {
         args.extend(self.extra.iter().cloned());
         args
     }
+
+    /// The TLS arguments for a server on `port` (after every other argument: Redis keeps the
+    /// last value of a repeated option, so `--port 0` wins over the plain port).
+    fn tls_args(&self, port: u16) -> Vec<String> {
+        let Some(files) = &self.tls else {
+            return Vec::new();
+        };
+        let auth = if self.tls_clients_optional {
+            "optional"
+        } else {
+            "yes"
+        };
+        vec![
+            "--port".into(),
+            "0".into(),
+            "--tls-port".into(),
+            port.to_string(),
+            "--tls-cert-file".into(),
+            files.server_cert.display().to_string(),
+            "--tls-key-file".into(),
+            files.server_key.display().to_string(),
+            "--tls-ca-cert-file".into(),
+            files.ca.display().to_string(),
+            "--tls-auth-clients".into(),
+            auth.into(),
+        ]
+    }
 }
 
 /// A running `redis-server` (alone, or one node of a [`RedisCluster`]).
@@ -79,6 +138,8 @@ pub struct Redis {
     server: Server,
     addr: SocketAddr,
     cluster: bool,
+    /// With TLS: the files, for the probe and for redis-server, which reads them on restarts.
+    tls: Option<TlsFiles>,
     _dir: Option<TempDir>,
 }
 
@@ -145,12 +206,14 @@ impl Redis {
             );
         }
         args.extend(options.args());
+        args.extend(options.tls_args(port));
         let label = format!("redis-server 127.0.0.1:{port}");
         let log = dir.path().join(format!("redis-{port}.log"));
         Ok(Redis {
             server: Server::new(label, program, args, log),
             addr: SocketAddr::from(([127, 0, 0, 1], port)),
             cluster,
+            tls: options.tls.clone(),
             _dir: None,
         })
     }
@@ -161,6 +224,9 @@ impl Redis {
 
     /// Whether the server answers a command (an authentication error is an answer too).
     fn answers(&self) -> bool {
+        if let Some(files) = &self.tls {
+            return tls::redis_answers(self.addr, files);
+        }
         matches!(resp(self.addr, "PING"), Ok(reply) if reply.starts_with("+PONG") || reply.starts_with("-NOAUTH"))
     }
 
@@ -168,9 +234,15 @@ impl Redis {
         matches!(resp(self.addr, "CLUSTER INFO"), Ok(reply) if reply.contains("cluster_state:ok"))
     }
 
-    /// The URL for `redis::Client::open`: `redis://127.0.0.1:PORT/` (without credentials).
+    /// The URL for `redis::Client::open`: `redis://127.0.0.1:PORT/` (without credentials), or
+    /// `rediss://127.0.0.1:PORT/` when started with [`RedisOptions::tls`].
     pub fn url(&self) -> String {
-        format!("redis://{}/", self.addr)
+        let scheme = if self.tls.is_some() {
+            "rediss"
+        } else {
+            "redis"
+        };
+        format!("{scheme}://{}/", self.addr)
     }
 
     /// The address the server listens on.
@@ -181,6 +253,13 @@ impl Redis {
     /// The port the server listens on.
     pub fn port(&self) -> u16 {
         self.addr.port()
+    }
+
+    /// Starts a [`FaultProxy`] in front of this server: a client connected to
+    /// `format!("redis://{}/", proxy.addr())` can then be partitioned, slowed or reset while
+    /// every other client still reaches the server. Each call starts another proxy.
+    pub fn proxy(&self) -> Result<FaultProxy, Error> {
+        FaultProxy::start(self.addr)
     }
 
     /// The process id, or `None` while killed.
