@@ -715,7 +715,7 @@ fn a_paused_lock_holder_cannot_publish_over_the_newer_holder() {
         bin = bin.display()
     );
     let a = p.spawn(&[
-        "run", "--lock", "etl", "--ttl", "2s", "--grace", "30s", "--", "sh", "-c", &script_a,
+        "run", "--lock", "etl", "--ttl", "2s", "--", "sh", "-c", &script_a,
     ]);
     wait_for_file(&dir.join("started"), "A's job to start");
     signal(a.id(), nix::sys::signal::Signal::SIGSTOP);

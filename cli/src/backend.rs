@@ -1,8 +1,9 @@
 //! Where locks live: a directory on this host by default, etcd when endpoints are given.
 
-use crate::exit::{CliError, UNAVAILABLE, chain};
+use crate::exit::{CONFIG, CliError, UNAVAILABLE, chain};
+use crate::tls::{Signed, TlsFiles};
 use clap::Args;
-use palisade_lock::Coordinator;
+use palisade_lock::{Coordinator, LockError};
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -72,27 +73,110 @@ impl BackendArgs {
             let dir = self.dir();
             return Coordinator::file(&dir).map_err(CliError::from);
         }
-        let client = self.etcd_client().await?;
+        let signed = self.check_client_cert()?;
+        let client = match self.etcd_client(signed).await {
+            Ok(client) => client,
+            Err(error) => return Err(self.diagnose(error, signed).await),
+        };
         // The client connects lazily; granting the session's lease is the first round trip, and
         // the lock crate retries it for up to a TTL: --connect-timeout bounds the whole start.
         let connect = Coordinator::etcd(client)
             .namespace(self.namespace.clone())
             .lease_ttl(ttl)
             .connect();
-        match tokio::time::timeout(self.connect_timeout, connect).await {
-            Ok(result) => result.map_err(CliError::from),
-            Err(_) => Err(CliError::new(
+        let error = match tokio::time::timeout(self.connect_timeout, connect).await {
+            Ok(Ok(coordinator)) => return Ok(coordinator),
+            Ok(Err(e)) => match self.refusal(&e, signed) {
+                Some(refusal) => return Err(refusal),
+                None => CliError::from(e),
+            },
+            Err(_) => CliError::new(
                 UNAVAILABLE,
                 format!(
                     "cannot reach etcd at {} within {} (--connect-timeout)",
                     self.etcd.join(","),
                     humantime::format_duration(self.connect_timeout)
                 ),
-            )),
+            ),
+        };
+        Err(self.diagnose(error, signed).await)
+    }
+
+    /// A lock error that is etcd refusing our credentials or a certificate, as one line that
+    /// says which (exit 78).
+    #[cfg_attr(not(feature = "tls"), allow(unused_variables))]
+    fn refusal(&self, error: &LockError, signed: Signed) -> Option<CliError> {
+        let (LockError::Backend { source, .. } | LockError::Tls { source, .. }) = error else {
+            return None;
+        };
+        let etcd = source.downcast_ref::<etcd_client::Error>()?;
+        if let Some(refusal) = etcd_refusal(etcd, self.etcd_user.as_deref()) {
+            return Some(refusal);
+        }
+        #[cfg(feature = "tls")]
+        if let Some((problem, detail)) = crate::tls::etcd_problem(etcd) {
+            return Some(self.tls_files().refused(problem, signed, &detail));
+        }
+        None
+    }
+
+    /// The TLS files of the etcd flags.
+    #[cfg_attr(not(feature = "tls"), allow(dead_code))]
+    fn tls_files(&self) -> TlsFiles<'_> {
+        TlsFiles {
+            server: "etcd",
+            ca_flag: "--etcd-ca",
+            ca: self.etcd_ca.as_deref(),
+            cert_flag: "--etcd-cert",
+            cert: self.etcd_cert.as_deref(),
+            key_flag: "--etcd-key",
+            key: self.etcd_key.as_deref(),
         }
     }
 
-    async fn etcd_client(&self) -> Result<etcd_client::Client, CliError> {
+    /// Refuses an expired client certificate before connecting; tells whether --etcd-ca signed
+    /// it (for the message if etcd refuses it).
+    #[cfg(feature = "tls")]
+    fn check_client_cert(&self) -> Result<Signed, CliError> {
+        self.tls_files().check_client_cert()
+    }
+
+    #[cfg(not(feature = "tls"))]
+    fn check_client_cert(&self) -> Result<Signed, CliError> {
+        Ok(Signed::Unknown)
+    }
+
+    /// etcd closes the connection on a client certificate it refuses, which the client sees as
+    /// a transport error (retried until --connect-timeout). With TLS on, one handshake of our own
+    /// (bounded) reads etcd's alert and says which certificate was refused; otherwise `error`
+    /// stands.
+    #[cfg(feature = "tls")]
+    async fn diagnose(&self, error: CliError, signed: Signed) -> CliError {
+        if error.code == CONFIG || self.etcd_ca.is_none() {
+            return error;
+        }
+        let files = self.tls_files();
+        let timeout = self.connect_timeout.min(Duration::from_secs(2));
+        // Blocking socket calls, each bounded by `timeout`, on this worker (the runtime has
+        // another); only on the way out with an error.
+        let found = tokio::task::block_in_place(|| {
+            self.etcd
+                .iter()
+                .find_map(|endpoint| files.probe(endpoint, timeout))
+        });
+        match found {
+            Some((problem, detail)) => files.refused(problem, signed, &detail),
+            None => error,
+        }
+    }
+
+    #[cfg(not(feature = "tls"))]
+    async fn diagnose(&self, error: CliError, _signed: Signed) -> CliError {
+        error
+    }
+
+    #[cfg_attr(not(feature = "tls"), allow(unused_variables))]
+    async fn etcd_client(&self, signed: Signed) -> Result<etcd_client::Client, CliError> {
         let mut options =
             etcd_client::ConnectOptions::new().with_connect_timeout(self.connect_timeout);
         if let Some(user) = &self.etcd_user {
@@ -106,10 +190,19 @@ impl BackendArgs {
         let connect = etcd_client::Client::connect(self.etcd.clone(), Some(options));
         match tokio::time::timeout(self.connect_timeout, connect).await {
             Ok(Ok(client)) => Ok(client),
-            Ok(Err(e)) => Err(CliError::new(
-                UNAVAILABLE,
-                format!("cannot reach etcd at {endpoints}: {}", chain(&e)),
-            )),
+            Ok(Err(e)) => {
+                if let Some(refusal) = etcd_refusal(&e, self.etcd_user.as_deref()) {
+                    return Err(refusal);
+                }
+                #[cfg(feature = "tls")]
+                if let Some((problem, detail)) = crate::tls::etcd_problem(&e) {
+                    return Err(self.tls_files().refused(problem, signed, &detail));
+                }
+                Err(CliError::new(
+                    UNAVAILABLE,
+                    format!("cannot reach etcd at {endpoints}: {}", chain(&e)),
+                ))
+            }
             Err(_) => Err(CliError::new(
                 UNAVAILABLE,
                 format!(
@@ -158,6 +251,32 @@ impl BackendArgs {
         }
         Ok(options)
     }
+}
+
+/// A request that etcd refused for its credentials, as a configuration error (exit 78) that says
+/// which: a wrong user or password, a user missing while auth is on, or a missing permission.
+pub fn etcd_refusal(error: &etcd_client::Error, user: Option<&str>) -> Option<CliError> {
+    let etcd_client::Error::GRpcStatus(status) = error else {
+        return None;
+    };
+    let said = status.message();
+    let user = user.map_or_else(|| "the etcd user".to_string(), |u| format!("user `{u}`"));
+    let message = if said.contains("authentication failed") {
+        format!(
+            "etcd rejected the user/password: {user} with the password in PALISADE_ETCD_PASSWORD ({said})"
+        )
+    } else if said.contains("user name is empty") {
+        format!(
+            "etcd requires a user (its auth is enabled): give --etcd-user USER and the password in PALISADE_ETCD_PASSWORD ({said})"
+        )
+    } else if said.contains("permission denied") {
+        format!(
+            "etcd refused the request: {user} has no permission on the --namespace prefix; grant its role readwrite on it ({said})"
+        )
+    } else {
+        return None;
+    };
+    Some(CliError::new(CONFIG, message))
 }
 
 /// `$XDG_STATE_HOME/palisade`, else `~/.local/state/palisade`, else a per-user temp directory.

@@ -1,26 +1,43 @@
-//! The guarded command: started in its own process group, with SIGINT/SIGTERM forwarded to
-//! the whole group, and terminated (SIGTERM, then SIGKILL after a grace period) on demand.
+//! The guarded command: started in its own process group that never outlives palisade, given
+//! signals on demand, and killed with everything it left behind.
+//!
+//! How the command is tied to palisade's life:
+//! - the command's own process gets `SIGKILL` from the kernel when the palisade thread that
+//!   started it exits (Linux's parent-death signal; the thread is the one that drives the job,
+//!   which lives until palisade exits);
+//! - a watchdog process (`palisade __watchdog`, see [`crate::watchdog`]) kills the command's
+//!   whole process group the moment palisade dies, `kill -9` included;
+//! - on the file backend the command inherits the descriptor that holds the lock's `flock`, so
+//!   the lock stays held while any process that has it lives, as with `flock(1)`.
 
-use crate::exit::{CliError, NOT_STARTED};
+use crate::exit::{CliError, INTERNAL, NOT_STARTED};
+use crate::signals::StopSignals;
+use crate::watchdog::Watchdog;
 use nix::sys::signal::{Signal, killpg};
 use nix::unistd::Pid;
+use std::os::fd::RawFd;
 use std::os::unix::process::ExitStatusExt;
 use std::process::ExitStatus;
-use std::time::Duration;
+use std::sync::Arc;
 use tokio::process::Command;
-use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::watch;
 
 /// A running command, supervised by a task that owns it.
 pub struct Child {
     pgid: Pid,
     status: watch::Receiver<Option<ExitStatus>>,
+    // Kills the group if palisade dies; dropped (and so fired) after the group is gone.
+    _watchdog: Watchdog,
 }
 
 impl Child {
-    /// Starts `argv` with `env` added, in a new process group whose id is the child's pid, and
-    /// forwards SIGINT and SIGTERM that palisade receives to that group.
-    pub fn spawn(argv: &[String], env: &[(&str, String)]) -> Result<Child, CliError> {
+    /// Starts `argv` with `env` added, in a new process group whose id is the child's pid,
+    /// passing `lock_fd` on to it when given (see the module docs).
+    pub fn spawn(
+        argv: &[String],
+        env: &[(&str, String)],
+        lock_fd: Option<RawFd>,
+    ) -> Result<Child, CliError> {
         let (program, args) = argv
             .split_first()
             .ok_or_else(|| CliError::config("no command given after `--`"))?;
@@ -29,6 +46,29 @@ impl Child {
         for (key, value) in env {
             command.env(key, value);
         }
+        let parent = nix::unistd::getpid();
+        // SAFETY: the closure runs in the forked child before exec and makes only
+        // async-signal-safe system calls (prctl, getppid, fcntl); it allocates nothing and takes
+        // no lock.
+        #[allow(unsafe_code)]
+        unsafe {
+            command.pre_exec(move || {
+                nix::sys::prctl::set_pdeathsig(Signal::SIGKILL).map_err(std::io::Error::from)?;
+                if nix::unistd::getppid() != parent {
+                    // palisade died before the line above: the signal will never come.
+                    return Err(std::io::Error::other("palisade exited"));
+                }
+                if let Some(fd) = lock_fd {
+                    let fd = std::os::fd::BorrowedFd::borrow_raw(fd);
+                    nix::fcntl::fcntl(
+                        fd,
+                        nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::empty()),
+                    )
+                    .map_err(std::io::Error::from)?;
+                }
+                Ok(())
+            });
+        }
         let mut child = command
             .spawn()
             .map_err(|e| CliError::new(NOT_STARTED, format!("cannot start `{program}`: {e}")))?;
@@ -36,28 +76,58 @@ impl Child {
             .id()
             .ok_or_else(|| CliError::new(NOT_STARTED, format!("`{program}` exited at once")))?;
         let pgid = Pid::from_raw(pid as i32);
+        let watchdog = match Watchdog::start(pgid) {
+            Ok(watchdog) => watchdog,
+            Err(e) => {
+                let _ = killpg(pgid, Signal::SIGKILL);
+                return Err(e);
+            }
+        };
         let (tx, status) = watch::channel(None);
-        // Handlers are installed only now: while palisade waits for a lock, Ctrl-C simply ends it.
-        let mut interrupt = signal(SignalKind::interrupt()).ok();
-        let mut terminate = signal(SignalKind::terminate()).ok();
+        tokio::spawn(async move {
+            let exited = child.wait().await;
+            let _ = tx.send(Some(
+                exited.unwrap_or_else(|_| ExitStatus::from_raw(1 << 8)),
+            ));
+        });
+        Ok(Child {
+            pgid,
+            status,
+            _watchdog: watchdog,
+        })
+    }
+
+    /// [`Child::spawn`] without a lock descriptor, passing INT, TERM, HUP and QUIT that palisade
+    /// receives from now on to the command's process group (for `once` and `limit`, which hold
+    /// no lock while the command runs).
+    pub fn spawn_forwarding(
+        argv: &[String],
+        env: &[(&str, String)],
+    ) -> Result<Arc<Child>, CliError> {
+        let mut signals = StopSignals::install()
+            .map_err(|e| CliError::new(INTERNAL, format!("cannot install signal handlers: {e}")))?;
+        let child = Arc::new(Child::spawn(argv, env, None)?);
+        let forward = Arc::downgrade(&child);
         tokio::spawn(async move {
             loop {
-                tokio::select! {
-                    exited = child.wait() => {
-                        let _ = tx.send(Some(exited.unwrap_or_else(|_| ExitStatus::from_raw(1 << 8))));
-                        return;
-                    }
-                    Some(()) = recv(&mut interrupt) => { let _ = killpg(pgid, Signal::SIGINT); }
-                    Some(()) = recv(&mut terminate) => { let _ = killpg(pgid, Signal::SIGTERM); }
+                let signal = signals.recv().await;
+                match forward.upgrade() {
+                    Some(child) => child.signal(signal),
+                    None => return,
                 }
             }
         });
-        Ok(Child { pgid, status })
+        Ok(child)
     }
 
     /// The process id of the command (and the id of its process group).
     pub fn pid(&self) -> u32 {
         self.pgid.as_raw() as u32
+    }
+
+    /// Sends `signal` to the command's whole process group.
+    pub fn signal(&self, signal: Signal) {
+        let _ = killpg(self.pgid, signal);
     }
 
     /// Waits until the command exits.
@@ -70,24 +140,11 @@ impl Child {
         }
     }
 
-    /// Sends SIGTERM to the command's process group, waits up to `grace`, then sends SIGKILL;
-    /// returns how it ended and whether SIGKILL was needed.
-    pub async fn terminate(&self, grace: Duration) -> (ExitStatus, bool) {
-        let _ = killpg(self.pgid, Signal::SIGTERM);
-        match tokio::time::timeout(grace, self.wait()).await {
-            Ok(status) => (status, false),
-            Err(_) => {
-                let _ = killpg(self.pgid, Signal::SIGKILL);
-                (self.wait().await, true)
-            }
-        }
-    }
-}
-
-async fn recv(signal: &mut Option<tokio::signal::unix::Signal>) -> Option<()> {
-    match signal {
-        Some(s) => s.recv().await,
-        None => std::future::pending().await,
+    /// Kills the whole process group with SIGKILL (what is left of it: the command, or what it
+    /// started in the background) and waits for the command itself.
+    pub async fn kill(&self) -> ExitStatus {
+        self.signal(Signal::SIGKILL);
+        self.wait().await
     }
 }
 

@@ -37,9 +37,11 @@ Exit codes:
   70   internal or operating-system error
   73   publish: another writer committed to DEST meanwhile; nothing was published, run it again
   75   not run: the lock is held (or the key runs elsewhere) and the wait ran out
-  76   the lease was lost while the command ran: it got SIGTERM, then SIGKILL after --grace
+  76   the lease was lost while the command ran: it got SIGTERM --grace before the lease
+       deadline and SIGKILL at the deadline
   77   publish: fenced: a newer lock holder (higher fencing token) already published
-  78   invalid configuration (a flag value, a TLS file, a store URL)
+  78   invalid configuration (a flag value, a TLS file, a store URL), or a server refused it
+       (a TLS certificate, etcd's user/password): the message says which
   127  the command could not be started";
 
 /// A failure of the `palisade` command: one line for stderr and the exit code.
@@ -78,7 +80,14 @@ impl fmt::Display for CliError {
 impl From<palisade_lock::LockError> for CliError {
     fn from(error: palisade_lock::LockError) -> Self {
         use palisade_lock::LockError;
+        if let LockError::Backend { source, .. } = &error
+            && let Some(etcd) = source.downcast_ref::<etcd_client::Error>()
+            && let Some(refusal) = crate::backend::etcd_refusal(etcd, None)
+        {
+            return refusal;
+        }
         let code = match &error {
+            LockError::Tls { .. } => CONFIG,
             LockError::Backend { .. } => UNAVAILABLE,
             LockError::Config { .. } | LockError::InvalidName { .. } => CONFIG,
             LockError::Held { .. } | LockError::Timeout { .. } => HELD,

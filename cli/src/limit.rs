@@ -6,6 +6,7 @@ use crate::child::{Child, exit_code};
 use crate::exit::{CONFIG, CliError, HELD, INTERNAL, UNAVAILABLE, chain};
 use crate::file_limiter::{FileLimiter, Rate};
 use crate::progress::Progress;
+use crate::tls::RedisTlsArgs;
 use clap::Args;
 use palisade_ratelimit::{Error, Limit, Policy, RateLimiter, RedisLimiter};
 use std::path::PathBuf;
@@ -22,10 +23,15 @@ pub struct LimitArgs {
     #[arg(long, value_name = "N/PERIOD")]
     pub rate: Rate,
 
-    /// Share the limit through Redis (every host): `redis://[user:password@]host:port/`.
+    /// Share the limit through Redis (every host): `redis://[user:password@]host:port/`
+    /// (`rediss://` for TLS, with --redis-ca and --redis-cert/--redis-key as needed).
     /// Without it, the limit is shared by the processes of this host through files in --dir.
     #[arg(long, env = "PALISADE_REDIS_URL", value_name = "URL")]
     pub redis: Option<String>,
+
+    /// TLS files for a `rediss://` --redis.
+    #[command(flatten)]
+    pub tls: RedisTlsArgs,
 
     /// Directory of the host-local limit (default: $XDG_STATE_HOME/palisade or
     /// ~/.local/state/palisade).
@@ -59,7 +65,7 @@ pub async fn limit(args: LimitArgs) -> Result<u8, CliError> {
     drop(progress);
     admitted?;
     let env = [("PALISADE_LIMIT_KEY", args.key.clone())];
-    let child = Child::spawn(&args.command, &env)?;
+    let child = Child::spawn_forwarding(&args.command, &env)?;
     Ok(exit_code(child.wait().await))
 }
 
@@ -69,9 +75,7 @@ fn rate_text(rate: Rate) -> String {
 
 async fn redis_acquire(args: &LimitArgs, url: &str) -> Result<(), CliError> {
     let limit = Limit::new(args.rate.max, args.rate.period).map_err(to_cli)?;
-    let conn = palisade_ratelimit::connect(url, args.timeout)
-        .await
-        .map_err(to_cli)?;
+    let conn = connect(args, url).await?;
     let limiter = RedisLimiter::builder(conn)
         .limit(limit)
         .prefix("palisade:limit:")
@@ -87,6 +91,38 @@ async fn redis_acquire(args: &LimitArgs, url: &str) -> Result<(), CliError> {
         None => limiter.acquire(&args.key).await,
     };
     acquired.map(drop).map_err(to_cli)
+}
+
+/// Connects to Redis, over TLS with the --redis-ca/--redis-cert files when given; a refused
+/// certificate is one line that says whose (exit 78).
+#[cfg(feature = "tls")]
+async fn connect(
+    args: &LimitArgs,
+    url: &str,
+) -> Result<palisade_ratelimit::redis_crate::aio::ConnectionManager, CliError> {
+    let connected = match args.tls.certificates(url)? {
+        Some(certs) => palisade_ratelimit::connect_with_tls(url, certs, args.timeout).await,
+        None => palisade_ratelimit::connect(url, args.timeout).await,
+    };
+    connected.map_err(|error| match error {
+        Error::Tls { problem, source } => {
+            args.tls
+                .files()
+                .refused(problem, crate::tls::Signed::Unknown, &source.to_string())
+        }
+        other => to_cli(other),
+    })
+}
+
+#[cfg(not(feature = "tls"))]
+async fn connect(
+    args: &LimitArgs,
+    url: &str,
+) -> Result<palisade_ratelimit::redis_crate::aio::ConnectionManager, CliError> {
+    args.tls.certificates(url)?;
+    palisade_ratelimit::connect(url, args.timeout)
+        .await
+        .map_err(to_cli)
 }
 
 async fn file_acquire(args: &LimitArgs) -> Result<(), CliError> {

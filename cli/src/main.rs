@@ -11,6 +11,9 @@ mod once;
 mod progress;
 mod publish;
 mod run;
+mod signals;
+mod tls;
+mod watchdog;
 
 use clap::{Parser, Subcommand};
 use std::process::ExitCode;
@@ -33,9 +36,11 @@ enum Command {
     ///
     /// COMMAND runs in its own process group with PALISADE_FENCING_TOKEN (strictly increasing
     /// across holders of the lock: hand it to the storage the job writes) and PALISADE_LOCK in
-    /// its environment, and is listed by `palisade jobs` while it runs. SIGINT and SIGTERM are
-    /// forwarded to it. If the lease is lost while it runs (etcd unreachable for --ttl, or
-    /// palisade paused), it gets SIGTERM, then SIGKILL after --grace, and palisade exits 76.
+    /// its environment, and is listed by `palisade jobs` while it runs. SIGINT, SIGTERM, SIGHUP
+    /// and SIGQUIT are passed on to it (while palisade still waits, they make it give up its
+    /// place in the queue). When renewals of the lease fail, it gets SIGTERM --grace before the
+    /// lease deadline and SIGKILL at the deadline, and palisade exits 76. If palisade dies, a
+    /// watchdog kills the command's process group at once.
     ///
     /// Example: palisade run --lock daily_etl --wait-for 10m --meta owner=data -- ./etl.sh
     #[command(after_help = exit::TABLE)]
@@ -84,6 +89,9 @@ enum Command {
     /// that needs one consistent version reads.
     #[command(after_help = exit::TABLE)]
     Manifest(publish::ManifestArgs),
+    /// Internal: kills a guarded command's process group when palisade dies (see `run`).
+    #[command(name = "__watchdog", hide = true)]
+    Watchdog(watchdog::WatchdogArgs),
 }
 
 fn main() -> ExitCode {
@@ -115,6 +123,7 @@ fn main() -> ExitCode {
             Command::Limit(args) => limit::limit(args).await,
             Command::Publish(args) => publish::publish(args).await,
             Command::Manifest(args) => publish::manifest(args).await,
+            Command::Watchdog(args) => watchdog::watch(args).await,
         }
     });
     // Give background releases (a dropped guard) a moment, but never hang on exit.

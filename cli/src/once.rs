@@ -4,6 +4,7 @@ use crate::backend::default_dir;
 use crate::child::{Child, exit_code};
 use crate::exit::{CONFIG, CliError, HELD, INTERNAL, MISMATCH, UNAVAILABLE, chain};
 use crate::progress::Progress;
+use crate::tls::RedisTlsArgs;
 use clap::Args;
 use palisade_idempotency::{Error, FileStore, IdempotencyStore, OnceOptions, Outcome, RedisStore};
 use serde::{Deserialize, Serialize};
@@ -22,6 +23,10 @@ pub struct OnceArgs {
     /// `redis://[user:password@]host:port/` (`rediss://` for TLS) for a fleet.
     #[arg(long, env = "PALISADE_ONCE_STORE", value_name = "URL")]
     pub store: Option<String>,
+
+    /// TLS files for a `rediss://` --store.
+    #[command(flatten)]
+    pub tls: RedisTlsArgs,
 
     /// How long a completed run is remembered (and replayed).
     #[arg(long, value_parser = humantime::parse_duration, default_value = "7days", value_name = "DURATION")]
@@ -79,7 +84,7 @@ pub async fn once(args: OnceArgs) -> Result<u8, CliError> {
     options.validate().map_err(to_cli)?;
     match args.store.as_deref() {
         Some(url) if url.starts_with("redis://") || url.starts_with("rediss://") => {
-            let store = RedisStore::connect(url).await.map_err(to_cli)?;
+            let store = connect(url, &args.tls).await?;
             run(&store, &args, &options).await
         }
         Some(url) => {
@@ -111,7 +116,7 @@ async fn run(
     let outcome = store
         .once(&args.key, &fingerprint, options, move || async move {
             let env = [("PALISADE_ONCE_KEY", key)];
-            let child = Child::spawn(&command, &env)?;
+            let child = Child::spawn_forwarding(&command, &env)?;
             let code = exit_code(child.wait().await);
             if code != 0 && !record_failures {
                 return Err(Box::new(Failed(code)) as Box<dyn std::error::Error + Send + Sync>);
@@ -149,6 +154,36 @@ async fn run(
         }
         Err(error) => Err(to_cli(error)),
     }
+}
+
+/// Connects the Redis store, over TLS with the --redis-ca/--redis-cert files when given; a refused
+/// certificate is one line that says whose (exit 78).
+#[cfg(feature = "tls")]
+async fn connect(url: &str, tls: &RedisTlsArgs) -> Result<RedisStore, CliError> {
+    let connected = match tls.certificates(url)? {
+        Some(certs) => RedisStore::connect_with_tls(url, certs).await,
+        None => RedisStore::connect(url).await,
+    };
+    connected.map_err(|error| {
+        let refused = match &error {
+            Error::Redis { source, .. } => palisade_ratelimit::TlsProblem::find(source)
+                .map(|problem| (problem, source.to_string())),
+            _ => None,
+        };
+        match refused {
+            Some((problem, detail)) => {
+                tls.files()
+                    .refused(problem, crate::tls::Signed::Unknown, &detail)
+            }
+            None => to_cli(error),
+        }
+    })
+}
+
+#[cfg(not(feature = "tls"))]
+async fn connect(url: &str, tls: &RedisTlsArgs) -> Result<RedisStore, CliError> {
+    tls.certificates(url)?;
+    RedisStore::connect(url).await.map_err(to_cli)
 }
 
 fn to_cli(error: Error) -> CliError {

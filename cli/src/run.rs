@@ -2,9 +2,11 @@
 
 use crate::backend::BackendArgs;
 use crate::child::{Child, exit_code};
-use crate::exit::{CliError, HELD, LEASE_LOST};
+use crate::exit::{CliError, HELD, INTERNAL, LEASE_LOST};
 use crate::progress::Progress;
+use crate::signals::{self, StopSignals};
 use clap::Args;
+use nix::sys::signal::Signal;
 use palisade_lock::{JobInfo, LockError, RunOutcome, Wait};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -30,9 +32,12 @@ pub struct RunArgs {
     #[arg(long, value_parser = humantime::parse_duration, default_value = "30s", value_name = "DURATION")]
     pub ttl: Duration,
 
-    /// After the lease is lost: how long COMMAND has to exit after SIGTERM before SIGKILL.
-    #[arg(long, value_parser = humantime::parse_duration, default_value = "10s", value_name = "DURATION")]
-    pub grace: Duration,
+    /// When renewals fail: COMMAND gets SIGTERM this long before the lease ends and SIGKILL
+    /// when it ends, so it has stopped before another holder can start. On etcd it must be
+    /// shorter than two thirds of --ttl (renewals are due every third). Default: 10s, or a
+    /// third of --ttl when that is shorter.
+    #[arg(long, value_parser = humantime::parse_duration, value_name = "DURATION")]
+    pub grace: Option<Duration>,
 
     /// Metadata shown in `palisade jobs` (repeatable), e.g. `--meta owner=data-team`.
     #[arg(long = "meta", value_parser = parse_key_value, value_name = "KEY=VALUE")]
@@ -59,7 +64,19 @@ fn parse_key_value(text: &str) -> Result<(String, String), String> {
 
 /// Runs the command under the lock and returns palisade's exit code.
 pub async fn run(args: RunArgs) -> Result<u8, CliError> {
-    let coordinator = args.backend.coordinator(args.ttl).await?;
+    let grace = match args.grace {
+        Some(grace) if !args.backend.etcd.is_empty() => check_grace(grace, args.ttl)?,
+        Some(grace) => grace,
+        None => DEFAULT_GRACE.min(args.ttl / 3),
+    };
+    // From here to the end, INT/TERM/HUP/QUIT are ours: none of them can end palisade without
+    // its clean-up (giving up a wait, or passing the signal on to the command).
+    let mut signals = StopSignals::install()
+        .map_err(|e| CliError::new(INTERNAL, format!("cannot install signal handlers: {e}")))?;
+    let coordinator = tokio::select! {
+        coordinator = args.backend.coordinator(args.ttl) => coordinator?,
+        signal = signals.recv() => return Ok(signals::exit_code(signal)),
+    };
     let mut job = JobInfo::new(args.name.clone().unwrap_or_else(|| args.lock.clone()))
         .command(args.command.clone());
     for (key, value) in &args.meta {
@@ -75,26 +92,84 @@ pub async fn run(args: RunArgs) -> Result<u8, CliError> {
         _ => Some(Progress::start(format!("waiting for lock `{}`", args.lock))),
     };
     let progress = Mutex::new(progress);
-    // The child outlives the job future when the lease is lost (run_exclusive drops the future
-    // at once); this slot keeps it reachable so it can be terminated gracefully.
+    // The command, once started. The job future sets it in the same poll that spawns the
+    // command, and signals are handled in this task between polls, so a signal finds either no
+    // command (palisade is still waiting) or the command (to pass the signal on), never a
+    // command that it cannot see.
     let child: Arc<Mutex<Option<Arc<Child>>>> = Arc::default();
     let slot = child.clone();
     let command = args.command.clone();
     let lock = args.lock.clone();
-    let outcome = coordinator
-        .run_exclusive(&args.lock, job, wait, |ctx| {
-            drop(progress.lock().map(|mut p| p.take()));
-            async move {
-                let env = [
-                    ("PALISADE_FENCING_TOKEN", ctx.fencing_token().to_string()),
-                    ("PALISADE_LOCK", lock),
-                ];
-                let started = Arc::new(Child::spawn(&command, &env)?);
-                *slot.lock().unwrap_or_else(|p| p.into_inner()) = Some(started.clone());
-                Ok::<_, CliError>(started.wait().await)
+    let exclusive = coordinator.run_exclusive(&args.lock, job, wait, |ctx| {
+        drop(progress.lock().map(|mut p| p.take()));
+        async move {
+            let env = [
+                ("PALISADE_FENCING_TOKEN", ctx.fencing_token().to_string()),
+                ("PALISADE_LOCK", lock.clone()),
+            ];
+            let started = Arc::new(Child::spawn(&command, &env, ctx.lock_fd())?);
+            *slot.lock().unwrap_or_else(|p| p.into_inner()) = Some(started.clone());
+            let status = tokio::select! {
+                status = started.wait() => status,
+                // Renewals have failed for so long that the lease ends within --grace: the
+                // command gets SIGTERM now and SIGKILL at the deadline (when run_exclusive
+                // drops this future), so it has stopped before anyone else can hold the lock.
+                () = ctx.expiring(grace) => {
+                    eprintln!(
+                        "palisade: the lease on lock `{lock}` has not been renewed and ends in {}: \
+                         sending SIGTERM to the command (pid {}), SIGKILL when it ends",
+                        left(ctx.deadline()),
+                        started.pid(),
+                    );
+                    started.signal(Signal::SIGTERM);
+                    started.wait().await
+                }
+            };
+            // What the command left running in its process group goes before the lock does.
+            started.signal(Signal::SIGKILL);
+            Ok::<_, CliError>(status)
+        }
+    });
+    let mut exclusive = Box::pin(exclusive);
+    let mut suspend = JobControl::install()?;
+    let outcome = loop {
+        tokio::select! {
+            outcome = &mut exclusive => break outcome,
+            event = suspend.recv() => {
+                let running = child.lock().unwrap_or_else(|p| p.into_inner()).clone();
+                // Ctrl-Z: the command stops with palisade, and goes on with it after `fg`, unless
+                // the lease ran out meanwhile (then run_exclusive reports it lost and the
+                // command, still stopped, is killed without running another instruction).
+                match (event, running) {
+                    (Suspend::Stop, Some(running)) => running.signal(Signal::SIGSTOP),
+                    (Suspend::Continue, Some(running)) if !coordinator.session().is_lost() => {
+                        running.signal(Signal::SIGCONT)
+                    }
+                    _ => {}
+                }
+                if event == Suspend::Stop {
+                    let _ = nix::sys::signal::raise(Signal::SIGSTOP);
+                }
             }
-        })
-        .await;
+            signal = signals.recv() => {
+                let running = child.lock().unwrap_or_else(|p| p.into_inner()).clone();
+                if let Some(running) = running {
+                    running.signal(signal);
+                    continue;
+                }
+                // Still waiting: leave the queue, and revoke the lease so that the waiter's key
+                // is gone now, not when the TTL runs out.
+                drop(exclusive);
+                drop(progress);
+                if let Err(e) = coordinator.close().await {
+                    eprintln!("palisade: could not give up the session on {signal}: {e}");
+                }
+                eprintln!("palisade: {signal} while waiting for lock `{}`: gave up", args.lock);
+                return Ok(signals::exit_code(signal));
+            }
+        }
+    };
+    drop(exclusive);
     drop(progress);
     match outcome {
         Ok(RunOutcome::Ran(status)) => Ok(exit_code(status?)),
@@ -106,21 +181,78 @@ pub async fn run(args: RunArgs) -> Result<u8, CliError> {
             let running = child.lock().unwrap_or_else(|p| p.into_inner()).clone();
             let mut message = format!("the lease on lock `{}` was lost", args.lock);
             if let Some(child) = running {
-                eprintln!(
-                    "palisade: {message}: sending SIGTERM to the command (pid {}), SIGKILL after {}",
-                    child.pid(),
-                    humantime::format_duration(args.grace)
-                );
-                let (status, killed) = child.terminate(args.grace).await;
+                // The deadline has passed: another process may hold the lock now.
+                let status = child.kill().await;
                 message = format!(
-                    "{message}; the command was {} ({status})",
-                    if killed { "killed" } else { "terminated" }
+                    "{message}; the command (pid {}) was stopped ({status})",
+                    child.pid()
                 );
             }
             Err(CliError::new(LEASE_LOST, message))
         }
         Err(other) => Err(other.into()),
     }
+}
+
+/// Job control from a terminal: Ctrl-Z (SIGTSTP) and `fg`/`bg` (SIGCONT).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Suspend {
+    Stop,
+    Continue,
+}
+
+struct JobControl {
+    stop: tokio::signal::unix::Signal,
+    cont: tokio::signal::unix::Signal,
+}
+
+impl JobControl {
+    fn install() -> Result<JobControl, CliError> {
+        use tokio::signal::unix::{SignalKind, signal};
+        let failed = |e: std::io::Error| {
+            CliError::new(INTERNAL, format!("cannot install signal handlers: {e}"))
+        };
+        Ok(JobControl {
+            stop: signal(SignalKind::from_raw(Signal::SIGTSTP as i32)).map_err(failed)?,
+            cont: signal(SignalKind::from_raw(Signal::SIGCONT as i32)).map_err(failed)?,
+        })
+    }
+
+    async fn recv(&mut self) -> Suspend {
+        tokio::select! {
+            Some(()) = self.stop.recv() => Suspend::Stop,
+            Some(()) = self.cont.recv() => Suspend::Continue,
+        }
+    }
+}
+
+/// The time a command gets between SIGTERM and SIGKILL unless `--grace` says otherwise.
+const DEFAULT_GRACE: Duration = Duration::from_secs(10);
+
+/// `--grace` must end after a renewal that is merely due: renewals go out every third of the
+/// TTL, so a lease that is renewed on time always has more than two thirds of its TTL left, and
+/// a grace shorter than that never stops a healthy job.
+fn check_grace(grace: Duration, ttl: Duration) -> Result<Duration, CliError> {
+    let limit = ttl * 2 / 3;
+    if grace >= limit {
+        return Err(CliError::config(format!(
+            "--grace {} does not fit in --ttl {}: the command gets SIGTERM --grace before the \
+             lease ends and renewals are due every third of the TTL, so --grace must be shorter \
+             than two thirds of --ttl ({})",
+            humantime::format_duration(grace),
+            humantime::format_duration(ttl),
+            humantime::format_duration(limit)
+        )));
+    }
+    Ok(grace)
+}
+
+/// How long until `deadline`, for a message.
+fn left(deadline: Option<tokio::time::Instant>) -> String {
+    let left = deadline
+        .map(|d| d.saturating_duration_since(tokio::time::Instant::now()))
+        .unwrap_or_default();
+    humantime::format_duration(Duration::from_millis(left.as_millis() as u64)).to_string()
 }
 
 /// "lock `x` is held by job `y` on host h (pid 1, since ..., fencing token 7)".

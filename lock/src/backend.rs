@@ -51,6 +51,10 @@ pub trait HeldLock: Send + Sync + std::fmt::Debug {
     fn etcd_ownership(&self) -> Option<(Vec<u8>, i64)> {
         None
     }
+    /// On the file backend: the descriptor that holds the `flock`.
+    fn lock_fd(&self) -> Option<std::os::fd::RawFd> {
+        None
+    }
 }
 
 /// An opaque handle on a lease's liveness, passed from a backend to the guard.
@@ -101,4 +105,11 @@ pub trait LockBackend: Send + Sync + 'static {
 
     /// Registry changes from now on.
     fn watch_jobs(&self) -> BoxStream<'static, JobEvent>;
+
+    /// Gives up the session at once: on etcd its lease is revoked, so every key on it (held
+    /// locks, waiters' keys, registry entries) is deleted now rather than when the TTL runs out.
+    /// For a process about to exit. Nothing to do on the other backends.
+    async fn close(&self) -> Result<(), LockError> {
+        Ok(())
+    }
 }

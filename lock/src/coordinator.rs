@@ -54,6 +54,7 @@ pub struct JobContext {
     name: String,
     token: u64,
     lost: LostSignal,
+    lock_fd: Option<std::os::fd::RawFd>,
 }
 
 impl JobContext {
@@ -77,6 +78,29 @@ impl JobContext {
     /// blocking code.
     pub fn is_cancelled(&self) -> bool {
         self.lost.0.is_lost()
+    }
+
+    /// The instant (local monotonic clock) at which the job is cancelled unless the lease is
+    /// renewed before: the send time of the last renewal etcd acknowledged plus its TTL, which is
+    /// never later than etcd's own expiry of the lease. `None` on the file and memory backends.
+    pub fn deadline(&self) -> Option<tokio::time::Instant> {
+        self.lost.0.deadline()
+    }
+
+    /// Resolves once renewals have failed for so long that the job will be cancelled within
+    /// `margin` (now >= [`deadline`](Self::deadline) - `margin`), or the lease is lost: the moment
+    /// to ask work outside this future to stop, so that it has stopped before another process
+    /// can hold the lock. Never resolves on the file and memory backends.
+    pub async fn expiring(&self, margin: std::time::Duration) {
+        self.lost.0.expiring(margin).await;
+    }
+
+    /// On the file backend, the descriptor that holds the lock's `flock`, valid while the job
+    /// runs (`None` on etcd and in memory). A child process that inherits it (clear
+    /// `FD_CLOEXEC` before `exec`) keeps the lock held for as long as it or any process it
+    /// passes the descriptor to lives, as `flock(1)` does, even if this process dies first.
+    pub fn lock_fd(&self) -> Option<std::os::fd::RawFd> {
+        self.lock_fd
     }
 }
 
@@ -128,6 +152,14 @@ impl Coordinator {
     /// The current session.
     pub fn session(&self) -> Session {
         self.backend.session()
+    }
+
+    /// Gives up this process's session at once, for a process about to exit (on a signal, say):
+    /// on etcd the lease is revoked, so its held locks, its waiters' places in queues and its
+    /// registry entries are deleted now, and the next contender need not wait for the TTL.
+    /// Guards and waits of this coordinator are lost or fail afterwards.
+    pub async fn close(&self) -> Result<(), LockError> {
+        self.backend.close().await
     }
 
     /// Waits (in arrival order) until `name` is free and takes it.
@@ -234,6 +266,7 @@ impl Coordinator {
             name: name.to_string(),
             token: guard.fencing_token(),
             lost: lost.clone(),
+            lock_fd: guard.lock_fd(),
         };
         let span = tracing::info_span!(
             "palisade_lock.run_exclusive",

@@ -75,6 +75,22 @@ pub enum LockError {
         source: Box<dyn std::error::Error + Send + Sync + 'static>,
     },
 
+    /// A TLS handshake with etcd failed on a certificate: etcd's is not signed by the CA the
+    /// client trusts (or names another host), or etcd refused the client's certificate with an
+    /// alert. Not retried: fix the certificates. Only with the `tls` feature; etcd usually
+    /// closes the connection on a refused client certificate without an alert the client reads,
+    /// which shows as a [`LockError::Backend`] transport error once the retries are spent.
+    #[error(
+        "{op} failed: TLS with the coordination server refused a certificate: {source}; check that the CA certificate signed the server's, and the client certificate and key"
+    )]
+    Tls {
+        /// What we were doing.
+        op: &'static str,
+        /// The client error (it holds rustls's reason).
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync + 'static>,
+    },
+
     /// Stored data could not be decoded (written by another version or by hand).
     #[error("could not decode {what}: {detail}; remove the entry or upgrade palisade-lock")]
     Corrupt {

@@ -266,7 +266,9 @@ impl FileHeld {
     fn release_now(&mut self) {
         if let Some(file) = self.file.take() {
             let _ = std::fs::remove_file(&self.holder_path);
-            let _ = flock(&file, FlockOperation::Unlock);
+            // Closing, not `LOCK_UN`: a child process that inherited the descriptor (`palisade
+            // run` passes it on, as flock(1) does) shares the open file description, and the
+            // lock must stay held until the last process that has it is gone.
             drop(file);
         }
         self.local.take();
@@ -293,6 +295,10 @@ impl HeldLock for FileHeld {
     }
     fn release_in_background(mut self: Box<Self>) {
         self.release_now();
+    }
+    fn lock_fd(&self) -> Option<std::os::fd::RawFd> {
+        use std::os::fd::AsRawFd;
+        self.file.as_ref().map(File::as_raw_fd)
     }
 }
 

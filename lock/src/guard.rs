@@ -59,6 +59,10 @@ impl LockGuard {
         self.lost.clone()
     }
 
+    pub(crate) fn lock_fd(&self) -> Option<std::os::fd::RawFd> {
+        self.held.as_ref()?.lock_fd()
+    }
+
     /// Releases the lock and waits until the backend confirmed it. On etcd the delete compares
     /// the key's create revision, so a retried release never deletes a newer holder's key.
     pub async fn release(mut self) -> Result<(), LockError> {

@@ -13,10 +13,14 @@ use tokio::time::Instant;
 /// clock is before `deadline` (the send time of the last renewal etcd acknowledged plus the TTL it
 /// granted), so a paused or partitioned process finds its lease lost the moment it looks, even
 /// before its keepalive task has run.
+///
+/// A child liveness (one held lock) is lost when its own flag is set (its key was deleted) or
+/// its parent (the session) is lost; its deadline is the parent's.
 #[derive(Debug)]
 pub(crate) struct Liveness {
     lost: watch::Sender<bool>,
     deadline: Mutex<Option<Instant>>,
+    parent: Option<Arc<Liveness>>,
 }
 
 impl Liveness {
@@ -26,6 +30,17 @@ impl Liveness {
         Arc::new(Liveness {
             lost: watch::Sender::new(false),
             deadline: Mutex::new(None),
+            parent: None,
+        })
+    }
+
+    /// A liveness that is lost when `parent` is, or when marked lost itself.
+    #[cfg_attr(not(feature = "etcd"), allow(dead_code))]
+    pub(crate) fn child(parent: &Arc<Liveness>) -> Arc<Self> {
+        Arc::new(Liveness {
+            lost: watch::Sender::new(false),
+            deadline: Mutex::new(None),
+            parent: Some(parent.clone()),
         })
     }
 
@@ -35,6 +50,7 @@ impl Liveness {
         Arc::new(Liveness {
             lost: watch::Sender::new(false),
             deadline: Mutex::new(Some(deadline)),
+            parent: None,
         })
     }
 
@@ -54,15 +70,69 @@ impl Liveness {
     }
 
     pub(crate) fn deadline(&self) -> Option<Instant> {
-        *self.deadline.lock().unwrap_or_else(|p| p.into_inner())
+        match &self.parent {
+            Some(parent) => parent.deadline(),
+            None => *self.deadline.lock().unwrap_or_else(|p| p.into_inner()),
+        }
     }
 
     pub(crate) fn is_lost(&self) -> bool {
-        *self.lost.borrow() || self.deadline().is_some_and(|d| Instant::now() >= d)
+        *self.lost.borrow()
+            || self.parent.as_ref().is_some_and(|p| p.is_lost())
+            || self.deadline().is_some_and(|d| Instant::now() >= d)
+    }
+
+    /// Resolves when this liveness's own flag is set.
+    async fn flagged(&self) {
+        let mut rx = self.lost.subscribe();
+        if rx.wait_for(|lost| *lost).await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    }
+
+    /// Resolves once the lease is lost or will be within `margin` unless a renewal is
+    /// acknowledged first (now >= deadline - margin), following renewals while it waits; never
+    /// resolves for a liveness that is never lost.
+    pub(crate) async fn expiring(&self, margin: Duration) {
+        if let Some(parent) = &self.parent {
+            return tokio::select! {
+                () = self.flagged() => {}
+                () = Box::pin(parent.expiring(margin)) => {}
+            };
+        }
+        let mut rx = self.lost.subscribe();
+        loop {
+            if *rx.borrow_and_update() {
+                return;
+            }
+            match self.deadline() {
+                Some(deadline) => {
+                    let warn_at = deadline.checked_sub(margin).unwrap_or(deadline);
+                    if Instant::now() >= warn_at {
+                        return;
+                    }
+                    tokio::select! {
+                        _ = rx.changed() => {}
+                        _ = tokio::time::sleep_until(warn_at) => {}
+                    }
+                }
+                None => {
+                    if rx.changed().await.is_err() {
+                        std::future::pending::<()>().await;
+                    }
+                }
+            }
+        }
     }
 
     /// Resolves when the lease is lost; never resolves for a liveness that is never lost.
     pub(crate) async fn lost(&self) {
+        if let Some(parent) = &self.parent {
+            return tokio::select! {
+                () = self.flagged() => {}
+                () = Box::pin(parent.lost()) => {}
+            };
+        }
         let mut rx = self.lost.subscribe();
         loop {
             if *rx.borrow_and_update() {
@@ -177,6 +247,33 @@ mod tests {
         let at = lost.await.unwrap();
         assert_eq!(at, start + Duration::from_secs(5));
         assert!(l.is_lost());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn expiring_fires_the_margin_before_the_deadline_and_follows_renewals() {
+        let start = Instant::now();
+        let l = Liveness::until(start + Duration::from_secs(10));
+        let margin = Duration::from_secs(3);
+        let waiter = tokio::spawn({
+            let l = l.clone();
+            async move {
+                l.expiring(margin).await;
+                Instant::now()
+            }
+        });
+        tokio::time::advance(Duration::from_secs(5)).await;
+        l.renew(start + Duration::from_secs(12)); // a renewal moves the warning to 9 s
+        assert_eq!(waiter.await.unwrap(), start + Duration::from_secs(9));
+        // A margin longer than what is left fires at once; a lost lease fires at once.
+        tokio::time::timeout(Duration::ZERO, l.expiring(Duration::from_secs(60)))
+            .await
+            .expect("within the margin already");
+        let forever = Liveness::forever();
+        assert!(
+            tokio::time::timeout(Duration::from_secs(3600), forever.expiring(margin))
+                .await
+                .is_err()
+        );
     }
 
     #[tokio::test(start_paused = true)]

@@ -679,3 +679,68 @@ async fn lock_outlives_its_ttl_while_kept_alive() {
     guard.release().await.unwrap();
     other.try_lock("long").await.unwrap();
 }
+
+/// What an operator does to break a stuck lock, `etcdctl lease revoke` or `etcdctl del` of the
+/// holder's key, is noticed by the holder at once (its key is watched), not at its next renewal
+/// a third of the TTL later, and never for a deleted key.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_revoked_lease_or_a_deleted_key_is_noticed_within_200_ms() {
+    const NOTICE: Duration = Duration::from_millis(200);
+    let etcd = etcd_server().await;
+    let mut raw = etcd_client::Client::connect(etcd.endpoints(), None)
+        .await
+        .unwrap();
+    for fault in ["revoke", "delete"] {
+        // A TTL of 30 s: the keepalive would notice a revoke only after 10 s.
+        let holder = etcd_coordinator(&etcd.endpoints(), 30).await;
+        let waiter = etcd_coordinator(&etcd.endpoints(), 30).await;
+        let name = format!("broken-{fault}");
+        let guard = holder.lock(&name).await.unwrap();
+        let w = waiter.clone();
+        let n = name.clone();
+        let next = tokio::spawn(async move { w.lock(&n).await });
+        eventually("the waiter is queued", || async {
+            holder.queue_len(&name).await.unwrap() == 1
+        })
+        .await;
+        let started = std::time::Instant::now();
+        match fault {
+            "revoke" => {
+                raw.lease_revoke(holder.session().lease_id().unwrap())
+                    .await
+                    .unwrap();
+            }
+            _ => {
+                let key = format!("test/lock/{name}/");
+                let held = raw
+                    .get(
+                        key.as_str(),
+                        Some(etcd_client::GetOptions::new().with_prefix()),
+                    )
+                    .await
+                    .unwrap();
+                let first = held
+                    .kvs()
+                    .iter()
+                    .min_by_key(|kv| kv.create_revision())
+                    .expect("the holder's key")
+                    .key()
+                    .to_vec();
+                raw.delete(first, None).await.unwrap();
+            }
+        }
+        let noticed = tokio::time::timeout(NOTICE, guard.lost()).await;
+        assert!(
+            noticed.is_ok(),
+            "{fault}: the holder did not notice within {NOTICE:?}"
+        );
+        assert!(guard.is_lost(), "{fault}");
+        println!("{fault}: noticed after {:?}", started.elapsed());
+        // The waiter is the owner now, with a higher fencing token.
+        let taken = bounded("the waiter takes over", next)
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(taken.fencing_token() > guard.fencing_token());
+    }
+}

@@ -10,11 +10,13 @@ mod local;
 mod redis;
 
 pub use decision::{Decision, RateLimitHeaders};
-pub use error::Error;
+pub use error::{Error, TlsProblem};
 pub use layer::{BoxError, Mode, RateLimit, RateLimitLayer, Rejected};
 pub use limit::{Algorithm, Limit, MAX_WINDOW, MIN_WINDOW};
 pub use limiter::RateLimiter;
 pub use local::{DefaultClock, LocalLimiter, TokioClock, TokioInstant};
+#[cfg(feature = "tls")]
+pub use redis::connect_with_tls;
 pub use redis::{
     DEFAULT_TIMEOUT, Policy, RedisLimiter, RedisLimiterBuilder, connect, connect_cluster,
 };

@@ -8,8 +8,12 @@ use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::time::{Duration, Instant};
 use tempfile::TempDir;
 
-/// The `palisade` binary that cargo built for this workspace.
+/// The `palisade` binary that cargo built for this workspace (or `PALISADE_TEST_BIN`, to run
+/// these tests against another build, e.g. an older one to show that a new test fails there).
 pub fn binary() -> PathBuf {
+    if let Some(path) = std::env::var_os("PALISADE_TEST_BIN") {
+        return PathBuf::from(path);
+    }
     let exe = std::env::current_exe().expect("the test's own path");
     // target/<profile>/deps/<test> -> target/<profile>/palisade
     let path = exe

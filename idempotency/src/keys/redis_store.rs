@@ -95,8 +95,12 @@ impl std::fmt::Debug for RedisStore {
 }
 
 impl RedisStore {
-    /// Connects to `url` with the key prefix `palisade:idem:`.
+    /// Connects to `url` with the key prefix `palisade:idem:`. A `rediss://` URL needs the `tls`
+    /// feature and trusts the system's roots (webpki); for a private CA or a client certificate
+    /// use [`RedisStore::connect_with_tls`].
     pub async fn connect(url: &str) -> Result<Self> {
+        #[cfg(feature = "tls")]
+        install_crypto_provider();
         let client = redis::Client::open(url).map_err(|source| Error::Redis {
             op: "open client",
             source,
@@ -111,9 +115,50 @@ impl RedisStore {
         Ok(Self::with_connection(conn, "palisade:idem:"))
     }
 
+    /// Connects to a `rediss://` URL trusting the CA in `certs.root_cert` (PEM; `None`: the
+    /// system's roots) and presenting `certs.client_tls` (a PEM certificate and key), if any, with
+    /// the key prefix `palisade:idem:`. Needs the `tls` feature. Gives up after 3 attempts (about
+    /// a second when the server refuses a certificate); a refused certificate is an
+    /// [`Error::Redis`] whose source holds rustls's reason.
+    ///
+    /// ```no_run
+    /// # async fn f() -> Result<(), Box<dyn std::error::Error>> {
+    /// use redis::{ClientTlsConfig, TlsCertificates};
+    /// let certs = TlsCertificates {
+    ///     root_cert: Some(std::fs::read("/etc/redis/ca.pem")?),
+    ///     client_tls: Some(ClientTlsConfig {
+    ///         client_cert: std::fs::read("/etc/palisade/client.pem")?,
+    ///         client_key: std::fs::read("/etc/palisade/client-key.pem")?,
+    ///     }),
+    /// };
+    /// let store = palisade_idempotency::RedisStore::connect_with_tls("rediss://redis:6380/", certs).await?;
+    /// # Ok(()) }
+    /// ```
+    #[cfg(feature = "tls")]
+    pub async fn connect_with_tls(url: &str, certs: redis::TlsCertificates) -> Result<Self> {
+        install_crypto_provider();
+        let client = redis::Client::build_with_tls(url, certs).map_err(|source| Error::Redis {
+            op: "open TLS client",
+            source,
+        })?;
+        let config = redis::aio::ConnectionManagerConfig::new()
+            .set_number_of_retries(2)
+            .set_max_delay(Duration::from_secs(1));
+        let conn = client
+            .get_connection_manager_with_config(config)
+            .await
+            .map_err(|source| Error::Redis {
+                op: "connect",
+                source,
+            })?;
+        Ok(Self::with_connection(conn, "palisade:idem:"))
+    }
+
     /// Connects to a Redis Cluster through any of its nodes' URLs, with the key prefix
     /// `palisade:idem:`.
     pub async fn connect_cluster(urls: &[String]) -> Result<Self> {
+        #[cfg(feature = "tls")]
+        install_crypto_provider();
         let client = redis::cluster::ClusterClient::new(urls.iter().map(String::as_str)).map_err(
             |source| Error::Redis {
                 op: "open cluster client",
@@ -162,6 +207,16 @@ impl RedisStore {
 
     fn key(&self, key: &str) -> String {
         format!("{}{}", self.prefix, key)
+    }
+}
+
+/// rustls needs a process-wide crypto provider and the redis crate selects none; use ring
+/// unless the application installed one already.
+#[cfg(feature = "tls")]
+fn install_crypto_provider() {
+    if rustls::crypto::CryptoProvider::get_default().is_none() {
+        // Losing a race with another installer is fine: any provider will do.
+        let _ = rustls::crypto::ring::default_provider().install_default();
     }
 }
 

@@ -18,7 +18,7 @@ use crate::backend::{HeldLock, Holder, Kind, LostSignalHandle};
 use crate::coordinator::Wait;
 use crate::error::LockError;
 use crate::job::JobInfo;
-use crate::session::LostSignal;
+use crate::session::{Liveness, LostSignal};
 
 fn first_created() -> GetOptions {
     GetOptions::new()
@@ -202,9 +202,18 @@ pub(crate) async fn acquire(
         return Err(LockError::Lost);
     }
     let slot = pending.slot.take();
+    let liveness = Liveness::child(&session.liveness);
+    let watcher = tokio::spawn(watch_own_key(
+        backend.client.clone(),
+        key.clone(),
+        rev,
+        liveness.clone(),
+    ));
     Ok(Box::new(EtcdHeld {
         client: backend.client.clone(),
         session,
+        liveness,
+        watcher,
         key,
         rev,
         rpc_timeout,
@@ -419,9 +428,93 @@ pub(crate) async fn holder(
     }))
 }
 
+/// Watches a held lock's key from its creation on, and marks the lock lost the moment the key
+/// is deleted or replaced: an operator's `etcdctl lease revoke` (the usual way to break a stuck
+/// lock) or `etcdctl del`, after which the next waiter owns the lock at once. Without it the
+/// holder would learn of a revoke only at its next renewal, a third of the TTL later, and of a
+/// deleted key never. The watch resumes from the last revision it saw when its stream fails;
+/// after a compaction it reads the key instead.
+async fn watch_own_key(client: Client, key: String, rev: i64, liveness: Arc<Liveness>) {
+    let mut delays = backoff();
+    let mut from = rev + 1;
+    loop {
+        if liveness.is_lost() {
+            return;
+        }
+        let mut c = client.clone();
+        count_request();
+        let options = WatchOptions::new().with_start_revision(from);
+        let opened = tokio::select! {
+            opened = c.watch(key.as_str(), Some(options)) => opened,
+            () = liveness.lost() => return,
+        };
+        if let Ok(mut stream) = opened {
+            loop {
+                let message = tokio::select! {
+                    message = stream.message() => message,
+                    () = liveness.lost() => return,
+                };
+                let Ok(Some(resp)) = message else { break };
+                if resp.compact_revision() > 0 {
+                    // The events we missed are gone: the key itself tells whether it is ours.
+                    match still_ours(&client, &key, rev).await {
+                        Some((true, seen)) => from = seen + 1,
+                        Some((false, _)) => return lost_key(&liveness, &key),
+                        None => {}
+                    }
+                    break;
+                }
+                let gone = resp.events().iter().any(|ev| {
+                    ev.event_type() == EventType::Delete
+                        || ev.kv().is_some_and(|kv| kv.create_revision() != rev)
+                });
+                if gone {
+                    return lost_key(&liveness, &key);
+                }
+                if let Some(header) = resp.header() {
+                    from = from.max(header.revision() + 1);
+                }
+                if resp.canceled() {
+                    break;
+                }
+                delays = backoff();
+            }
+        }
+        let delay = delays.next().unwrap_or(Duration::from_secs(1));
+        tokio::select! {
+            _ = tokio::time::sleep(delay) => {}
+            () = liveness.lost() => return,
+        }
+    }
+}
+
+fn lost_key(liveness: &Liveness, key: &str) {
+    tracing::warn!(
+        key,
+        "the lock's key was deleted (lease revoked or key removed): lock lost"
+    );
+    liveness.mark_lost();
+}
+
+/// Whether `key` still has create revision `rev`, and the revision of that read; `None` when
+/// etcd did not answer.
+async fn still_ours(client: &Client, key: &str, rev: i64) -> Option<(bool, i64)> {
+    let mut c = client.clone();
+    count_request();
+    let resp = c.get(key, None).await.ok()?;
+    let ours = resp
+        .kvs()
+        .first()
+        .is_some_and(|kv| kv.create_revision() == rev);
+    Some((ours, resp.header().map_or(0, |h| h.revision())))
+}
+
 struct EtcdHeld {
     client: Client,
     session: Arc<EtcdSession>,
+    /// Lost with the session, or alone when our key is deleted (see [`watch_own_key`]).
+    liveness: Arc<Liveness>,
+    watcher: tokio::task::JoinHandle<()>,
     key: String,
     rev: i64,
     rpc_timeout: Duration,
@@ -443,9 +536,10 @@ impl HeldLock for EtcdHeld {
         u64::try_from(self.rev).unwrap_or(0)
     }
     fn lost_signal(&self) -> LostSignalHandle {
-        LostSignalHandle(LostSignal(self.session.liveness.clone()))
+        LostSignalHandle(LostSignal(self.liveness.clone()))
     }
     async fn release(mut self: Box<Self>) -> Result<(), LockError> {
+        self.watcher.abort();
         // Once the session is lost the key goes with the lease; stop retrying then.
         let alive = while_alive(&self.session.liveness);
         let result = delete_owned(&self.client, &self.key, self.rev, alive, self.rpc_timeout).await;

@@ -260,6 +260,55 @@ pub(crate) fn lease_gone(e: &etcd_client::Error) -> bool {
         if i32::from(s.code()) == 5 && s.message().contains("lease not found"))
 }
 
+/// Whether a TLS handshake failed on a certificate (ours or the server's): retrying cannot help.
+#[cfg(feature = "tls")]
+pub(crate) fn certificate_refused(e: &etcd_client::Error) -> bool {
+    use rustls::AlertDescription as A;
+    type Shared = std::sync::Arc<dyn std::error::Error + Send + Sync>;
+    // etcd_client::Error has no `source()`: start from the error it wraps.
+    let mut next: Option<&(dyn std::error::Error + 'static)> = match e {
+        etcd_client::Error::GRpcStatus(status) => Some(status),
+        etcd_client::Error::TransportError(transport) => Some(transport),
+        etcd_client::Error::IoError(io) => Some(io),
+        _ => return false,
+    };
+    // Bounded: error chains are short.
+    for _ in 0..32 {
+        let Some(mut current) = next else {
+            return false;
+        };
+        if let Some(shared) = current.downcast_ref::<Shared>() {
+            current = &**shared;
+        }
+        match current.downcast_ref::<rustls::Error>() {
+            Some(rustls::Error::InvalidCertificate(_)) => return true,
+            Some(rustls::Error::AlertReceived(
+                A::BadCertificate
+                | A::CertificateExpired
+                | A::CertificateRequired
+                | A::CertificateRevoked
+                | A::CertificateUnknown
+                | A::UnknownCA
+                | A::UnsupportedCertificate,
+            )) => return true,
+            _ => {}
+        }
+        // `io::Error::source` skips the error it wraps (tonic's connect errors wrap rustls's).
+        let wrapped = current
+            .downcast_ref::<std::io::Error>()
+            .and_then(std::io::Error::get_ref)
+            .map(|inner| inner as &(dyn std::error::Error + 'static));
+        next = wrapped.or_else(|| current.source());
+    }
+    false
+}
+
+/// Without the `tls` feature there is no TLS: no certificate can be refused.
+#[cfg(not(feature = "tls"))]
+pub(crate) fn certificate_refused(_e: &etcd_client::Error) -> bool {
+    false
+}
+
 /// A backoff schedule for retries against etcd.
 pub(crate) fn backoff() -> impl Iterator<Item = Duration> {
     use backon::BackoffBuilder;
@@ -290,6 +339,12 @@ where
         let err = match tokio::time::timeout(rpc_timeout, f()).await {
             Ok(Ok(v)) => return Ok(v),
             Ok(Err(e)) if lease_gone(&e) => return Err(LockError::Lost),
+            Ok(Err(e)) if certificate_refused(&e) => {
+                return Err(LockError::Tls {
+                    op,
+                    source: Box::new(e),
+                });
+            }
             Ok(Err(e)) if transient(&e) => LockError::backend(op, e),
             Ok(Err(e)) => return Err(LockError::backend(op, e)),
             Err(elapsed) => LockError::backend(op, elapsed),
@@ -316,6 +371,32 @@ pub(crate) fn while_alive(liveness: &Arc<Liveness>) -> impl Fn() -> bool + use<>
 
 #[async_trait]
 impl LockBackend for EtcdBackend {
+    async fn close(&self) -> Result<(), LockError> {
+        let current = self
+            .current
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        let Some(session) = current else {
+            return Ok(());
+        };
+        session.liveness.mark_lost();
+        let mut client = self.client.clone();
+        count_request();
+        match tokio::time::timeout(self.rpc_timeout(), client.lease_revoke(session.lease)).await {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(e)) if lease_gone(&e) => Ok(()),
+            Ok(Err(e)) => Err(LockError::Backend {
+                op: "revoke lease",
+                source: e.into(),
+            }),
+            Err(_) => Err(LockError::Backend {
+                op: "revoke lease",
+                source: format!("etcd did not answer within {:?}", self.rpc_timeout()).into(),
+            }),
+        }
+    }
+
     fn session(&self) -> Session {
         match self
             .current

@@ -150,10 +150,18 @@ async fn keep_alive(client: Client, lease: i64, ttl: Duration, liveness: Arc<Liv
             }
         }
     }
-    tracing::warn!(
-        lease = format_args!("{lease:x}"),
-        "no renewal acknowledged within the TTL: session lost"
-    );
+    if liveness
+        .deadline()
+        .is_some_and(|deadline| Instant::now() >= deadline)
+    {
+        tracing::warn!(
+            lease = format_args!("{lease:x}"),
+            "no renewal acknowledged within the TTL: session lost"
+        );
+    } else {
+        // Ended on purpose (the session was dropped or closed): nothing to warn about.
+        tracing::debug!(lease = format_args!("{lease:x}"), "session ended");
+    }
     liveness.mark_lost();
     // We no longer count on the lease; if etcd still has it (we were cut off, not expired),
     // revoke it so our keys do not block others until it expires.
