@@ -246,7 +246,7 @@ impl Coordinator {
                     .await
                     .ok()
                     .flatten()
-                    .and_then(|h| JobInfo::from_holder_value(&h.value))
+                    .and_then(|h| JobInfo::from_holder(&h))
                     .map(|h| *h);
                 tracing::info!(lock = name, "skipped: wait ran out");
                 return Ok(RunOutcome::Skipped { holder });

@@ -23,16 +23,83 @@ use async_trait::async_trait;
 use futures::StreamExt;
 use futures::stream::BoxStream;
 use rustix::fs::{FlockOperation, flock};
-use tokio::sync::{OwnedMutexGuard, oneshot};
+use tokio::sync::OwnedMutexGuard;
 
 use crate::backend::{HeldLock, Holder, Kind, LockBackend, LostSignalHandle, Registration};
 use crate::coordinator::Wait;
 use crate::error::LockError;
 use crate::job::{JobEvent, JobInfo};
-use crate::session::{LostSignal, Session};
+use crate::session::{Liveness, LostSignal, Session};
 
 /// How often `observe` and the registry `watch` look at the files.
 const POLL: Duration = Duration::from_millis(100);
+
+/// The longest pause between two tries of a waiter whose lock another process holds (the
+/// latency of a hand-over between processes is at most this).
+const POLL_HELD: Duration = Duration::from_millis(20);
+
+/// How often a holder checks that its lock file is still the one at the lock's path.
+const CHECK_FILE: Duration = Duration::from_millis(100);
+
+/// Opens the lock file at `path` and tries to `flock` it without blocking: `Some(file)` once
+/// locked, `None` when another process holds it.
+///
+/// The lock is ours only if the file we locked is still the one at `path`: if it was deleted or
+/// replaced between our open and our flock (a tmp cleaner, a previous holder's crash clean-up),
+/// another process may lock the new file at the same time. So after locking, the inode of the
+/// descriptor is compared with the inode at the path, and on a mismatch we start over.
+fn lock_current_file(path: &Path) -> Result<Option<File>, LockError> {
+    loop {
+        let file = open_rw(path)?;
+        match flock(&file, FlockOperation::NonBlockingLockExclusive) {
+            Ok(()) => {}
+            Err(e) if would_block(e) => return Ok(None),
+            Err(e) => return Err(LockError::io("flock", path, e.into())),
+        }
+        if same_file(&file, path)? {
+            return Ok(Some(file));
+        }
+    }
+}
+
+/// The device and inode of an open file.
+fn file_id(file: &File, path: &Path) -> Result<(u64, u64), LockError> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = file
+        .metadata()
+        .map_err(|e| LockError::io("stat", path, e))?;
+    Ok((meta.dev(), meta.ino()))
+}
+
+/// Whether `path` still names the file open as `file`.
+fn same_file(file: &File, path: &Path) -> Result<bool, LockError> {
+    path_names(path, file_id(file, path)?)
+}
+
+/// Whether `path` names the file `(dev, ino)`.
+fn path_names(path: &Path, id: (u64, u64)) -> Result<bool, LockError> {
+    use std::os::unix::fs::MetadataExt;
+    match std::fs::metadata(path) {
+        Ok(now) => Ok((now.dev(), now.ino()) == id),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
+        Err(e) => Err(LockError::io("stat", path, e)),
+    }
+}
+
+/// Marks a held file lock lost once its file is no longer the one at its path (deleted or
+/// replaced under the holder): from then on another process can lock the new file, so this
+/// holder must stop, as an etcd holder whose key was deleted does. Checked every
+/// [`CHECK_FILE`]: that is how long two holders can overlap after such a deletion.
+async fn watch_lock_file(id: (u64, u64), path: PathBuf, liveness: Arc<Liveness>) {
+    loop {
+        tokio::time::sleep(CHECK_FILE).await;
+        if !path_names(&path, id).unwrap_or(true) {
+            tracing::warn!(path = %path.display(), "the lock file was deleted or replaced: lock lost");
+            liveness.mark_lost();
+            return;
+        }
+    }
+}
 
 /// The in-process FIFO queue of one name.
 type LocalQueue = Arc<tokio::sync::Mutex<()>>;
@@ -139,8 +206,43 @@ fn replace_file(path: &Path, bytes: &[u8], lock_it: bool) -> Result<File, LockEr
     Ok(file)
 }
 
+/// Whether some process holds a `flock` on `path`; `None` if the file does not exist.
+///
+/// On Linux it reads the kernel's table of locks (`/proc/locks`) and takes no lock itself: a
+/// probe that took even a shared `flock` for an instant would make a concurrent `try_lock` of a
+/// free lock fail (`palisade jobs` or `observe()` polling beside a job that takes the lock).
+#[cfg(target_os = "linux")]
+fn is_locked(path: &Path) -> Result<Option<bool>, LockError> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = match std::fs::metadata(path) {
+        Ok(m) => m,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(LockError::io("stat", path, e)),
+    };
+    let locks = Path::new("/proc/locks");
+    let table = std::fs::read_to_string(locks).map_err(|e| LockError::io("read", locks, e))?;
+    Ok(Some(flock_listed(&table, meta.dev(), meta.ino())))
+}
+
+/// Whether `/proc/locks` (`table`) lists a granted `flock` on the file `(dev, ino)`. A line is
+/// `1: FLOCK  ADVISORY  WRITE 4242 fd:01:393219 0 EOF`; a blocked request has `->` after the
+/// number and is not counted.
+#[cfg(target_os = "linux")]
+fn flock_listed(table: &str, dev: u64, ino: u64) -> bool {
+    // The kernel prints MAJOR(dev):MINOR(dev):inode, the device numbers in hex; glibc's encoding
+    // of st_dev splits them like this.
+    let major = ((dev >> 8) & 0xfff) | ((dev >> 32) & !0xfff);
+    let minor = (dev & 0xff) | ((dev >> 12) & !0xff);
+    let id = format!("{major:02x}:{minor:02x}:{ino}");
+    table.lines().any(|line| {
+        let mut fields = line.split_whitespace().skip(1);
+        fields.next() == Some("FLOCK") && fields.nth(3) == Some(id.as_str())
+    })
+}
+
 /// Whether some process holds a `flock` on `path` (probed with a non-blocking shared lock that
 /// is dropped at once). `None` if the file does not exist.
+#[cfg(not(target_os = "linux"))]
 fn is_locked(path: &Path) -> Result<Option<bool>, LockError> {
     let file = match File::open(path) {
         Ok(f) => f,
@@ -211,7 +313,7 @@ impl FileBackend {
             .current_holder(kind, name)
             .ok()
             .flatten()
-            .and_then(|h| JobInfo::from_holder_value(&h.value));
+            .and_then(|h| JobInfo::from_holder(&h));
         LockError::Held { holder }
     }
 
@@ -229,7 +331,17 @@ impl FileBackend {
             .read_to_string(&mut text)
             .map_err(|e| LockError::io("read", &path, e))?;
         let last: u64 = match text.trim() {
-            "" => 0,
+            "" => {
+                // A new lock file: make its directory entry durable before the first token is
+                // handed out, so that a crash cannot bring back an empty counter (and so a
+                // token that was already used).
+                if let Some(dir) = path.parent() {
+                    File::open(dir)
+                        .and_then(|d| d.sync_all())
+                        .map_err(|e| LockError::io("fsync", dir, e))?;
+                }
+                0
+            }
             t => t
                 .parse()
                 .map_err(|e: std::num::ParseIntError| LockError::Corrupt {
@@ -260,10 +372,13 @@ struct FileHeld {
     holder_path: PathBuf,
     token: u64,
     lost: LostSignal,
+    /// Watches that the lock file stays in place (see [`watch_lock_file`]).
+    watcher: tokio::task::JoinHandle<()>,
 }
 
 impl FileHeld {
     fn release_now(&mut self) {
+        self.watcher.abort();
         if let Some(file) = self.file.take() {
             let _ = std::fs::remove_file(&self.holder_path);
             // Closing, not `LOCK_UN`: a child process that inherited the descriptor (`palisade
@@ -393,45 +508,37 @@ impl LockBackend for FileBackend {
                 .map_err(|_| timeout_err(d))?,
         };
         let path = self.lock_path(kind, name);
-        let file = open_rw(&path)?;
-        let file = match flock(&file, FlockOperation::NonBlockingLockExclusive) {
-            Ok(()) => file,
-            Err(e) if would_block(e) => {
-                if wait == Wait::No {
-                    return Err(self.held_error(kind, name));
-                }
-                // Another process holds it: block in a thread of our own (not tokio's blocking
-                // pool, which a runtime waits for on shutdown). If we stop waiting, the thread
-                // still takes the lock when it comes, finds nobody to hand it to and drops it.
-                let (tx, rx) = oneshot::channel();
-                let path2 = path.clone();
-                std::thread::spawn(move || {
-                    let result = flock(&file, FlockOperation::LockExclusive)
-                        .map(|()| file)
-                        .map_err(|e| LockError::io("flock", &path2, e.into()));
-                    let _ = tx.send(result);
-                });
-                let result = match wait {
-                    Wait::Up(d) => {
-                        let left = d.saturating_sub(started.elapsed());
-                        tokio::time::timeout(left, rx)
-                            .await
-                            .map_err(|_| timeout_err(d))?
-                    }
-                    _ => rx.await,
-                };
-                result.map_err(|_| LockError::Lost)??
+        let mut delay = Duration::from_millis(1);
+        let file = loop {
+            if let Some(file) = lock_current_file(&path)? {
+                break file;
             }
-            Err(e) => return Err(LockError::io("flock", &path, e.into())),
+            // Held by another process. No thread blocks in flock(LOCK_EX) for us: a waiter that
+            // gives up (a timeout, a dropped future) must leave nothing behind, so the wait is a
+            // non-blocking try, repeated with a backoff of at most POLL_HELD.
+            let left = match wait {
+                Wait::No => return Err(self.held_error(kind, name)),
+                Wait::Forever => delay,
+                Wait::Up(d) => match d.checked_sub(started.elapsed()) {
+                    Some(left) if !left.is_zero() => left.min(delay),
+                    _ => return Err(timeout_err(d)),
+                },
+            };
+            tokio::time::sleep(left).await;
+            delay = (delay * 2).min(POLL_HELD);
         };
         drop(waiting);
         let token = self.take_over(kind, name, &file, &value)?;
+        let id = file_id(&file, &path)?;
+        let liveness = Liveness::child(&Liveness::forever());
+        let watcher = tokio::spawn(watch_lock_file(id, path, liveness.clone()));
         Ok(Box::new(FileHeld {
             file: Some(file),
             local: Some(local),
             holder_path: self.holder_path(kind, name),
             token,
-            lost: LostSignal::never(),
+            lost: LostSignal(liveness),
+            watcher,
         }))
     }
 

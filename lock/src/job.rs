@@ -89,11 +89,17 @@ impl JobInfo {
     }
 
     /// Decodes a holder's value, if it is a job description.
-    pub(crate) fn from_holder_value(bytes: &[u8]) -> Option<Box<Self>> {
-        if bytes.is_empty() {
+    /// The job a lock holder registered (its value), with the holder's fencing token: the
+    /// value is written before the token is known, so the token comes from the holder itself.
+    pub(crate) fn from_holder(holder: &crate::backend::Holder) -> Option<Box<Self>> {
+        if holder.value.is_empty() {
             return None;
         }
-        serde_json::from_slice(bytes).ok().map(Box::new)
+        let mut job: Box<Self> = serde_json::from_slice(&holder.value).ok().map(Box::new)?;
+        if holder.fencing_token > 0 {
+            job.fencing_token = Some(holder.fencing_token);
+        }
+        Some(job)
     }
 }
 

@@ -251,7 +251,7 @@ impl LockBackend for MemoryBackend {
                 let holder = slot
                     .holder
                     .as_ref()
-                    .and_then(|(_, h)| JobInfo::from_holder_value(&h.value));
+                    .and_then(|(_, h)| JobInfo::from_holder(h));
                 return Err(LockError::Held { holder });
             }
             let (tx, rx) = oneshot::channel();

@@ -164,7 +164,12 @@ pub(crate) async fn acquire(
         if wait == Wait::No {
             drop(pending); // deletes our key in the background
             return Err(LockError::Held {
-                holder: owner.and_then(|kv| JobInfo::from_holder_value(kv.value())),
+                holder: owner.and_then(|kv| {
+                    JobInfo::from_holder(&Holder {
+                        value: kv.value().to_vec(),
+                        fencing_token: u64::try_from(kv.create_revision()).unwrap_or(0),
+                    })
+                }),
             });
         }
         // Fresh put: the transaction also read the key just before ours (the last two created,

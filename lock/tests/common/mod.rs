@@ -170,6 +170,7 @@ pub async fn try_lock_names_holder(f: Fixture) {
             assert_eq!(job.name, "nightly");
             assert_eq!(job.lock, "etl");
             assert_eq!(job.metadata.get("owner").map(String::as_str), Some("data"));
+            assert_eq!(job.fencing_token, Some(token), "the holder's fencing token");
         }
         other => panic!("expected Held with the job, got {other:?}"),
     }
@@ -178,7 +179,10 @@ pub async fn try_lock_names_holder(f: Fixture) {
         .await
         .expect("run_exclusive");
     match skipped {
-        RunOutcome::Skipped { holder: Some(job) } => assert_eq!(job.name, "nightly"),
+        RunOutcome::Skipped { holder: Some(job) } => {
+            assert_eq!(job.name, "nightly");
+            assert_eq!(job.fencing_token, Some(token), "the holder's fencing token");
+        }
         other => panic!("expected Skipped, got {other:?}"),
     }
     finish_tx.send(()).unwrap();
