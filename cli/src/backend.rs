@@ -177,8 +177,11 @@ impl BackendArgs {
 
     #[cfg_attr(not(feature = "tls"), allow(unused_variables))]
     async fn etcd_client(&self, signed: Signed) -> Result<etcd_client::Client, CliError> {
-        let mut options =
-            etcd_client::ConnectOptions::new().with_connect_timeout(self.connect_timeout);
+        let mut options = etcd_client::ConnectOptions::new()
+            .with_connect_timeout(self.connect_timeout)
+            // A member cut off from its cluster then fails requests and watches at once
+            // ("no leader") instead of serving stale reads or hanging.
+            .with_require_leader(true);
         if let Some(user) = &self.etcd_user {
             let password = std::env::var("PALISADE_ETCD_PASSWORD").map_err(|_| {
                 CliError::config("--etcd-user needs the password in PALISADE_ETCD_PASSWORD")

@@ -133,7 +133,10 @@ impl Coordinator {
     }
 
     /// A builder for a coordinator on etcd. Endpoints, TLS and user/password are set on the
-    /// `etcd_client::Client` (through `etcd_client::ConnectOptions`).
+    /// `etcd_client::Client` (through `etcd_client::ConnectOptions`). Connect it with
+    /// `ConnectOptions::with_require_leader(true)` (the `palisade` CLI does): then a member cut
+    /// off from its cluster fails watches and requests at once instead of leaving a waiter
+    /// watching a member that can no longer tell it anything.
     #[cfg(feature = "etcd")]
     pub fn etcd(client: etcd_client::Client) -> crate::etcd::EtcdBuilder {
         crate::etcd::EtcdBuilder::new(client)

@@ -744,3 +744,111 @@ async fn a_revoked_lease_or_a_deleted_key_is_noticed_within_200_ms() {
         assert!(taken.fencing_token() > guard.fencing_token());
     }
 }
+
+/// A coordinator whose every request goes through `proxy`.
+async fn proxied_coordinator(
+    proxy: &palisade_testkit::FaultProxy,
+    ttl_secs: u64,
+) -> palisade_lock::Coordinator {
+    etcd_coordinator(&[format!("http://{}", proxy.addr())], ttl_secs).await
+}
+
+/// try_lock, lock_timeout and run_exclusive with Wait::Up return within their bound plus the
+/// request timeout (a third of the TTL, at most 5 s) when etcd does not answer: partitioned
+/// (blackholed), paused, or down. (The lease grant and the put used to be retried for up to a
+/// TTL outside the bound.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn every_wait_is_bounded_when_etcd_does_not_answer() {
+    const TTL: u64 = 15; // request timeout 5 s
+    let slack = Duration::from_secs(2);
+    let etcd = etcd_server().await;
+    for fault in ["blackhole", "pause", "down"] {
+        let proxy = etcd.proxy().expect("proxy");
+        let coordinator = proxied_coordinator(&proxy, TTL).await;
+        coordinator
+            .try_lock("warm")
+            .await
+            .unwrap()
+            .release()
+            .await
+            .unwrap();
+        match fault {
+            "blackhole" => proxy.blackhole(),
+            "pause" => etcd.pause().unwrap(),
+            _ => proxy.reset(),
+        }
+        let bound = Duration::from_secs(TTL / 3);
+        let started = std::time::Instant::now();
+        let r = tokio::time::timeout(Duration::from_secs(60), coordinator.try_lock("x")).await;
+        let took = started.elapsed();
+        assert!(matches!(r, Ok(Err(_))), "{fault}: try_lock {r:?}");
+        assert!(took <= bound + slack, "{fault}: try_lock took {took:?}");
+
+        let wait = Duration::from_secs(1);
+        let started = std::time::Instant::now();
+        let r = tokio::time::timeout(Duration::from_secs(60), coordinator.lock_timeout("x", wait))
+            .await;
+        let took = started.elapsed();
+        assert!(matches!(r, Ok(Err(_))), "{fault}: lock_timeout {r:?}");
+        assert!(
+            took <= wait + bound + slack,
+            "{fault}: lock_timeout took {took:?}"
+        );
+
+        let started = std::time::Instant::now();
+        let r = tokio::time::timeout(
+            Duration::from_secs(60),
+            coordinator.run_exclusive("x", JobInfo::new("j"), Wait::Up(wait), |_| async {}),
+        )
+        .await;
+        let took = started.elapsed();
+        assert!(
+            matches!(r, Ok(Err(_)) | Ok(Ok(RunOutcome::Skipped { .. }))),
+            "{fault}: run_exclusive {r:?}"
+        );
+        assert!(
+            took <= wait + bound + slack,
+            "{fault}: run_exclusive took {took:?}"
+        );
+        if fault == "pause" {
+            etcd.resume().unwrap();
+        }
+        println!("{fault}: bounded");
+    }
+}
+
+/// Acquires cancelled at every stage (a `timeout` around `lock()` while the put is in flight,
+/// while waiting, just after acquiring) leave no key that blocks the lock while their session
+/// lives.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn cancelled_acquires_leave_no_key_behind() {
+    let etcd = etcd_server().await;
+    let proxy = etcd.proxy().expect("proxy");
+    let cancelled = proxied_coordinator(&proxy, 30).await;
+    proxy.latency(Duration::from_millis(1));
+    let mut seed: u64 = 0x9e37_79b9_7f4a_7c15;
+    for _ in 0..1000 {
+        // xorshift: a 0-3 ms timeout, so that some cancel before the put is sent, some while it
+        // is in flight and some after the lock was taken.
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        let timeout = Duration::from_micros(seed % 3000);
+        if let Ok(Ok(guard)) = tokio::time::timeout(timeout, cancelled.lock("orphans")).await {
+            drop(guard);
+        }
+    }
+    proxy.pass();
+    let other = etcd_coordinator(&etcd.endpoints(), 30).await;
+    let started = std::time::Instant::now();
+    let guard = tokio::time::timeout(Duration::from_secs(5), other.lock("orphans"))
+        .await
+        .expect("another coordinator must get the lock within 5 s while the cancelled acquires' session lives")
+        .unwrap();
+    println!("acquired after {:?}", started.elapsed());
+    assert!(
+        !cancelled.session().is_lost(),
+        "the cancelled acquires' session must still live"
+    );
+    drop(guard);
+}

@@ -76,15 +76,64 @@ async fn delete_owned(
     .map(|_| ())
 }
 
-/// Our key while we wait: deleted from a background task if the acquire is dropped, times out
-/// or fails, so a grant that arrives after we stopped waiting is given back.
+/// Deletes `key` if it is still on `lease`: our key from a put whose answer we never saw (the
+/// put may have landed or not; the key name belongs to this acquire alone, so a key on our lease
+/// under it is ours).
+async fn delete_leased(
+    client: &Client,
+    key: &str,
+    lease: i64,
+    give_up: impl Fn() -> bool,
+    rpc_timeout: Duration,
+) -> Result<(), LockError> {
+    retry("abandon acquire", rpc_timeout, give_up, || {
+        let mut c = client.clone();
+        let txn = Txn::new()
+            .when([Compare::lease(key, CompareOp::Equal, lease)])
+            .and_then([TxnOp::delete(key, None)]);
+        async move { c.txn(txn).await }
+    })
+    .await
+    .map(|_| ())
+}
+
+/// Our key from the moment its put is sent until we hold the lock: if the acquire is dropped
+/// (a `timeout` or `select!` around `lock()`), times out or fails, the key is deleted from a
+/// background task, also when the put was still in flight (it may land after we stopped
+/// waiting), so an abandoned acquire never leaves a key that blocks the lock while the session
+/// lives. The clean-up retries for as long as the session lives: once it is lost, the key goes
+/// with the lease anyway.
 struct PendingKey {
     client: Client,
     key: String,
-    rev: i64,
+    lease: i64,
+    /// The key's create revision, once the put's answer told it.
+    rev: Option<i64>,
+    liveness: Arc<Liveness>,
     rpc_timeout: Duration,
     /// `Some` while the acquire may still fail.
     slot: Option<Slot>,
+}
+
+impl PendingKey {
+    fn new(backend: &EtcdBackend, session: &EtcdSession, slot: Slot) -> PendingKey {
+        PendingKey {
+            client: backend.client.clone(),
+            key: slot.key(),
+            lease: session.lease,
+            rev: None,
+            liveness: session.liveness.clone(),
+            rpc_timeout: backend.rpc_timeout(),
+            slot: Some(slot),
+        }
+    }
+
+    /// The key is known to be gone (its lease is): nothing to clean up.
+    fn forget(mut self) {
+        if let Some(mut slot) = self.slot.take() {
+            slot.set_deleted(true);
+        }
+    }
 }
 
 impl Drop for PendingKey {
@@ -94,19 +143,17 @@ impl Drop for PendingKey {
         };
         let client = self.client.clone();
         let key = std::mem::take(&mut self.key);
-        let (rev, rpc_timeout) = (self.rev, self.rpc_timeout);
+        let (lease, rev, rpc_timeout) = (self.lease, self.rev, self.rpc_timeout);
+        let liveness = self.liveness.clone();
         if let Ok(rt) = tokio::runtime::Handle::try_current() {
             rt.spawn(async move {
                 tracing::debug!(key, "acquire abandoned: deleting our waiter key");
-                let deleted = delete_owned(
-                    &client,
-                    &key,
-                    rev,
-                    budget(Duration::from_secs(30)),
-                    rpc_timeout,
-                )
-                .await;
-                slot.set_deleted(deleted.is_ok());
+                let alive = while_alive(&liveness);
+                let deleted = match rev {
+                    Some(rev) => delete_owned(&client, &key, rev, alive, rpc_timeout).await,
+                    None => delete_leased(&client, &key, lease, alive, rpc_timeout).await,
+                };
+                slot.set_deleted(deleted.is_ok() || liveness.is_lost());
             });
         }
     }
@@ -123,23 +170,36 @@ pub(crate) async fn acquire(
     let rpc_timeout = backend.rpc_timeout();
     let prefix = backend.prefix(kind, name);
     let mut fresh_session = false;
-    let (session, slot, key, resp) = loop {
+    let (session, mut pending, resp) = loop {
         let session = backend.ensure_session().await?;
         // One key per acquire: a session may hold or wait for the same name from several tasks.
-        let mut slot = backend.slots.take(session.lease, &prefix);
-        let key = slot.key();
-        match put_key(backend, &session, &prefix, &key, &value, rpc_timeout).await {
-            Ok(resp) => break (session, slot, key, resp),
+        let pending = PendingKey::new(
+            backend,
+            &session,
+            backend.slots.take(session.lease, &prefix),
+        );
+        match put_key(
+            backend,
+            &session,
+            &prefix,
+            &pending.key,
+            &value,
+            rpc_timeout,
+        )
+        .await
+        {
+            Ok(resp) => break (session, pending, resp),
             // Our lease is gone (revoked, or expired before the keepalive noticed): start a
             // new session, once.
             Err(LockError::Lost) if !fresh_session => {
                 session.liveness.mark_lost();
-                slot.set_deleted(true);
+                pending.forget();
                 fresh_session = true;
             }
             Err(e) => return Err(e),
         }
     };
+    let key = pending.key.clone();
     let ops = resp.op_responses();
     let rev = if resp.succeeded() {
         resp.header().map_or(0, |h| h.revision())
@@ -151,13 +211,7 @@ pub(crate) async fn acquire(
     if rev == 0 {
         return Err(LockError::Lost);
     }
-    let mut pending = PendingKey {
-        client: backend.client.clone(),
-        key: key.clone(),
-        rev,
-        rpc_timeout,
-        slot: Some(slot),
-    };
+    pending.rev = Some(rev);
     let owner = range_kvs(ops.get(1)).into_iter().next();
     let owned = owner.as_ref().is_some_and(|kv| kv.create_revision() == rev);
     if !owned {
@@ -279,7 +333,7 @@ async fn wait_turn(
             return Err(LockError::Lost);
         }
         if let Some((pred_key, seen)) = known.take() {
-            match watch_deletion(client, session, &pred_key, key, seen).await {
+            match watch_deletion(client, session, &pred_key, key, seen, rpc_timeout).await {
                 Ok(Deleted::Predecessor) => {
                     WAKEUPS.fetch_add(1, Ordering::Relaxed);
                     #[cfg(feature = "metrics")]
@@ -325,7 +379,7 @@ async fn wait_turn(
         let seen = resp.header().map_or(0, |h| h.revision());
         let pred_key = pred.key().to_vec();
         tracing::trace!(key, predecessor = %String::from_utf8_lossy(&pred_key), "waiting for predecessor");
-        match watch_deletion(client, session, &pred_key, key, seen).await {
+        match watch_deletion(client, session, &pred_key, key, seen, rpc_timeout).await {
             Ok(Deleted::Predecessor) => {
                 WAKEUPS.fetch_add(1, Ordering::Relaxed);
                 #[cfg(feature = "metrics")]
@@ -365,24 +419,33 @@ async fn watch_deletion(
     pred: &[u8],
     ours: &str,
     seen: i64,
+    rpc_timeout: Duration,
 ) -> Result<Deleted, LockError> {
     let mut c = client.clone();
-    count_request();
-    let mut stream = c
-        .watch(
-            pred,
-            Some(WatchOptions::new().with_start_revision(seen + 1)),
-        )
+    // Creating the watches is bounded like every request: a member that accepted the connection
+    // but does not answer (partitioned, paused) must not hold the waiter here.
+    let create = async {
+        count_request();
+        let mut stream = c
+            .watch(
+                pred,
+                Some(WatchOptions::new().with_start_revision(seen + 1)),
+            )
+            .await
+            .map_err(|e| LockError::backend("watch predecessor", e))?;
+        count_request();
+        stream
+            .watch(
+                ours,
+                Some(WatchOptions::new().with_start_revision(seen + 1)),
+            )
+            .await
+            .map_err(|e| LockError::backend("watch own key", e))?;
+        Ok::<_, LockError>(stream)
+    };
+    let mut stream = tokio::time::timeout(rpc_timeout, create)
         .await
-        .map_err(|e| LockError::backend("watch predecessor", e))?;
-    count_request();
-    stream
-        .watch(
-            ours,
-            Some(WatchOptions::new().with_start_revision(seen + 1)),
-        )
-        .await
-        .map_err(|e| LockError::backend("watch own key", e))?;
+        .map_err(|elapsed| LockError::backend("create watch", elapsed))??;
     loop {
         let msg = tokio::select! {
             m = stream.message() => m,

@@ -416,7 +416,26 @@ impl LockBackend for EtcdBackend {
         value: Vec<u8>,
         wait: Wait,
     ) -> Result<Box<dyn HeldLock>, LockError> {
-        lock::acquire(self, kind, name, value, wait).await
+        // Every wait is bounded, also when etcd does not answer at all (partitioned, paused,
+        // down): the lease grant and the put are retried inside, and without this bound they
+        // would go on for up to a TTL. An acquire cut short here leaves no key behind (its
+        // pending key is deleted in the background, see lock.rs).
+        let bound = match wait {
+            Wait::No => Some(self.rpc_timeout()),
+            Wait::Up(d) => Some(d + self.rpc_timeout()),
+            Wait::Forever => None,
+        };
+        let acquire = lock::acquire(self, kind, name, value, wait);
+        match bound {
+            None => acquire.await,
+            Some(bound) => match tokio::time::timeout(bound, acquire).await {
+                Ok(result) => result,
+                Err(_) => Err(LockError::Backend {
+                    op: "acquire lock",
+                    source: format!("etcd did not answer within {bound:?}").into(),
+                }),
+            },
+        }
     }
 
     async fn holder(&self, kind: Kind, name: &str) -> Result<Option<Holder>, LockError> {
