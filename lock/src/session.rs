@@ -16,11 +16,59 @@ use tokio::time::Instant;
 ///
 /// A child liveness (one held lock) is lost when its own flag is set (its key was deleted) or
 /// its parent (the session) is lost; its deadline is the parent's.
+///
+/// The deadline is kept on two clocks: tokio's (CLOCK_MONOTONIC, which tests can pause and which
+/// stops while the machine is suspended) and CLOCK_BOOTTIME (which counts the suspension). etcd
+/// expires a lease on its own clock while a laptop or VM sleeps; on waking, the boot-time deadline
+/// finds the lease lost at once, where the monotonic one would believe it alive for as long as
+/// the machine slept.
 #[derive(Debug)]
 pub(crate) struct Liveness {
     lost: watch::Sender<bool>,
-    deadline: Mutex<Option<Instant>>,
+    deadline: Mutex<Option<Deadline>>,
     parent: Option<Arc<Liveness>>,
+}
+
+/// One instant on both clocks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Deadline {
+    monotonic: Instant,
+    /// Time since boot, suspensions included (CLOCK_BOOTTIME).
+    boot: Duration,
+}
+
+impl Deadline {
+    fn at(monotonic: Instant) -> Deadline {
+        let left = monotonic.saturating_duration_since(Instant::now());
+        Deadline {
+            monotonic,
+            boot: boot_now() + left,
+        }
+    }
+
+    /// Whether the deadline has passed on either clock.
+    fn passed(&self, monotonic: Instant, boot: Duration) -> bool {
+        monotonic >= self.monotonic || boot >= self.boot
+    }
+}
+
+/// Time since boot, including time the machine spent suspended.
+fn boot_now() -> Duration {
+    let t = rustix::time::clock_gettime(rustix::time::ClockId::Boottime);
+    Duration::new(
+        u64::try_from(t.tv_sec).unwrap_or(0),
+        u32::try_from(t.tv_nsec).unwrap_or(0),
+    )
+}
+
+/// How long a wait for the deadline sleeps at most before it looks at the boot clock again: a
+/// sleep on tokio's clock does not count a suspension, so after waking it would fire late by
+/// as long as the machine slept.
+const BOOT_CHECK: Duration = Duration::from_secs(1);
+
+/// Sleeps until `deadline` or for [`BOOT_CHECK`], whichever comes first.
+async fn sleep_towards(deadline: Instant) {
+    tokio::time::sleep_until(deadline.min(Instant::now() + BOOT_CHECK)).await;
 }
 
 impl Liveness {
@@ -49,7 +97,7 @@ impl Liveness {
     pub(crate) fn until(deadline: Instant) -> Arc<Self> {
         Arc::new(Liveness {
             lost: watch::Sender::new(false),
-            deadline: Mutex::new(Some(deadline)),
+            deadline: Mutex::new(Some(Deadline::at(deadline))),
             parent: None,
         })
     }
@@ -58,8 +106,8 @@ impl Liveness {
     #[cfg_attr(not(feature = "etcd"), allow(dead_code))]
     pub(crate) fn renew(&self, deadline: Instant) {
         let mut d = self.deadline.lock().unwrap_or_else(|p| p.into_inner());
-        if d.is_none_or(|old| old < deadline) {
-            *d = Some(deadline);
+        if d.is_none_or(|old| old.monotonic < deadline) {
+            *d = Some(Deadline::at(deadline));
         }
     }
 
@@ -70,16 +118,26 @@ impl Liveness {
     }
 
     pub(crate) fn deadline(&self) -> Option<Instant> {
+        self.both_deadlines().map(|d| d.monotonic)
+    }
+
+    fn both_deadlines(&self) -> Option<Deadline> {
         match &self.parent {
-            Some(parent) => parent.deadline(),
+            Some(parent) => parent.both_deadlines(),
             None => *self.deadline.lock().unwrap_or_else(|p| p.into_inner()),
         }
+    }
+
+    /// Whether the deadline has passed, on the monotonic or on the boot clock.
+    fn deadline_passed(&self) -> bool {
+        self.both_deadlines()
+            .is_some_and(|d| d.passed(Instant::now(), boot_now()))
     }
 
     pub(crate) fn is_lost(&self) -> bool {
         *self.lost.borrow()
             || self.parent.as_ref().is_some_and(|p| p.is_lost())
-            || self.deadline().is_some_and(|d| Instant::now() >= d)
+            || self.deadline_passed()
     }
 
     /// Resolves when this liveness's own flag is set.
@@ -108,12 +166,13 @@ impl Liveness {
             match self.deadline() {
                 Some(deadline) => {
                     let warn_at = deadline.checked_sub(margin).unwrap_or(deadline);
-                    if Instant::now() >= warn_at {
+                    let warn_boot = self.both_deadlines().map(|d| d.boot.saturating_sub(margin));
+                    if Instant::now() >= warn_at || warn_boot.is_some_and(|b| boot_now() >= b) {
                         return;
                     }
                     tokio::select! {
                         _ = rx.changed() => {}
-                        _ = tokio::time::sleep_until(warn_at) => {}
+                        _ = sleep_towards(warn_at) => {}
                     }
                 }
                 None => {
@@ -140,13 +199,14 @@ impl Liveness {
             }
             match self.deadline() {
                 Some(deadline) => {
-                    if Instant::now() >= deadline {
+                    if self.deadline_passed() {
                         return;
                     }
                     tokio::select! {
                         _ = rx.changed() => {}
-                        // Wakes at the old deadline; the loop re-reads a renewed one.
-                        _ = tokio::time::sleep_until(deadline) => {}
+                        // Wakes at the old deadline (or to look at the boot clock); the loop
+                        // re-reads a renewed one.
+                        _ = sleep_towards(deadline) => {}
                     }
                 }
                 None => {
@@ -217,7 +277,11 @@ impl Session {
         self.ttl
     }
 
-    /// The instant (local monotonic clock) after which the lease counts as lost unless renewed.
+    /// The instant (local monotonic clock) after which the lease counts as lost unless renewed:
+    /// the send time of the last renewal etcd acknowledged plus 99 % of the TTL it granted (the
+    /// 1 % margin covers a local clock slower than etcd's). The same deadline is also kept on
+    /// CLOCK_BOOTTIME, so a machine that was suspended finds its lease lost the moment it wakes
+    /// (a plain monotonic deadline would not count the time asleep).
     pub fn deadline(&self) -> Option<Instant> {
         self.liveness.deadline()
     }
@@ -274,6 +338,31 @@ mod tests {
                 .await
                 .is_err()
         );
+    }
+
+    #[test]
+    fn a_suspended_machine_passes_the_deadline_on_the_boot_clock() {
+        // The monotonic clock stood still for the 60 s the machine slept; the boot clock did not.
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .unwrap();
+        runtime.block_on(async {
+            let mono = Instant::now();
+            let d = Deadline {
+                monotonic: mono + Duration::from_secs(10),
+                boot: Duration::from_secs(1000),
+            };
+            assert!(!d.passed(mono, Duration::from_secs(995)));
+            assert!(
+                d.passed(mono, Duration::from_secs(1060)),
+                "asleep past the deadline"
+            );
+            assert!(d.passed(mono + Duration::from_secs(10), Duration::from_secs(995)));
+            // Both clocks agree on a fresh deadline.
+            let fresh = Deadline::at(mono + Duration::from_secs(10));
+            assert!(fresh.boot >= boot_now() + Duration::from_secs(9));
+        });
     }
 
     #[tokio::test(start_paused = true)]

@@ -43,7 +43,7 @@ impl EtcdSession {
             });
         }
         let granted = Duration::from_secs(u64::try_from(resp.ttl()).unwrap_or(0));
-        let liveness = Liveness::until(sent + granted);
+        let liveness = Liveness::until(sent + trusted(granted));
         let keepalive = tokio::spawn(keep_alive(client.clone(), lease, granted, liveness.clone()));
         tracing::info!(lease = format_args!("{lease:x}"), ttl = ?granted, "session started");
         Ok(Arc::new(EtcdSession {
@@ -127,7 +127,7 @@ async fn keep_alive(client: Client, lease: i64, ttl: Duration, liveness: Arc<Liv
                 }
                 Ok(Ok(Some(resp))) => {
                     let granted = Duration::from_secs(u64::try_from(resp.ttl()).unwrap_or(0));
-                    liveness.renew(sent + granted);
+                    liveness.renew(sent + trusted(granted));
                     delays = backoff();
                 }
                 _ => {
@@ -167,6 +167,14 @@ async fn keep_alive(client: Client, lease: i64, ttl: Duration, liveness: Arc<Liv
     // revoke it so our keys do not block others until it expires.
     let mut c = client.clone();
     let _ = tokio::time::timeout(ttl, c.lease_revoke(lease)).await;
+}
+
+/// How much of a granted TTL the local deadline counts on: all but 1 %. The deadline starts
+/// from the send time of the renewal (before etcd received it), so it already ends before etcd's
+/// expiry; the margin also covers a local clock that runs up to 1 % slower than etcd's
+/// (NTP slews by at most 0.05 %).
+fn trusted(granted: Duration) -> Duration {
+    granted - granted / 100
 }
 
 async fn sleep_unless_lost(liveness: &Liveness, d: Duration) {
