@@ -319,3 +319,96 @@ fn ctrl_z_stops_the_command_with_palisade_and_fg_continues_both() {
     std::fs::write(p.dir.path().join("release"), "").unwrap();
     assert_eq!(p.finish(a).code(), Some(0));
 }
+
+/// `palisade run --etcdctl-layout` and `etcdctl lock NAME` (etcd's own recipe, Go's
+/// concurrency.Mutex) exclude each other, both ways.
+#[test]
+fn palisade_and_etcdctl_lock_exclude_each_other() {
+    let etcd = Etcd::start().expect("etcd starts");
+    let p = Palisade::new(Some(&etcd));
+    let etcdctl = |args: &[&str]| {
+        let mut command = Command::new("etcdctl");
+        command
+            .arg("--endpoints")
+            .arg(etcd.endpoint())
+            .args(args)
+            .current_dir(p.dir.path())
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped());
+        command
+    };
+
+    // etcdctl holds "shared job": palisade skips.
+    let go_hold = "touch go-holds; while [ ! -e go-release ]; do sleep 0.02; done";
+    let go = etcdctl(&["lock", "shared job", "--", "sh", "-c", go_hold])
+        .spawn()
+        .expect("etcdctl runs (Debian package etcd-client)");
+    wait_for_file(&p.dir.path().join("go-holds"), "etcdctl to hold the lock");
+    let skipped = p.output(&[
+        "run",
+        "--etcdctl-layout",
+        "--lock",
+        "shared job",
+        "--",
+        "touch",
+        "palisade-ran",
+    ]);
+    assert_eq!(
+        skipped.status.code(),
+        Some(75),
+        "palisade must skip: {skipped:?}"
+    );
+    assert!(!p.dir.path().join("palisade-ran").exists());
+    // Without the option the names live apart (palisade's namespace): no exclusion.
+    let apart = p.output(&["run", "--lock", "shared job", "--", "true"]);
+    assert_eq!(apart.status.code(), Some(0), "{apart:?}");
+    std::fs::write(p.dir.path().join("go-release"), "").unwrap();
+    let go = wait_bounded(go, Duration::from_secs(30));
+    assert!(go.status.success(), "{go:?}");
+
+    // The reverse: palisade holds it, etcdctl waits until palisade's command ends.
+    let hold = "touch palisade-holds; while [ ! -e release ]; do sleep 0.02; done; \
+                date +%s%N > palisade-ended";
+    let palisade = p.spawn(&[
+        "run",
+        "--etcdctl-layout",
+        "--wait-for",
+        "30s",
+        "--lock",
+        "shared job",
+        "--",
+        "sh",
+        "-c",
+        hold,
+    ]);
+    wait_for_file(
+        &p.dir.path().join("palisade-holds"),
+        "palisade to hold the lock",
+    );
+    let go = etcdctl(&[
+        "lock",
+        "shared job",
+        "--",
+        "sh",
+        "-c",
+        "date +%s%N > go-started",
+    ])
+    .spawn()
+    .unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(
+        !p.dir.path().join("go-started").exists(),
+        "etcdctl took the lock while palisade held it"
+    );
+    std::fs::write(p.dir.path().join("release"), "").unwrap();
+    assert_eq!(p.finish(palisade).code(), Some(0));
+    let go = wait_bounded(go, Duration::from_secs(30));
+    assert!(go.status.success(), "{go:?}");
+    let ended = last_stamp(&p.dir.path().join("palisade-ended"));
+    let started = last_stamp(&p.dir.path().join("go-started"));
+    assert!(
+        ended < started,
+        "etcdctl's command started before palisade's ended"
+    );
+}

@@ -56,6 +56,11 @@ pub struct BackendArgs {
     #[arg(long, env = "PALISADE_NAMESPACE", default_value = "palisade/")]
     pub namespace: String,
 
+    /// Lock keys in etcd's own layout, NAME/<lease> (outside --namespace), so that palisade and
+    /// `etcdctl lock NAME` (Go's concurrency.Mutex) exclude each other.
+    #[arg(long, env = "PALISADE_ETCDCTL_LAYOUT")]
+    pub etcdctl_layout: bool,
+
     /// How long to try to reach etcd before giving up (exit code 69).
     #[arg(long, value_parser = humantime::parse_duration, default_value = "5s", value_name = "DURATION")]
     pub connect_timeout: Duration,
@@ -82,6 +87,7 @@ impl BackendArgs {
         // the lock crate retries it for up to a TTL: --connect-timeout bounds the whole start.
         let connect = Coordinator::etcd(client)
             .namespace(self.namespace.clone())
+            .etcdctl_layout(self.etcdctl_layout)
             .lease_ttl(ttl)
             .connect();
         let error = match tokio::time::timeout(self.connect_timeout, connect).await {

@@ -76,6 +76,7 @@ pub struct EtcdBuilder {
     client: Client,
     namespace: String,
     lease_ttl: Duration,
+    etcdctl_layout: bool,
 }
 
 impl std::fmt::Debug for EtcdBuilder {
@@ -83,6 +84,7 @@ impl std::fmt::Debug for EtcdBuilder {
         f.debug_struct("EtcdBuilder")
             .field("namespace", &self.namespace)
             .field("lease_ttl", &self.lease_ttl)
+            .field("etcdctl_layout", &self.etcdctl_layout)
             .finish_non_exhaustive()
     }
 }
@@ -93,7 +95,20 @@ impl EtcdBuilder {
             client,
             namespace: "palisade/".into(),
             lease_ttl: Duration::from_secs(10),
+            etcdctl_layout: false,
         }
+    }
+
+    /// Lock keys in the layout of etcd's own lock recipe (Go's `concurrency.Mutex`, which
+    /// `etcdctl lock NAME` uses): `NAME/<lease id in hex>`, outside the namespace, the owner
+    /// being the key with the lowest create revision. palisade locks and Go or `etcdctl`
+    /// holders of the same name then exclude each other, in one queue. A Go holder stores no
+    /// value: `try_lock` reports it as `LockError::Held { holder: None }`, with no job in the
+    /// registry (`palisade jobs` does not list it). Off by default; elections and the registry
+    /// keep the namespace either way.
+    pub fn etcdctl_layout(mut self, on: bool) -> Self {
+        self.etcdctl_layout = on;
+        self
     }
 
     /// The key prefix for everything this coordinator writes (default `palisade/`). Give each
@@ -131,6 +146,7 @@ impl EtcdBuilder {
         let backend = EtcdBackend {
             client: self.client,
             ns: self.namespace,
+            etcdctl_layout: self.etcdctl_layout,
             ttl: self.lease_ttl,
             session: tokio::sync::Mutex::new(None),
             current: std::sync::Mutex::new(None),
@@ -144,6 +160,8 @@ impl EtcdBuilder {
 pub(crate) struct EtcdBackend {
     client: Client,
     ns: String,
+    /// Lock keys as etcd's own recipe lays them out (see [`EtcdBuilder::etcdctl_layout`]).
+    etcdctl_layout: bool,
     ttl: Duration,
     /// The session new locks are taken under; replaced when lost.
     session: tokio::sync::Mutex<Option<Arc<EtcdSession>>>,
@@ -234,6 +252,7 @@ impl EtcdBackend {
 
     fn prefix(&self, kind: Kind, name: &str) -> String {
         let k = match kind {
+            Kind::Lock if self.etcdctl_layout => return format!("{name}/"),
             Kind::Lock => "lock",
             Kind::Election => "election",
         };
