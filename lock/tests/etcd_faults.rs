@@ -204,6 +204,13 @@ async fn paused_holder_is_fenced_and_cancelled() {
     })
     .await;
     let child_token = reg.running().await.unwrap()[0].fencing_token.unwrap();
+    // The state the fault needs: the child's job has written (registration comes first, and on
+    // a busy machine the first write can lag it).
+    let log = dir.path().join("writes.log");
+    eventually("the child's first write", || async {
+        std::fs::metadata(&log).is_ok_and(|m| m.len() > 0)
+    })
+    .await;
     let proc = child.take().unwrap();
     signal(&proc, Signal::STOP);
     // The child's lease runs out (TTL 2 s) and we get the lock with a larger token.
