@@ -1,12 +1,26 @@
-//! The one trait behind the etcd, file and memory backends.
+//! The one trait behind the etcd, file and memory backends, and the types it speaks in.
+//!
+//! The traits here are sealed: only this crate's backends implement them (see [`LockBackend`]).
+
+use std::time::Duration;
 
 use async_trait::async_trait;
 use futures::stream::BoxStream;
 
-use crate::coordinator::Wait;
 use crate::error::LockError;
 use crate::job::{JobEvent, JobInfo};
 use crate::session::{LostSignal, Session};
+
+/// How long to wait for a lock that someone else holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Wait {
+    /// Do not wait: give up at once.
+    No,
+    /// Wait until the lock is free (in arrival order).
+    Forever,
+    /// Wait at most this long.
+    Up(Duration),
+}
 
 /// Which family of names a lock belongs to: locks and elections with the same name are distinct.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -33,11 +47,32 @@ impl Holder {
     pub fn value_str(&self) -> std::borrow::Cow<'_, str> {
         String::from_utf8_lossy(&self.value)
     }
+
+    /// The job this holder registered (its value, when that is a `JobInfo`), with the holder's
+    /// fencing token: the value is written before the token is known, so the token comes from
+    /// the holder itself.
+    pub(crate) fn job(&self) -> Option<Box<JobInfo>> {
+        if self.value.is_empty() {
+            return None;
+        }
+        let mut job = Box::new(JobInfo::from_bytes(&self.value)?);
+        if self.fencing_token > 0 {
+            job.fencing_token = Some(self.fencing_token);
+        }
+        Some(job)
+    }
 }
 
-/// A lock held through a backend. [`crate::LockGuard`] wraps it.
+/// The seal of the backend traits: a public trait in a module no other crate can name, so only
+/// this crate can implement it, and with it [`LockBackend`], [`HeldLock`] and [`Registration`].
+pub(crate) mod sealed {
+    /// Implemented by this crate's backends (and their held locks and registrations) only.
+    pub trait Sealed {}
+}
+
+/// A lock held through a backend. [`crate::LockGuard`] wraps it. Sealed like [`LockBackend`].
 #[async_trait]
-pub trait HeldLock: Send + Sync + std::fmt::Debug {
+pub trait HeldLock: sealed::Sealed + Send + Sync + std::fmt::Debug {
     /// The fencing token: strictly greater than every token of an earlier holder of this name.
     fn fencing_token(&self) -> u64;
     #[doc(hidden)]
@@ -61,17 +96,38 @@ pub trait HeldLock: Send + Sync + std::fmt::Debug {
 #[derive(Debug, Clone)]
 pub struct LostSignalHandle(pub(crate) LostSignal);
 
-/// A job's entry in the registry. Dropping it removes the entry in the background.
+/// A job's entry in the registry. Dropping it removes the entry in the background. Sealed like
+/// [`LockBackend`].
 #[async_trait]
-pub trait Registration: Send + Sync + std::fmt::Debug {
+pub trait Registration: sealed::Sealed + Send + Sync + std::fmt::Debug {
     /// Removes the entry, reporting the job as finished.
     async fn finish(self: Box<Self>) -> Result<(), LockError>;
 }
 
 /// What a coordination backend provides. Implemented by the etcd, file and memory backends;
 /// [`crate::Coordinator`] builds everything else on top of it.
+///
+/// The trait is sealed: other crates can call its methods (through
+/// [`crate::Coordinator::backend`]) but cannot implement it. A backend's locks must hand the
+/// guard a [`LostSignalHandle`], the crate-private liveness of their lease, which only this
+/// crate can make, and the guarantees of [`crate::LockGuard`] rest on it; rather than half an
+/// extension point, there is none. [`crate::Coordinator::from_backend`] takes one of this
+/// crate's backends (another coordinator's, say).
+///
+/// ```compile_fail,E0277
+/// // Sealed: another crate cannot implement the backend traits (here `Registration`, the
+/// // smallest; the error is that `Entry` does not implement the crate-private `Sealed`).
+/// #[derive(Debug)]
+/// struct Entry;
+/// #[async_trait::async_trait]
+/// impl palisade_lock::Registration for Entry {
+///     async fn finish(self: Box<Self>) -> Result<(), palisade_lock::LockError> {
+///         Ok(())
+///     }
+/// }
+/// ```
 #[async_trait]
-pub trait LockBackend: Send + Sync + 'static {
+pub trait LockBackend: sealed::Sealed + Send + Sync + 'static {
     /// The current session (a new one replaces a lost one on the next acquire).
     fn session(&self) -> Session;
 

@@ -7,23 +7,15 @@ use std::time::Duration;
 
 use tracing::Instrument;
 
-use crate::backend::{Kind, LockBackend};
+use crate::backend::{Kind, LockBackend, Wait};
+use crate::backends::file::FileBackend;
+use crate::backends::memory::MemoryBackend;
 use crate::election::Election;
 use crate::error::{LockError, validate_name};
 use crate::guard::LockGuard;
-use crate::job::{JobInfo, JobRegistry};
+use crate::job::JobInfo;
+use crate::registry::JobRegistry;
 use crate::session::{LostSignal, Session};
-
-/// How long to wait for a lock that someone else holds.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Wait {
-    /// Do not wait: give up at once.
-    No,
-    /// Wait until the lock is free (in arrival order).
-    Forever,
-    /// Wait at most this long.
-    Up(Duration),
-}
 
 /// What `run_exclusive` did.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -121,28 +113,22 @@ impl std::fmt::Debug for Coordinator {
 impl Coordinator {
     /// A coordinator for the tasks of this process only.
     pub fn memory() -> Self {
-        Coordinator::from_backend(Arc::new(crate::memory::MemoryBackend::new()))
+        Coordinator::from_backend(Arc::new(MemoryBackend::new()))
     }
 
     /// A coordinator for the processes of one host, with `flock` files under `dir` (created if
     /// missing). See the crate docs for what it guarantees.
     pub fn file(dir: impl Into<PathBuf>) -> Result<Self, LockError> {
-        Ok(Coordinator::from_backend(Arc::new(
-            crate::file::FileBackend::open(dir.into())?,
-        )))
+        Ok(Coordinator::from_backend(Arc::new(FileBackend::open(
+            dir.into(),
+        )?)))
     }
 
-    /// A builder for a coordinator on etcd. Endpoints, TLS and user/password are set on the
-    /// `etcd_client::Client` (through `etcd_client::ConnectOptions`). Connect it with
-    /// `ConnectOptions::with_require_leader(true)` (the `palisade` CLI does): then a member cut
-    /// off from its cluster fails watches and requests at once instead of leaving a waiter
-    /// watching a member that can no longer tell it anything.
-    #[cfg(feature = "etcd")]
-    pub fn etcd(client: etcd_client::Client) -> crate::etcd::EtcdBuilder {
-        crate::etcd::EtcdBuilder::new(client)
-    }
+    // `Coordinator::etcd` is in etcd_builder.rs, beside the builder it returns: the builder's
+    // `connect` returns a `Coordinator`, and this module does not import the builder back.
 
-    /// A coordinator over any backend.
+    /// A coordinator over a backend of this crate (another coordinator's
+    /// [`backend`](Self::backend), say): [`LockBackend`] is sealed.
     pub fn from_backend(backend: Arc<dyn LockBackend>) -> Self {
         Coordinator { backend }
     }
@@ -249,7 +235,7 @@ impl Coordinator {
                     .await
                     .ok()
                     .flatten()
-                    .and_then(|h| JobInfo::from_holder(&h))
+                    .and_then(|h| h.job())
                     .map(|h| *h);
                 tracing::info!(lock = name, "skipped: wait ran out");
                 return Ok(RunOutcome::Skipped { holder });

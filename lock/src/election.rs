@@ -4,8 +4,7 @@ use std::sync::Arc;
 
 use futures::stream::BoxStream;
 
-use crate::backend::{Holder, Kind, LockBackend};
-use crate::coordinator::Wait;
+use crate::backend::{Holder, Kind, LockBackend, Wait};
 use crate::error::{LockError, validate_name};
 use crate::guard::LockGuard;
 

@@ -1,20 +1,15 @@
-//! What a running job says about itself, and the registry that lists running jobs.
+//! What a running job says about itself, and the changes the registry reports.
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use futures::stream::BoxStream;
 use serde::{Deserialize, Serialize};
-
-use crate::backend::LockBackend;
-use crate::error::LockError;
 
 /// A job that runs (or wants to run) under a lock: who it is and where it runs.
 ///
 /// `run_exclusive` stores it as the lock holder's value and registers it in the
-/// [`JobRegistry`] for as long as the job runs, under the session's lease, so the entry vanishes
-/// when the process dies.
+/// [`JobRegistry`](crate::JobRegistry) for as long as the job runs, under the session's lease,
+/// so the entry vanishes when the process dies.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct JobInfo {
     /// The job's name (for example `daily_etl`).
@@ -81,25 +76,9 @@ impl JobInfo {
         serde_json::to_vec(self).unwrap_or_default()
     }
 
-    pub(crate) fn from_bytes(what: &str, bytes: &[u8]) -> Result<Self, LockError> {
-        serde_json::from_slice(bytes).map_err(|e| LockError::Corrupt {
-            what: what.to_string(),
-            detail: e.to_string(),
-        })
-    }
-
-    /// Decodes a holder's value, if it is a job description.
-    /// The job a lock holder registered (its value), with the holder's fencing token: the
-    /// value is written before the token is known, so the token comes from the holder itself.
-    pub(crate) fn from_holder(holder: &crate::backend::Holder) -> Option<Box<Self>> {
-        if holder.value.is_empty() {
-            return None;
-        }
-        let mut job: Box<Self> = serde_json::from_slice(&holder.value).ok().map(Box::new)?;
-        if holder.fencing_token > 0 {
-            job.fencing_token = Some(holder.fencing_token);
-        }
-        Some(job)
+    /// Decodes a job entry; `None` when the bytes are not a `JobInfo` in JSON.
+    pub(crate) fn from_bytes(bytes: &[u8]) -> Option<Self> {
+        serde_json::from_slice(bytes).ok()
     }
 }
 
@@ -132,34 +111,5 @@ impl JobEvent {
         match self {
             JobEvent::Started(j) | JobEvent::Finished(j) | JobEvent::Expired(j) => j,
         }
-    }
-}
-
-/// The jobs that run right now under `run_exclusive`, on every process that shares the backend.
-#[derive(Clone)]
-pub struct JobRegistry {
-    pub(crate) backend: Arc<dyn LockBackend>,
-}
-
-impl std::fmt::Debug for JobRegistry {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("JobRegistry").finish_non_exhaustive()
-    }
-}
-
-impl JobRegistry {
-    /// The jobs running now, ordered by lock name. Entries of dead processes are not listed.
-    pub async fn running(&self) -> Result<Vec<JobInfo>, LockError> {
-        let mut jobs = self.backend.running().await?;
-        jobs.sort_by(|a, b| a.lock.cmp(&b.lock));
-        Ok(jobs)
-    }
-
-    /// A stream of `Started`, `Finished` and `Expired` events from now on. It never ends on its
-    /// own: after a server restart or a compaction it re-reads the registry and carries on, so a
-    /// change is reported even if the events that made it were lost (as `Expired` when it cannot
-    /// tell whether the job finished).
-    pub fn watch(&self) -> BoxStream<'static, JobEvent> {
-        self.backend.watch_jobs()
     }
 }

@@ -15,27 +15,32 @@
 //!   and watching the registry poll the directory every 100 ms.
 //! - **memory** ([`Coordinator::memory`]): the tasks of one process, strict FIFO.
 
+// Modules from the bottom up, each using only those before it: `session` (a lease's liveness),
+// `job` (what a job says about itself), `error`, `backend` (the sealed `LockBackend` trait and
+// the types it speaks in: `Wait`, `Kind`, `Holder`), `backends/` (memory, file, etcd), `guard`,
+// `election`, `registry`, `coordinator`, and `etcd_builder` (`Coordinator::etcd` and its builder).
 mod backend;
+mod backends;
 mod coordinator;
 mod election;
 mod error;
 #[cfg(feature = "etcd")]
-mod etcd;
-mod file;
+mod etcd_builder;
 mod guard;
 mod job;
-mod memory;
+mod registry;
 mod session;
 
-pub use backend::{HeldLock, Holder, Kind, LockBackend, LostSignalHandle, Registration};
-pub use coordinator::{Coordinator, JobContext, RunOutcome, Wait};
+pub use backend::{HeldLock, Holder, Kind, LockBackend, LostSignalHandle, Registration, Wait};
+#[cfg(feature = "etcd")]
+#[doc(hidden)]
+pub use backends::etcd::stats;
+pub use coordinator::{Coordinator, JobContext, RunOutcome};
 pub use election::{Election, Leader, Leadership};
 pub use error::LockError;
 #[cfg(feature = "etcd")]
-pub use etcd::EtcdBuilder;
-#[cfg(feature = "etcd")]
-#[doc(hidden)]
-pub use etcd::stats;
+pub use etcd_builder::EtcdBuilder;
 pub use guard::LockGuard;
-pub use job::{JobEvent, JobInfo, JobRegistry};
+pub use job::{JobEvent, JobInfo};
+pub use registry::JobRegistry;
 pub use session::Session;

@@ -2,25 +2,26 @@
 //! only its predecessor (and its own key).
 
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use async_trait::async_trait;
 use etcd_client::{
-    Client, Compare, CompareOp, EventType, GetOptions, PutOptions, SortOrder, SortTarget, Txn,
-    TxnOp, TxnOpResponse, WatchOptions,
+    Client, Compare, CompareOp, EventType, GetOptions, KeyValue, PutOptions, SortOrder, SortTarget,
+    Txn, TxnOp, TxnOpResponse, WatchOptions,
 };
 use tokio::time::Instant;
 
+use super::backend::EtcdBackend;
+use super::held::{EtcdHeld, delete_if, owned_by};
+use super::rpc::{backoff, budget, retry, while_alive};
 use super::session::EtcdSession;
-use super::{EtcdBackend, Slot, WAKEUPS, backoff, budget, count_request, retry, while_alive};
-use crate::backend::{HeldLock, Holder, Kind, LostSignalHandle};
-use crate::coordinator::Wait;
+use super::slots::Slot;
+use super::stats::{count_request, count_wakeup};
+use crate::backend::{HeldLock, Holder, Kind, Wait};
 use crate::error::LockError;
-use crate::job::JobInfo;
-use crate::session::{Liveness, LostSignal};
+use crate::session::Liveness;
 
-fn first_created() -> GetOptions {
+/// The key created first under a prefix: the owner.
+pub(super) fn first_created() -> GetOptions {
     GetOptions::new()
         .with_prefix()
         .with_sort(SortTarget::Create, SortOrder::Ascend)
@@ -52,49 +53,12 @@ fn range_kvs(resp: Option<&TxnOpResponse>) -> Vec<etcd_client::KeyValue> {
     }
 }
 
-fn owned_by(key: &str, rev: i64) -> Compare {
-    Compare::create_revision(key, CompareOp::Equal, rev)
-}
-
-/// Deletes `key` if it still has create revision `rev`: never a newer holder's key, even when a
-/// lost response makes us retry.
-async fn delete_owned(
-    client: &Client,
-    key: &str,
-    rev: i64,
-    give_up: impl Fn() -> bool,
-    rpc_timeout: Duration,
-) -> Result<(), LockError> {
-    retry("release lock", rpc_timeout, give_up, || {
-        let mut c = client.clone();
-        let txn = Txn::new()
-            .when([owned_by(key, rev)])
-            .and_then([TxnOp::delete(key, None)]);
-        async move { c.txn(txn).await }
-    })
-    .await
-    .map(|_| ())
-}
-
-/// Deletes `key` if it is still on `lease`: our key from a put whose answer we never saw (the
-/// put may have landed or not; the key name belongs to this acquire alone, so a key on our lease
-/// under it is ours).
-async fn delete_leased(
-    client: &Client,
-    key: &str,
-    lease: i64,
-    give_up: impl Fn() -> bool,
-    rpc_timeout: Duration,
-) -> Result<(), LockError> {
-    retry("abandon acquire", rpc_timeout, give_up, || {
-        let mut c = client.clone();
-        let txn = Txn::new()
-            .when([Compare::lease(key, CompareOp::Equal, lease)])
-            .and_then([TxnOp::delete(key, None)]);
-        async move { c.txn(txn).await }
-    })
-    .await
-    .map(|_| ())
+/// The holder that a contender's key describes.
+pub(super) fn holder_of(kv: &KeyValue) -> Holder {
+    Holder {
+        value: kv.value().to_vec(),
+        fencing_token: u64::try_from(kv.create_revision()).unwrap_or(0),
+    }
 }
 
 /// Our key from the moment its put is sent until we hold the lock: if the acquire is dropped
@@ -149,10 +113,17 @@ impl Drop for PendingKey {
             rt.spawn(async move {
                 tracing::debug!(key, "acquire abandoned: deleting our waiter key");
                 let alive = while_alive(&liveness);
-                let deleted = match rev {
-                    Some(rev) => delete_owned(&client, &key, rev, alive, rpc_timeout).await,
-                    None => delete_leased(&client, &key, lease, alive, rpc_timeout).await,
+                // Once the answer to our put told its create revision, compare that (as a
+                // release does); before, the key name belongs to this acquire alone, so a key
+                // on our lease under it is ours (the put may have landed or not).
+                let (op, ours) = match rev {
+                    Some(rev) => ("release lock", owned_by(&key, rev)),
+                    None => (
+                        "abandon acquire",
+                        Compare::lease(key.as_str(), CompareOp::Equal, lease),
+                    ),
                 };
+                let deleted = delete_if(op, &client, &key, ours, alive, rpc_timeout).await;
                 slot.set_deleted(deleted.is_ok() || liveness.is_lost());
             });
         }
@@ -218,12 +189,7 @@ pub(crate) async fn acquire(
         if wait == Wait::No {
             drop(pending); // deletes our key in the background
             return Err(LockError::Held {
-                holder: owner.and_then(|kv| {
-                    JobInfo::from_holder(&Holder {
-                        value: kv.value().to_vec(),
-                        fencing_token: u64::try_from(kv.create_revision()).unwrap_or(0),
-                    })
-                }),
+                holder: owner.and_then(|kv| holder_of(&kv).job()),
             });
         }
         // Fresh put: the transaction also read the key just before ours (the last two created,
@@ -261,23 +227,14 @@ pub(crate) async fn acquire(
         return Err(LockError::Lost);
     }
     let slot = pending.slot.take();
-    let liveness = Liveness::child(&session.liveness);
-    let watcher = tokio::spawn(watch_own_key(
-        backend.client.clone(),
-        key.clone(),
-        rev,
-        liveness.clone(),
-    ));
-    Ok(Box::new(EtcdHeld {
-        client: backend.client.clone(),
+    Ok(Box::new(EtcdHeld::new(
+        &backend.client,
         session,
-        liveness,
-        watcher,
         key,
         rev,
         rpc_timeout,
         slot,
-    }))
+    )))
 }
 
 /// Puts our key (unless a retried request already did) and reads the owner, in one request.
@@ -332,56 +289,36 @@ async fn wait_turn(
         if session.liveness.is_lost() {
             return Err(LockError::Lost);
         }
-        if let Some((pred_key, seen)) = known.take() {
-            match watch_deletion(client, session, &pred_key, key, seen, rpc_timeout).await {
-                Ok(Deleted::Predecessor) => {
-                    WAKEUPS.fetch_add(1, Ordering::Relaxed);
-                    #[cfg(feature = "metrics")]
-                    metrics::counter!("palisade_lock_wakeups_total").increment(1);
-                    tracing::debug!(key, "predecessor released: re-checking");
-                }
-                Ok(Deleted::Ours) => {
-                    tracing::warn!(key, "our waiter key was deleted while waiting");
+        let (pred_key, seen) = match known.take() {
+            Some(known) => known,
+            None => {
+                let resp = retry("wait for lock", rpc_timeout, &alive, || {
+                    let mut c = client.clone();
+                    let txn = Txn::new().and_then([
+                        TxnOp::get(prefix, Some(predecessor(rev))),
+                        TxnOp::get(key, None),
+                    ]);
+                    async move { c.txn(txn).await }
+                })
+                .await?;
+                let ops = resp.op_responses();
+                if range_kvs(ops.get(1)).is_empty() {
+                    // Our key is gone: our lease expired or someone deleted it. Do not wait for
+                    // the others (etcd issue 19597), and never report it as acquired (Jepsen).
+                    tracing::warn!(key, "our waiter key vanished while waiting");
                     return Err(LockError::Lost);
                 }
-                Ok(Deleted::Resync) => {}
-                Err(LockError::Lost) => return Err(LockError::Lost),
-                Err(e) => {
-                    tracing::debug!(key, error = %e, "watch failed; re-reading");
-                    let delay = delays.next().unwrap_or(Duration::from_secs(1));
-                    tokio::select! {
-                        _ = tokio::time::sleep(delay) => {}
-                        _ = session.liveness.lost() => return Err(LockError::Lost),
-                    }
-                }
+                let Some(pred) = range_kvs(ops.first()).into_iter().next() else {
+                    return Ok(());
+                };
+                let pred_key = pred.key().to_vec();
+                tracing::trace!(key, predecessor = %String::from_utf8_lossy(&pred_key), "waiting for predecessor");
+                (pred_key, resp.header().map_or(0, |h| h.revision()))
             }
-            continue;
-        }
-        let resp = retry("wait for lock", rpc_timeout, &alive, || {
-            let mut c = client.clone();
-            let txn = Txn::new().and_then([
-                TxnOp::get(prefix, Some(predecessor(rev))),
-                TxnOp::get(key, None),
-            ]);
-            async move { c.txn(txn).await }
-        })
-        .await?;
-        let ops = resp.op_responses();
-        if range_kvs(ops.get(1)).is_empty() {
-            // Our key is gone: our lease expired or someone deleted it. Do not wait for the
-            // others (etcd issue 19597), and never report it as acquired (Jepsen).
-            tracing::warn!(key, "our waiter key vanished while waiting");
-            return Err(LockError::Lost);
-        }
-        let Some(pred) = range_kvs(ops.first()).into_iter().next() else {
-            return Ok(());
         };
-        let seen = resp.header().map_or(0, |h| h.revision());
-        let pred_key = pred.key().to_vec();
-        tracing::trace!(key, predecessor = %String::from_utf8_lossy(&pred_key), "waiting for predecessor");
         match watch_deletion(client, session, &pred_key, key, seen, rpc_timeout).await {
             Ok(Deleted::Predecessor) => {
-                WAKEUPS.fetch_add(1, Ordering::Relaxed);
+                count_wakeup();
                 #[cfg(feature = "metrics")]
                 metrics::counter!("palisade_lock_wakeups_total").increment(1);
                 tracing::debug!(key, "predecessor released: re-checking");
@@ -392,6 +329,8 @@ async fn wait_turn(
                 return Err(LockError::Lost);
             }
             Ok(Deleted::Resync) => {}
+            // Only when the session is lost.
+            Err(LockError::Lost) => return Err(LockError::Lost),
             Err(e) => {
                 tracing::debug!(key, error = %e, "watch failed; re-reading");
                 let delay = delays.next().unwrap_or(Duration::from_secs(1));
@@ -412,7 +351,9 @@ enum Deleted {
 }
 
 /// One watch stream with two watches, both from the revision after `seen`: the predecessor's
-/// key and our own.
+/// key and our own. It ends at the first deletion of either, or at the first failure, and
+/// `wait_turn` then reads the queue again (the next predecessor, or ownership), so unlike the
+/// watches in `registry` and `held` it has nothing to resume and is no `ResumableWatch`.
 async fn watch_deletion(
     client: &Client,
     session: &Arc<EtcdSession>,
@@ -490,145 +431,5 @@ pub(crate) async fn holder(
         },
     )
     .await?;
-    Ok(resp.kvs().first().map(|kv| Holder {
-        value: kv.value().to_vec(),
-        fencing_token: u64::try_from(kv.create_revision()).unwrap_or(0),
-    }))
-}
-
-/// Watches a held lock's key from its creation on, and marks the lock lost the moment the key
-/// is deleted or replaced: an operator's `etcdctl lease revoke` (the usual way to break a stuck
-/// lock) or `etcdctl del`, after which the next waiter owns the lock at once. Without it the
-/// holder would learn of a revoke only at its next renewal, a third of the TTL later, and of a
-/// deleted key never. The watch resumes from the last revision it saw when its stream fails;
-/// after a compaction it reads the key instead.
-async fn watch_own_key(client: Client, key: String, rev: i64, liveness: Arc<Liveness>) {
-    let mut delays = backoff();
-    let mut from = rev + 1;
-    loop {
-        if liveness.is_lost() {
-            return;
-        }
-        let mut c = client.clone();
-        count_request();
-        let options = WatchOptions::new().with_start_revision(from);
-        let opened = tokio::select! {
-            opened = c.watch(key.as_str(), Some(options)) => opened,
-            () = liveness.lost() => return,
-        };
-        if let Ok(mut stream) = opened {
-            loop {
-                let message = tokio::select! {
-                    message = stream.message() => message,
-                    () = liveness.lost() => return,
-                };
-                let Ok(Some(resp)) = message else { break };
-                if resp.compact_revision() > 0 {
-                    // The events we missed are gone: the key itself tells whether it is ours.
-                    match still_ours(&client, &key, rev).await {
-                        Some((true, seen)) => from = seen + 1,
-                        Some((false, _)) => return lost_key(&liveness, &key),
-                        None => {}
-                    }
-                    break;
-                }
-                let gone = resp.events().iter().any(|ev| {
-                    ev.event_type() == EventType::Delete
-                        || ev.kv().is_some_and(|kv| kv.create_revision() != rev)
-                });
-                if gone {
-                    return lost_key(&liveness, &key);
-                }
-                if let Some(header) = resp.header() {
-                    from = from.max(header.revision() + 1);
-                }
-                if resp.canceled() {
-                    break;
-                }
-                delays = backoff();
-            }
-        }
-        let delay = delays.next().unwrap_or(Duration::from_secs(1));
-        tokio::select! {
-            _ = tokio::time::sleep(delay) => {}
-            () = liveness.lost() => return,
-        }
-    }
-}
-
-fn lost_key(liveness: &Liveness, key: &str) {
-    tracing::warn!(
-        key,
-        "the lock's key was deleted (lease revoked or key removed): lock lost"
-    );
-    liveness.mark_lost();
-}
-
-/// Whether `key` still has create revision `rev`, and the revision of that read; `None` when
-/// etcd did not answer.
-async fn still_ours(client: &Client, key: &str, rev: i64) -> Option<(bool, i64)> {
-    let mut c = client.clone();
-    count_request();
-    let resp = c.get(key, None).await.ok()?;
-    let ours = resp
-        .kvs()
-        .first()
-        .is_some_and(|kv| kv.create_revision() == rev);
-    Some((ours, resp.header().map_or(0, |h| h.revision())))
-}
-
-struct EtcdHeld {
-    client: Client,
-    session: Arc<EtcdSession>,
-    /// Lost with the session, or alone when our key is deleted (see [`watch_own_key`]).
-    liveness: Arc<Liveness>,
-    watcher: tokio::task::JoinHandle<()>,
-    key: String,
-    rev: i64,
-    rpc_timeout: Duration,
-    slot: Option<Slot>,
-}
-
-impl std::fmt::Debug for EtcdHeld {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("EtcdHeld")
-            .field("key", &self.key)
-            .field("rev", &self.rev)
-            .finish_non_exhaustive()
-    }
-}
-
-#[async_trait]
-impl HeldLock for EtcdHeld {
-    fn fencing_token(&self) -> u64 {
-        u64::try_from(self.rev).unwrap_or(0)
-    }
-    fn lost_signal(&self) -> LostSignalHandle {
-        LostSignalHandle(LostSignal(self.liveness.clone()))
-    }
-    async fn release(mut self: Box<Self>) -> Result<(), LockError> {
-        self.watcher.abort();
-        // Once the session is lost the key goes with the lease; stop retrying then.
-        let alive = while_alive(&self.session.liveness);
-        let result = delete_owned(&self.client, &self.key, self.rev, alive, self.rpc_timeout).await;
-        tracing::debug!(key = self.key, ok = result.is_ok(), "released");
-        if let Some(slot) = self.slot.as_mut() {
-            // The key is gone, or goes with the lost lease: its name may be reused.
-            slot.set_deleted(result.is_ok() || self.session.liveness.is_lost());
-        }
-        match result {
-            Err(_) if self.session.liveness.is_lost() => Ok(()),
-            r => r,
-        }
-    }
-    fn release_in_background(self: Box<Self>) {
-        if let Ok(rt) = tokio::runtime::Handle::try_current() {
-            rt.spawn(async move {
-                let _ = self.release().await;
-            });
-        }
-    }
-    fn etcd_ownership(&self) -> Option<(Vec<u8>, i64)> {
-        Some((self.key.clone().into_bytes(), self.rev))
-    }
+    Ok(resp.kvs().first().map(holder_of))
 }

@@ -9,8 +9,9 @@ use futures::StreamExt;
 use futures::stream::BoxStream;
 use tokio::sync::{broadcast, oneshot, watch};
 
-use crate::backend::{HeldLock, Holder, Kind, LockBackend, LostSignalHandle, Registration};
-use crate::coordinator::Wait;
+use crate::backend::{
+    HeldLock, Holder, Kind, LockBackend, LostSignalHandle, Registration, Wait, sealed::Sealed,
+};
 use crate::error::LockError;
 use crate::job::{JobEvent, JobInfo};
 use crate::session::{LostSignal, Session};
@@ -155,6 +156,8 @@ impl std::fmt::Debug for Inner {
     }
 }
 
+impl Sealed for MemoryHeld {}
+
 #[async_trait]
 impl HeldLock for MemoryHeld {
     fn fencing_token(&self) -> u64 {
@@ -200,6 +203,8 @@ impl MemoryRegistration {
     }
 }
 
+impl Sealed for MemoryRegistration {}
+
 #[async_trait]
 impl Registration for MemoryRegistration {
     async fn finish(mut self: Box<Self>) -> Result<(), LockError> {
@@ -215,6 +220,8 @@ impl Drop for MemoryRegistration {
         }
     }
 }
+
+impl Sealed for MemoryBackend {}
 
 #[async_trait]
 impl LockBackend for MemoryBackend {
@@ -248,10 +255,7 @@ impl LockBackend for MemoryBackend {
                 return Ok(held(token));
             }
             if wait == Wait::No {
-                let holder = slot
-                    .holder
-                    .as_ref()
-                    .and_then(|(_, h)| JobInfo::from_holder(h));
+                let holder = slot.holder.as_ref().and_then(|(_, h)| h.job());
                 return Err(LockError::Held { holder });
             }
             let (tx, rx) = oneshot::channel();

@@ -7,7 +7,7 @@ use etcd_client::Client;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
-use super::{backoff, budget, retry};
+use super::rpc::{backoff, budget, retry};
 use crate::error::LockError;
 use crate::session::{Liveness, Session};
 

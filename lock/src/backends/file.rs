@@ -25,8 +25,9 @@ use futures::stream::BoxStream;
 use rustix::fs::{FlockOperation, flock};
 use tokio::sync::OwnedMutexGuard;
 
-use crate::backend::{HeldLock, Holder, Kind, LockBackend, LostSignalHandle, Registration};
-use crate::coordinator::Wait;
+use crate::backend::{
+    HeldLock, Holder, Kind, LockBackend, LostSignalHandle, Registration, Wait, sealed::Sealed,
+};
 use crate::error::LockError;
 use crate::job::{JobEvent, JobInfo};
 use crate::session::{Liveness, LostSignal, Session};
@@ -313,7 +314,7 @@ impl FileBackend {
             .current_holder(kind, name)
             .ok()
             .flatten()
-            .and_then(|h| JobInfo::from_holder(&h));
+            .and_then(|h| h.job());
         LockError::Held { holder }
     }
 
@@ -396,6 +397,8 @@ impl Drop for FileHeld {
     }
 }
 
+impl Sealed for FileHeld {}
+
 #[async_trait]
 impl HeldLock for FileHeld {
     fn fencing_token(&self) -> u64 {
@@ -438,6 +441,8 @@ impl Drop for FileRegistration {
     }
 }
 
+impl Sealed for FileRegistration {}
+
 #[async_trait]
 impl Registration for FileRegistration {
     async fn finish(mut self: Box<Self>) -> Result<(), LockError> {
@@ -459,7 +464,7 @@ fn scan_jobs(dir: &Path) -> Result<(Jobs, Jobs), LockError> {
         let Ok(bytes) = std::fs::read(&path) else {
             continue;
         };
-        let Ok(job) = JobInfo::from_bytes("job entry", &bytes) else {
+        let Some(job) = JobInfo::from_bytes(&bytes) else {
             continue;
         };
         match is_locked(&path)? {
@@ -474,6 +479,8 @@ fn scan_jobs(dir: &Path) -> Result<(Jobs, Jobs), LockError> {
     }
     Ok((live, stale))
 }
+
+impl Sealed for FileBackend {}
 
 #[async_trait]
 impl LockBackend for FileBackend {

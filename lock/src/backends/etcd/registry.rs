@@ -7,16 +7,19 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use etcd_client::{
-    Client, Compare, CompareOp, EventType, GetOptions, PutOptions, SortOrder, SortTarget, Txn,
-    TxnOp, WatchOptions,
+    Client, Compare, CompareOp, EventType, GetOptions, PutOptions, Txn, TxnOp, WatchOptions,
 };
 use futures::StreamExt;
 use futures::stream::BoxStream;
 use tokio::sync::mpsc;
 
+use super::backend::EtcdBackend;
+use super::lock::{first_created, holder_of};
+use super::rpc::{budget, retry, while_alive};
 use super::session::EtcdSession;
-use super::{EtcdBackend, backoff, budget, count_request, retry, while_alive};
-use crate::backend::{Holder, Registration};
+use super::stats::count_resync;
+use super::watch::{ResumableWatch, Watched};
+use crate::backend::{Holder, Registration, sealed::Sealed};
 use crate::error::LockError;
 use crate::job::{JobEvent, JobInfo};
 
@@ -83,6 +86,8 @@ impl std::fmt::Debug for EtcdRegistration {
             .finish_non_exhaustive()
     }
 }
+
+impl Sealed for EtcdRegistration {}
 
 #[async_trait]
 impl Registration for EtcdRegistration {
@@ -179,7 +184,7 @@ async fn read_registry(
     for (i, op) in resp.op_responses().into_iter().enumerate().take(2) {
         if let etcd_client::TxnOpResponse::Get(g) = op {
             for kv in g.kvs() {
-                if let Ok(job) = JobInfo::from_bytes("job entry", kv.value()) {
+                if let Some(job) = JobInfo::from_bytes(kv.value()) {
                     maps[i].insert(job.lock.clone(), job);
                 }
             }
@@ -239,9 +244,10 @@ pub(crate) fn watch(
     let (tx, rx) = mpsc::channel(256);
     tokio::spawn(async move {
         let mut known = BTreeMap::new();
-        let mut rev = 0;
         let mut resync = true;
-        let mut delays = backoff();
+        let options = WatchOptions::new().with_prefix().with_prev_key();
+        let prefix = format!("{ns}jobs/");
+        let mut watch = ResumableWatch::new(client.clone(), prefix, options, Some(rpc_timeout), 1);
         loop {
             if tx.is_closed() {
                 return;
@@ -250,7 +256,7 @@ pub(crate) fn watch(
                 let Ok((now, done, at)) =
                     read_registry(&client, &ns, rpc_timeout, || tx.is_closed()).await
                 else {
-                    tokio::time::sleep(delays.next().unwrap_or(Duration::from_secs(1))).await;
+                    watch.pause(tx.closed()).await;
                     continue;
                 };
                 let mut events = VecDeque::new();
@@ -262,97 +268,76 @@ pub(crate) fn watch(
                     }
                 }
                 known = now;
-                rev = at;
+                watch.resume_at(at + 1);
                 resync = false;
             }
-            let mut c = client.clone();
-            count_request();
-            let opts = WatchOptions::new()
-                .with_prefix()
-                .with_prev_key()
-                .with_start_revision(rev + 1);
-            let prefix = format!("{ns}jobs/");
-            let mut stream =
-                match tokio::time::timeout(rpc_timeout, c.watch(prefix, Some(opts))).await {
-                    Ok(Ok(stream)) => stream,
-                    _ => {
-                        tokio::time::sleep(delays.next().unwrap_or(Duration::from_secs(1))).await;
-                        continue;
-                    }
-                };
-            loop {
-                let msg = tokio::select! {
-                    m = stream.message() => m,
-                    _ = tx.closed() => return,
-                };
-                let Ok(Some(resp)) = msg else {
-                    tracing::debug!("registry watch broke; resuming from revision {}", rev + 1);
-                    tokio::time::sleep(delays.next().unwrap_or(Duration::from_secs(1))).await;
-                    break;
-                };
-                if resp.compact_revision() > 0 || resp.canceled() {
+            let resp = match watch.next(tx.closed()).await {
+                Watched::Stopped => return,
+                Watched::Broken => continue,
+                Watched::Ended(resp) => {
                     tracing::debug!(
                         compacted = resp.compact_revision(),
                         "registry watch compacted; re-reading"
                     );
-                    super::count_resync();
+                    count_resync();
                     resync = true;
-                    break;
+                    continue;
                 }
-                delays = backoff();
-                let run = run_prefix(&ns);
-                let done_pre = done_prefix(&ns);
-                // Done records put in each revision of this response (a finish is one txn).
-                let done_at: Vec<(i64, Vec<u8>)> = resp
-                    .events()
-                    .iter()
-                    .filter(|e| e.event_type() == EventType::Put)
-                    .filter_map(|e| e.kv())
-                    .filter_map(|kv| {
-                        kv.key()
-                            .strip_prefix(done_pre.as_bytes())
-                            .map(|lock| (kv.mod_revision(), lock.to_vec()))
-                    })
-                    .collect();
-                for ev in resp.events() {
-                    let Some(kv) = ev.kv() else { continue };
-                    rev = rev.max(kv.mod_revision());
-                    let Some(lock) = kv.key().strip_prefix(run.as_bytes()) else {
-                        continue;
-                    };
-                    let lock_name = String::from_utf8_lossy(lock).into_owned();
-                    let event = match ev.event_type() {
-                        EventType::Put => {
-                            // A put retried after a lost response rewrites the same entry.
-                            if ev.prev_kv().is_some_and(|p| p.value() == kv.value()) {
-                                continue;
-                            }
-                            let Ok(job) = JobInfo::from_bytes("job entry", kv.value()) else {
-                                continue;
-                            };
-                            known.insert(lock_name, job.clone());
-                            JobEvent::Started(job)
+                Watched::Events(resp) => resp,
+            };
+            watch.reset_backoff();
+            let run = run_prefix(&ns);
+            let done_pre = done_prefix(&ns);
+            // Done records put in each revision of this response (a finish is one txn).
+            let done_at: Vec<(i64, Vec<u8>)> = resp
+                .events()
+                .iter()
+                .filter(|e| e.event_type() == EventType::Put)
+                .filter_map(|e| e.kv())
+                .filter_map(|kv| {
+                    kv.key()
+                        .strip_prefix(done_pre.as_bytes())
+                        .map(|lock| (kv.mod_revision(), lock.to_vec()))
+                })
+                .collect();
+            for ev in resp.events() {
+                let Some(kv) = ev.kv() else { continue };
+                watch.advance(kv.mod_revision() + 1);
+                let Some(lock) = kv.key().strip_prefix(run.as_bytes()) else {
+                    continue;
+                };
+                let lock_name = String::from_utf8_lossy(lock).into_owned();
+                let event = match ev.event_type() {
+                    EventType::Put => {
+                        // A put retried after a lost response rewrites the same entry.
+                        if ev.prev_kv().is_some_and(|p| p.value() == kv.value()) {
+                            continue;
                         }
-                        EventType::Delete => {
-                            let job = ev
-                                .prev_kv()
-                                .and_then(|p| JobInfo::from_bytes("job entry", p.value()).ok())
-                                .or_else(|| known.get(&lock_name).cloned());
-                            known.remove(&lock_name);
-                            let Some(job) = job else { continue };
-                            let finished = done_at
-                                .iter()
-                                .any(|(r, l)| *r == kv.mod_revision() && l.as_slice() == lock);
-                            if finished {
-                                JobEvent::Finished(job)
-                            } else {
-                                JobEvent::Expired(job)
-                            }
-                        }
-                    };
-                    if tx.send(event).await.is_err() {
-                        return;
+                        let Some(job) = JobInfo::from_bytes(kv.value()) else {
+                            continue;
+                        };
+                        known.insert(lock_name, job.clone());
+                        JobEvent::Started(job)
                     }
+                    EventType::Delete => {
+                        let job = ev
+                            .prev_kv()
+                            .and_then(|p| JobInfo::from_bytes(p.value()))
+                            .or_else(|| known.get(&lock_name).cloned());
+                        known.remove(&lock_name);
+                        let Some(job) = job else { continue };
+                        let finished = done_at
+                            .iter()
+                            .any(|(r, l)| *r == kv.mod_revision() && l.as_slice() == lock);
+                        if finished {
+                            JobEvent::Finished(job)
+                        } else {
+                            JobEvent::Expired(job)
+                        }
+                    }
+                };
+                if tx.send(event).await.is_err() {
+                    return;
                 }
             }
         }
@@ -370,7 +355,14 @@ pub(crate) fn observe(
     let (tx, rx) = mpsc::channel(64);
     tokio::spawn(async move {
         let mut last: Option<Option<Holder>> = None;
-        let mut delays = backoff();
+        let options = WatchOptions::new().with_prefix();
+        let mut watch = ResumableWatch::new(
+            client.clone(),
+            prefix.as_str(),
+            options,
+            Some(rpc_timeout),
+            1,
+        );
         loop {
             if tx.is_closed() {
                 return;
@@ -384,64 +376,35 @@ pub(crate) fn observe(
                 },
                 || {
                     let mut c = client.clone();
-                    let opts = GetOptions::new()
-                        .with_prefix()
-                        .with_sort(SortTarget::Create, SortOrder::Ascend)
-                        .with_limit(1);
                     let prefix = prefix.clone();
-                    async move { c.get(prefix, Some(opts)).await }
+                    async move { c.get(prefix, Some(first_created())).await }
                 },
             );
             let Ok(resp) = read.await else {
-                tokio::time::sleep(delays.next().unwrap_or(Duration::from_secs(1))).await;
+                watch.pause(tx.closed()).await;
                 continue;
             };
             let rev = resp.header().map_or(0, |h| h.revision());
-            let now = resp.kvs().first().map(|kv| Holder {
-                value: kv.value().to_vec(),
-                fencing_token: u64::try_from(kv.create_revision()).unwrap_or(0),
-            });
+            let now = resp.kvs().first().map(holder_of);
             if last.as_ref() != Some(&now) {
                 if tx.send(now.clone()).await.is_err() {
                     return;
                 }
                 last = Some(now);
             }
-            let mut c = client.clone();
-            count_request();
-            let opts = WatchOptions::new()
-                .with_prefix()
-                .with_start_revision(rev + 1);
-            let mut stream = match tokio::time::timeout(
-                rpc_timeout,
-                c.watch(prefix.clone(), Some(opts)),
-            )
-            .await
-            {
-                Ok(Ok(stream)) => stream,
-                _ => {
-                    tokio::time::sleep(delays.next().unwrap_or(Duration::from_secs(1))).await;
-                    continue;
-                }
-            };
+            watch.resume_at(rev + 1);
             // Wait for the first change (or a failure / compaction), then re-read the owner.
             loop {
-                let msg = tokio::select! {
-                    m = stream.message() => m,
-                    _ = tx.closed() => return,
-                };
-                match msg {
-                    Ok(Some(resp)) if resp.compact_revision() > 0 || resp.canceled() => {
-                        super::count_resync();
+                match watch.next(tx.closed()).await {
+                    Watched::Stopped => return,
+                    Watched::Broken => break,
+                    Watched::Ended(_) => {
+                        count_resync();
                         break;
                     }
-                    Ok(Some(resp)) if resp.events().is_empty() => continue,
-                    Ok(Some(_)) => {
-                        delays = backoff();
-                        break;
-                    }
-                    _ => {
-                        tokio::time::sleep(delays.next().unwrap_or(Duration::from_secs(1))).await;
+                    Watched::Events(resp) if resp.events().is_empty() => continue,
+                    Watched::Events(_) => {
+                        watch.reset_backoff();
                         break;
                     }
                 }
