@@ -412,3 +412,34 @@ fn palisade_and_etcdctl_lock_exclude_each_other() {
         "etcdctl's command started before palisade's ended"
     );
 }
+
+/// A run that skips (exit 75) or ends leaves no key of its own behind: the next run with
+/// `--wait` does not wait for a dead process's TTL.
+#[test]
+fn a_skipped_run_leaves_no_key_behind() {
+    let etcd = Etcd::start().expect("etcd starts");
+    let p = Palisade::new(Some(&etcd));
+    let hold = "touch started; while [ ! -e release ]; do sleep 0.02; done";
+    let a = p.spawn(&["run", "--lock", "x", "--", "sh", "-c", hold]);
+    wait_for_file(&p.dir.path().join("started"), "A's command to start");
+    for _ in 0..3 {
+        let b = p.output(&["run", "--lock", "x", "--", "true"]);
+        assert_eq!(b.status.code(), Some(75), "{b:?}");
+        assert_eq!(
+            lock_keys(&etcd, "x"),
+            1,
+            "the skipped run's key is gone when it exits"
+        );
+    }
+    std::fs::write(p.dir.path().join("release"), "").unwrap();
+    assert_eq!(p.finish(a).code(), Some(0));
+    assert_eq!(lock_keys(&etcd, "x"), 0);
+    let started = Instant::now();
+    let c = p.output(&["run", "--lock", "x", "--wait-for", "20s", "--", "true"]);
+    assert_eq!(c.status.code(), Some(0), "{c:?}");
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
+}

@@ -171,6 +171,14 @@ pub async fn run(args: RunArgs) -> Result<u8, CliError> {
     };
     drop(exclusive);
     drop(progress);
+    // palisade exits next, and the runtime does not run background clean-ups at exit: give up
+    // the session now, so that no key of ours (a skipped run's place in the queue, a registry
+    // entry) blocks the next run until the TTL runs out. A lost lease needs nothing.
+    if !matches!(outcome, Err(LockError::Lost))
+        && let Err(e) = coordinator.close().await
+    {
+        tracing::warn!(error = %e, "could not revoke the session lease; its keys expire with the TTL");
+    }
     match outcome {
         Ok(RunOutcome::Ran(status)) => Ok(exit_code(status?)),
         Ok(RunOutcome::Skipped { holder }) => {
