@@ -13,6 +13,9 @@
 //! change of constructor. The etcd lock backend is behind the `etcd` feature, because building
 //! etcd-client needs `protoc`.
 
+// docs.rs (nightly, `--cfg docsrs`): mark each feature-gated item with the feature it needs.
+#![cfg_attr(docsrs, feature(doc_cfg))]
+
 pub use palisade_breaker as breaker;
 pub use palisade_idempotency as idempotency;
 pub use palisade_lock as lock;

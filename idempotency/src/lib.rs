@@ -9,6 +9,9 @@
 //! - [`hash`]: [`ContentHash`] and the canonical row [`ContentHasher`].
 //! - [`keys`]: run-once keys ([`IdempotencyStore`], [`MemoryStore`], [`FileStore`], [`RedisStore`]).
 
+// docs.rs (nightly, `--cfg docsrs`): mark each feature-gated item with the feature it needs.
+#![cfg_attr(docsrs, feature(doc_cfg))]
+
 mod error;
 pub mod hash;
 pub mod keys;
