@@ -186,37 +186,8 @@ impl Liveness {
 
     /// Resolves when the lease is lost; never resolves for a liveness that is never lost.
     pub(crate) async fn lost(&self) {
-        if let Some(parent) = &self.parent {
-            return tokio::select! {
-                () = self.flagged() => {}
-                () = Box::pin(parent.lost()) => {}
-            };
-        }
-        let mut rx = self.lost.subscribe();
-        loop {
-            if *rx.borrow_and_update() {
-                return;
-            }
-            match self.deadline() {
-                Some(deadline) => {
-                    if self.deadline_passed() {
-                        return;
-                    }
-                    tokio::select! {
-                        _ = rx.changed() => {}
-                        // Wakes at the old deadline (or to look at the boot clock); the loop
-                        // re-reads a renewed one.
-                        _ = sleep_towards(deadline) => {}
-                    }
-                }
-                None => {
-                    // The sender lives in `self`, so `changed` only fails if `self` is gone.
-                    if rx.changed().await.is_err() {
-                        std::future::pending::<()>().await;
-                    }
-                }
-            }
-        }
+        // Lost is "expiring with no margin left".
+        self.expiring(Duration::ZERO).await;
     }
 }
 
