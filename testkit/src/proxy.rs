@@ -64,9 +64,9 @@ pub struct ProxyStats {
     pub connections_open: u64,
     /// Connections closed with an RST by [`Mode::Reset`] (at once, or while open).
     pub connections_reset: u64,
-    /// Bytes delivered to the server.
+    /// Bytes forwarded to the server (counted as the proxy starts writing them).
     pub bytes_to_upstream: u64,
-    /// Bytes delivered back to clients.
+    /// Bytes forwarded back to clients (counted as the proxy starts writing them).
     pub bytes_to_client: u64,
 }
 
@@ -418,11 +418,13 @@ async fn pump(
         let mut faults = shared.faults.subscribe();
         while let Some((received, chunk)) = arrived.recv().await {
             wait_until_open(&mut faults, direction, tag, received).await?;
-            to.write_all(&chunk).await?;
+            // Counted before the write: once the peer has read these bytes, the counter shows
+            // them (a test compares it with what its client already received).
             shared
                 .counters
                 .bytes(direction)
                 .fetch_add(chunk.len() as u64, Ordering::Relaxed);
+            to.write_all(&chunk).await?;
         }
         to.shutdown().await
     };
