@@ -61,6 +61,9 @@ pub(super) fn holder_of(kv: &KeyValue) -> Holder {
     }
 }
 
+/// When an abandoned acquire deletes its key a second time (see [`PendingKey`]).
+const ABANDON_RECHECK: Duration = Duration::from_millis(200);
+
 /// Our key from the moment its put is sent until we hold the lock: if the acquire is dropped
 /// (a `timeout` or `select!` around `lock()`), times out or fails, the key is deleted from a
 /// background task, also when the put was still in flight (it may land after we stopped
@@ -116,14 +119,34 @@ impl Drop for PendingKey {
                 // Once the answer to our put told its create revision, compare that (as a
                 // release does); before, the key name belongs to this acquire alone, so a key
                 // on our lease under it is ours (the put may have landed or not).
-                let (op, ours) = match rev {
-                    Some(rev) => ("release lock", owned_by(&key, rev)),
-                    None => (
-                        "abandon acquire",
-                        Compare::lease(key.as_str(), CompareOp::Equal, lease),
-                    ),
+                let deleted = match rev {
+                    Some(rev) => {
+                        let ours = owned_by(&key, rev);
+                        delete_if("release lock", &client, &key, ours, &alive, rpc_timeout).await
+                    }
+                    None => {
+                        let ours = || Compare::lease(key.as_str(), CompareOp::Equal, lease);
+                        // The put we gave up on travels on a gRPC stream of its own: etcd may
+                        // apply it after a delete sent later (concurrent streams are not
+                        // ordered), for as long as a request can take. So delete now, soon
+                        // after, and once more when no request of ours can still be pending.
+                        let mut result = Ok(());
+                        for wait in [Duration::ZERO, ABANDON_RECHECK, rpc_timeout] {
+                            tokio::time::sleep(wait).await;
+                            let once = delete_if(
+                                "abandon acquire",
+                                &client,
+                                &key,
+                                ours(),
+                                &alive,
+                                rpc_timeout,
+                            )
+                            .await;
+                            result = result.and(once);
+                        }
+                        result
+                    }
                 };
-                let deleted = delete_if(op, &client, &key, ours, alive, rpc_timeout).await;
                 slot.set_deleted(deleted.is_ok() || liveness.is_lost());
             });
         }
