@@ -57,6 +57,39 @@ pub enum Error {
         found: Option<u64>,
     },
 
+    /// The store did not confirm the manifest write and could not be read back to tell whether
+    /// it landed (a timeout, a connection lost mid-answer). The write may still be applied, so
+    /// this run's objects are kept; if it was not, they are swept as orphans after
+    /// `orphan_grace`.
+    #[error(
+        "the commit of dataset {prefix:?} has an unknown outcome: {detail}; this run's objects \
+         are kept (if the manifest write did not land they are swept after orphan_grace): run \
+         again, or check with `palisade verify`"
+    )]
+    CommitUnknown {
+        /// The dataset prefix.
+        prefix: String,
+        /// The store's error, and the error reading the manifest back.
+        detail: String,
+    },
+
+    /// The dataset's prefix contains another dataset, or lies inside one. A writer only ever
+    /// touches its own dataset, and its sweeps would take the other one's data.
+    #[error(
+        "dataset {prefix:?} {relation} the dataset {other:?} (found {evidence}); datasets cannot \
+         nest: write to a prefix that neither contains nor lies inside another dataset"
+    )]
+    NestedDataset {
+        /// The prefix this writer was opened on.
+        prefix: String,
+        /// `"contains"` or `"lies inside"`.
+        relation: &'static str,
+        /// The other dataset's prefix.
+        other: String,
+        /// The file or object that marks it.
+        evidence: String,
+    },
+
     /// A writer holding a newer fencing token has already committed.
     #[error(
         "fenced: this writer's fencing token {ours} is lower than the token {recorded} that has \

@@ -39,6 +39,9 @@ pub const HASH_ALGORITHM: &str = "blake3";
 /// The version of the canonical row encoding described in this module, as recorded in manifests.
 pub const CANONICAL_ENCODING_VERSION: u32 = 1;
 
+/// How much [`ContentHash::of_reader`] reads at a time (1 MiB).
+pub const READ_CHUNK: usize = 1 << 20;
+
 /// A 256-bit BLAKE3 content hash; shown and parsed as 64 lowercase hex digits.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct ContentHash([u8; 32]);
@@ -47,6 +50,45 @@ impl ContentHash {
     /// The hash of `bytes` (plain BLAKE3, the same as `b3sum`).
     pub fn of_bytes(bytes: &[u8]) -> Self {
         Self(*blake3::hash(bytes).as_bytes())
+    }
+
+    /// The hash of everything `reader` yields (plain BLAKE3, as `b3sum` gives for a file), read
+    /// [`READ_CHUNK`] bytes at a time; `each_chunk` sees every chunk as it is hashed (to copy it,
+    /// upload it or count it) and can stop the read with an error. Returns the hash and the size.
+    ///
+    /// This is the one read-and-hash loop of palisade: the writer's staging copies, uploads and
+    /// file hashes and the CLI's `publish` all use it.
+    ///
+    /// ```
+    /// use palisade_idempotency::ContentHash;
+    /// let mut copy = Vec::new();
+    /// let (hash, size) = ContentHash::of_reader(&b"abc"[..], |chunk| {
+    ///     copy.extend_from_slice(chunk);
+    ///     Ok(())
+    /// })?;
+    /// assert_eq!((hash, size), (ContentHash::of_bytes(b"abc"), 3));
+    /// assert_eq!(copy, b"abc");
+    /// # Ok::<(), std::io::Error>(())
+    /// ```
+    pub fn of_reader(
+        mut reader: impl std::io::Read,
+        mut each_chunk: impl FnMut(&[u8]) -> std::io::Result<()>,
+    ) -> std::io::Result<(Self, u64)> {
+        let mut hasher = blake3::Hasher::new();
+        let mut buf = vec![0u8; READ_CHUNK];
+        let mut size = 0u64;
+        loop {
+            let n = match reader.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e),
+            };
+            hasher.update(&buf[..n]);
+            each_chunk(&buf[..n])?;
+            size += n as u64;
+        }
+        Ok((hasher.finalize().into(), size))
     }
 
     /// The raw 32 bytes.

@@ -3,9 +3,11 @@
 //! # Modules
 //!
 //! - [`writer`]: the content-hash [`PartitionedWriter`], its commit protocol and what readers see.
-//! - `swap` (private; see [`writer`]): multi-file partitions on a local directory, swapped in
+//! - `layout` (private): reserved names, data object names, object keys (byte for byte).
+//! - `swap` (private; see [`writer`]): partitions on a local directory, swapped in
 //!   whole with `renameat2(RENAME_EXCHANGE)` and rolled forward after a crash.
 //! - [`manifest`]: the [`Manifest`], the dataset's commit point.
+//! - [`verify()`]: a read-only check of a dataset against its manifest.
 //! - [`hash`]: [`ContentHash`] and the canonical row [`ContentHasher`].
 //! - [`keys`]: run-once keys ([`IdempotencyStore`], [`MemoryStore`], [`FileStore`], [`RedisStore`]).
 
@@ -15,11 +17,13 @@
 mod error;
 pub mod hash;
 pub mod keys;
+mod layout;
 pub mod manifest;
 mod partition;
 mod reader;
 mod storage;
 mod swap;
+mod verify;
 pub mod writer;
 
 pub use error::{Error, Result};
@@ -34,4 +38,5 @@ pub use manifest::{FileEntry, Manifest, PartitionEntry};
 pub use partition::validate_partition;
 pub use reader::Dataset;
 pub use storage::{DatasetStore, store_from_url};
+pub use verify::{Problem, Verification, verify};
 pub use writer::{PartFile, PartitionedWriter, Report, WriterBuilder};

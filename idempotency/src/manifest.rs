@@ -122,6 +122,11 @@ pub struct Manifest {
     /// The highest fencing token that has committed, if any writer used one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fencing_token: Option<u64>,
+    /// The id of the run that wrote this manifest: after a manifest write whose answer was lost
+    /// or wrong, the writer reads the manifest back and knows by this id whether its write
+    /// landed. Absent in manifests written before this field existed (older readers ignore it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub commit_id: Option<String>,
     /// The live partitions, by name.
     pub partitions: BTreeMap<String, PartitionEntry>,
 }
@@ -135,6 +140,7 @@ impl Manifest {
             canonical_encoding: CANONICAL_ENCODING_VERSION,
             generation: 0,
             fencing_token: None,
+            commit_id: None,
             partitions: BTreeMap::new(),
         }
     }

@@ -5,6 +5,7 @@ use object_store::ObjectStoreExt;
 
 use crate::error::{Error, Result, io, store as store_err};
 use crate::hash::ContentHash;
+use crate::layout::object_key;
 use crate::manifest::{MANIFEST_FILE, Manifest};
 use crate::storage::{Backend, DatasetStore, blocking};
 
@@ -46,12 +47,12 @@ impl Dataset {
                     // A commit decided by a writer that crashed is completed first (this takes
                     // the writer's lock, only when there is one).
                     crate::swap::complete_pending_unlocked(&dir)?;
-                    crate::writer::local_manifest(&dir)
+                    crate::storage::read_local_manifest(&dir, true)
                 })
                 .await?
             }
             Backend::Object { store, base } => {
-                let path = join(base, &prefix, MANIFEST_FILE);
+                let path = object_key(base, &prefix, MANIFEST_FILE)?;
                 match store.get(&path).await {
                     Ok(got) => {
                         let bytes = got.bytes().await.map_err(store_err("read", &path))?;
@@ -146,7 +147,7 @@ impl Dataset {
                 (Bytes::from(b), path.display().to_string())
             }
             Backend::Object { store, base } => {
-                let path = join(base, &self.prefix, object);
+                let path = object_key(base, &self.prefix, object)?;
                 let got = store.get(&path).await.map_err(store_err("read", &path))?;
                 let b = got.bytes().await.map_err(store_err("read", &path))?;
                 (b, path.to_string())
@@ -157,14 +158,4 @@ impl Dataset {
         }
         Ok(bytes)
     }
-}
-
-fn join(base: &object_store::path::Path, prefix: &str, rel: &str) -> object_store::path::Path {
-    let mut p = base.clone();
-    for seg in prefix.split('/').chain(rel.split('/')) {
-        if !seg.is_empty() {
-            p = p.join(seg);
-        }
-    }
-    p
 }

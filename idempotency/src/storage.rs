@@ -263,6 +263,25 @@ fn syncfs_all(paths: &[PathBuf]) -> Result<()> {
     Ok(())
 }
 
+/// Reads the manifest of the local dataset directory `dir` (`None` if there is none). No lock
+/// needed: it is only ever replaced by a rename.
+pub(crate) fn read_local_manifest(
+    dir: &FsPath,
+    accept_other_versions: bool,
+) -> Result<Option<crate::manifest::Manifest>> {
+    let path = dir.join(crate::manifest::MANIFEST_FILE);
+    match std::fs::read(&path) {
+        Ok(bytes) => crate::manifest::Manifest::decode(
+            &bytes,
+            &path.display().to_string(),
+            accept_other_versions,
+        )
+        .map(Some),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(io("read manifest", &path)(e)),
+    }
+}
+
 /// Writes `bytes` to a new file without fsync (staged data is fsynced in bulk at commit).
 pub(crate) fn write_unsynced(path: &FsPath, bytes: &[u8]) -> Result<()> {
     let mut f = OpenOptions::new()

@@ -1,8 +1,8 @@
-//! Multi-file partitions on the local directory: whole partition directories swapped into place,
-//! with a roll-forward record so that a crash never leaves the manifest and the directories apart.
+//! Partitions on the local directory: whole partition directories swapped into place, with a
+//! roll-forward record so that a crash never leaves the manifest and the directories apart.
 //!
 //! The protocol, its fallback and what readers observe are documented in the
-//! [writer module](crate::writer#multi-file-partitions) (this module is private).
+//! [writer module](crate::writer#on-a-local-directory) (this module is private).
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
@@ -12,16 +12,13 @@ use tracing::{debug, warn};
 
 use crate::error::{Error, Result, io};
 use crate::manifest::{MANIFEST_FILE, Manifest};
+use crate::storage::read_local_manifest;
 use crate::storage::{
     create_parents, fsync_dir, fsync_many, lock_exclusive, remove_dir_all_if_exists,
     remove_file_if_exists, write_synced,
 };
 
-/// The roll-forward record of a decided commit with directory swaps.
-pub(crate) const PENDING_FILE: &str = "_manifest.pending.json";
-/// Where `open` and `Dataset::open` wait for the lock when completing a pending commit.
-pub(crate) const LOCK_FILE: &str = "_manifest.lock";
-const STAGING_DIR: &str = "_staging";
+use crate::layout::{LOCK_FILE, PENDING_FILE, STAGING_DIR};
 
 /// A decided commit: the manifest to install, and the directory moves that come with it.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -152,7 +149,7 @@ pub(crate) fn complete_pending_unlocked(dir: &Path) -> Result<()> {
 /// removals, clean-up. Idempotent. Manifest lock held. `force_fallback` tests the two-rename
 /// path.
 pub(crate) fn finish(dir: &Path, pending: &Pending, force_fallback: bool) -> Result<()> {
-    let installed = crate::writer::local_manifest(dir)?
+    let installed = read_local_manifest(dir, true)?
         .is_some_and(|m| m.generation >= pending.manifest.generation);
     if !installed {
         let mut touched: BTreeSet<PathBuf> = BTreeSet::new();

@@ -97,7 +97,7 @@ fn object_files(table: &Path) -> Vec<(PathBuf, Vec<u8>)> {
                 if name != "_staging" {
                     stack.push(p);
                 }
-            } else if !name.starts_with('_') {
+            } else if !name.starts_with('_') && !name.starts_with('.') {
                 let bytes = std::fs::read(&p).expect("read object");
                 out.push((p.strip_prefix(table).unwrap().to_path_buf(), bytes));
             }
@@ -107,8 +107,47 @@ fn object_files(table: &Path) -> Vec<(PathBuf, Vec<u8>)> {
     out
 }
 
+/// What a plain directory reader (Spark, pyarrow or DuckDB reading `table/*/*/*`, skipping
+/// names that start with `.` or `_`) sees right after a kill, before any palisade code runs
+/// again: every partition directory holds exactly one file, complete, of the old or the new
+/// version; never both (every row twice), never none where both versions have the partition.
+fn check_plain_listing(table: &Path, v: u32) {
+    let (old, new) = (expected(v - 1), expected(v));
+    let names: std::collections::BTreeSet<&String> = old.keys().chain(new.keys()).collect();
+    for name in names {
+        let files: Vec<Vec<u8>> = match std::fs::read_dir(table.join(name)) {
+            Ok(entries) => entries
+                .flatten()
+                .filter(|e| {
+                    let n = e.file_name().to_string_lossy().to_string();
+                    !n.starts_with('.') && !n.starts_with('_')
+                })
+                .map(|e| std::fs::read(e.path()).expect("read a listed file"))
+                .collect(),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+            Err(e) => panic!("list {name}: {e}"),
+        };
+        match files.as_slice() {
+            [] => assert!(
+                !(old.contains_key(name) && new.contains_key(name)),
+                "version {v}: a plain reader finds no file in {name}, which both versions have"
+            ),
+            [one] => assert!(
+                old.get(name) == Some(one) || new.get(name) == Some(one),
+                "version {v}: the file in {name} is neither version's"
+            ),
+            more => panic!(
+                "version {v}: a plain reader sees {} files in {name}: its rows {} times",
+                more.len(),
+                more.len()
+            ),
+        }
+    }
+}
+
 /// The reader-visible invariants after a kill during the run from `v - 1` to `v`.
 async fn check_after_kill(dir: &Path, v: u32) -> bool {
+    check_plain_listing(&dir.join("table"), v);
     let store = DatasetStore::local(dir);
     let ds = Dataset::open(&store, "table")
         .await
