@@ -23,6 +23,9 @@ pub const LEASE_LOST: u8 = 76;
 /// publish: fenced: a writer with a higher fencing token has already committed to DEST (or
 /// DEST records a token and none was given); nothing of this run is visible (EX_NOPERM).
 pub const FENCED: u8 = 77;
+/// verify: the dataset is not sound (a named object missing, short or changed, or a decided
+/// commit not rolled forward); also a manifest or object that is corrupt (sysexits EX_DATAERR).
+pub const UNSOUND: u8 = 65;
 /// The configuration is invalid: a bad flag value, an unreadable file (sysexits EX_CONFIG).
 pub const CONFIG: u8 = 78;
 
@@ -31,9 +34,11 @@ pub const TABLE: &str = "\
 Exit codes:
   N    the command ran: its own exit code (128+SIGNAL when a signal ended it)
   2    bad command line
-  65   once: the key was used before with a different command
+  65   once: the key was used before with a different command; verify: the dataset is not
+       sound (or a manifest or object is corrupt)
   66   publish: bad input (missing SRC, invalid file, bad partition path); the error names the file
-  69   etcd, Redis or publish's DEST could not be reached
+  69   etcd, Redis or publish's DEST could not be reached (also: DEST did not confirm the
+       commit and could not be read back; run again, or check with `palisade verify`)
   70   internal or operating-system error
   73   publish: another writer committed to DEST meanwhile; nothing was published, run it again
   75   not run: the lock is held (or the key runs elsewhere) and the wait ran out
@@ -92,6 +97,33 @@ impl From<palisade_lock::LockError> for CliError {
             LockError::Config { .. } | LockError::InvalidName { .. } => CONFIG,
             LockError::Held { .. } | LockError::Timeout { .. } => HELD,
             LockError::Lost => LEASE_LOST,
+            _ => INTERNAL,
+        };
+        CliError::new(code, chain(&error))
+    }
+}
+
+impl From<palisade_idempotency::Error> for CliError {
+    /// The exit code of every palisade-idempotency error, for `publish`, `manifest`, `verify`
+    /// and `once` alike.
+    fn from(error: palisade_idempotency::Error) -> Self {
+        use palisade_idempotency::Error;
+        let code = match &error {
+            Error::Fenced { .. } | Error::FencingTokenRequired { .. } => FENCED,
+            Error::Conflict { .. } | Error::LockTimeout { .. } => CONFLICT,
+            Error::InvalidPartition { .. } | Error::Input { .. } => BAD_INPUT,
+            Error::Io { .. } | Error::Store { .. } | Error::Redis { .. } => UNAVAILABLE,
+            Error::CommitUnknown { .. } => UNAVAILABLE,
+            Error::UnsupportedUrl { .. }
+            | Error::Config { .. }
+            | Error::NestedDataset { .. }
+            | Error::ConditionalPutUnsupported { .. }
+            | Error::IncompatibleManifest { .. }
+            | Error::InvalidKey { .. }
+            | Error::MissingKey => CONFIG,
+            Error::InProgress { .. } => HELD,
+            Error::FingerprintMismatch { .. } => MISMATCH,
+            Error::CorruptManifest { .. } | Error::CorruptObject { .. } => UNSOUND,
             _ => INTERNAL,
         };
         CliError::new(code, chain(&error))

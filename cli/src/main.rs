@@ -89,6 +89,12 @@ enum Command {
     /// that needs one consistent version reads.
     #[command(after_help = exit::TABLE)]
     Manifest(publish::ManifestArgs),
+    /// Check the dataset at DEST against its manifest without changing it: every object it
+    /// names exists with its recorded size (and, with --hashes, content); leftovers of crashed
+    /// runs and an unfinished commit are reported. Exit 0 when sound, 65 when not: for nightly
+    /// checks of a lake.
+    #[command(after_help = exit::TABLE)]
+    Verify(publish::verify::VerifyArgs),
     /// Internal: kills a guarded command's process group when palisade dies (see `run`).
     #[command(name = "__watchdog", hide = true)]
     Watchdog(watchdog::WatchdogArgs),
@@ -123,6 +129,7 @@ fn main() -> ExitCode {
             Command::Limit(args) => limit::limit(args).await,
             Command::Publish(args) => publish::publish(args).await,
             Command::Manifest(args) => publish::manifest(args).await,
+            Command::Verify(args) => publish::verify::verify(args).await,
             Command::Watchdog(args) => watchdog::watch(args).await,
         }
     });

@@ -80,11 +80,12 @@ pub enum Error {
          nest: write to a prefix that neither contains nor lies inside another dataset"
     )]
     NestedDataset {
-        /// The prefix this writer was opened on.
+        /// The dataset this writer was opened on: its prefix, or its full path or key when the
+        /// other dataset lies above the store's base.
         prefix: String,
         /// `"contains"` or `"lies inside"`.
         relation: &'static str,
-        /// The other dataset's prefix.
+        /// The other dataset, named the same way.
         other: String,
         /// The file or object that marks it.
         evidence: String,

@@ -37,6 +37,6 @@ pub use keys::{
 pub use manifest::{FileEntry, Manifest, PartitionEntry};
 pub use partition::validate_partition;
 pub use reader::Dataset;
-pub use storage::{DatasetStore, store_from_url};
+pub use storage::{DatasetStore, StoreOptions, store_from_url, store_from_url_with};
 pub use verify::{Problem, Verification, verify};
 pub use writer::{PartFile, PartitionedWriter, Report, WriterBuilder};

@@ -92,65 +92,161 @@ impl From<&DatasetStore> for DatasetStore {
     }
 }
 
+/// Options of [`store_from_url_with`].
+#[derive(Debug, Clone, Default)]
+#[non_exhaustive]
+pub struct StoreOptions {
+    /// Remote stores: at most this many retries of a failed request (default: `object_store`'s,
+    /// 10).
+    pub max_retries: Option<usize>,
+    /// Remote stores: retry a request only within this long in all (default: `object_store`'s,
+    /// 3 minutes). A command-line tool wants a few retries within seconds, so that an
+    /// unreachable endpoint fails fast.
+    pub retry_timeout: Option<std::time::Duration>,
+}
+
+impl StoreOptions {
+    /// At most `max_retries` retries of a request, within `timeout` in all.
+    pub fn retry(mut self, max_retries: usize, timeout: std::time::Duration) -> Self {
+        self.max_retries = Some(max_retries);
+        self.retry_timeout = Some(timeout);
+        self
+    }
+
+    /// `object_store`'s retry configuration with these options applied.
+    #[cfg(any(feature = "aws", feature = "gcp", feature = "azure"))]
+    fn retry_config(&self) -> object_store::RetryConfig {
+        let mut retry = object_store::RetryConfig::default();
+        if let Some(n) = self.max_retries {
+            retry.max_retries = n;
+        }
+        if let Some(t) = self.retry_timeout {
+            retry.retry_timeout = t;
+        }
+        retry
+    }
+}
+
 /// Opens a dataset store from a URL.
 ///
 /// - `file:///data/out`: a local directory, the embedded default (fsync + rename + lock file).
 /// - `memory://` (or `memory:///base`): a fresh in-memory object store.
-/// - `s3://bucket/path`, `gs://bucket/path`, `az://container/path`: with this crate's `aws`,
-///   `gcp` or `azure` feature; endpoint, region and credentials come from the `AWS_*`,
-///   `GOOGLE_*` and `AZURE_*` environment variables, as `object_store`'s `from_env` builders read
-///   them (e.g. `AWS_ENDPOINT_URL` and `AWS_ALLOW_HTTP=true` for MinIO or moto).
+/// - `s3://bucket/path` (or `s3a://`), `gs://bucket/path`, `az://container/path`: with this
+///   crate's `aws`, `gcp` or `azure` feature; endpoint, region and credentials come from the
+///   `AWS_*`, `GOOGLE_*` and `AZURE_*` environment variables, as `object_store`'s `from_env`
+///   builders read them (e.g. `AWS_ENDPOINT_URL` and `AWS_ALLOW_HTTP=true` for MinIO or moto).
+///   The path after the bucket is taken **literally**, as `aws s3` takes it (`%3A` stays three
+///   characters; it is not decoded to `:`).
 pub fn store_from_url(url: &str) -> Result<DatasetStore> {
-    store_from_url_with(
-        url,
-        std::env::vars().filter(|(k, _)| {
-            k.starts_with("AWS_") || k.starts_with("GOOGLE_") || k.starts_with("AZURE_")
-        }),
-    )
+    store_from_url_with(url, &StoreOptions::default())
 }
 
-/// [`store_from_url`] with the remote store's options given instead of read from the environment.
-fn store_from_url_with(
+/// [`store_from_url`] with options (retries of remote stores).
+pub fn store_from_url_with(url: &str, options: &StoreOptions) -> Result<DatasetStore> {
+    let env = std::env::vars().filter(|(k, _)| {
+        k.starts_with("AWS_") || k.starts_with("GOOGLE_") || k.starts_with("AZURE_")
+    });
+    open_url(url, env.collect(), options)
+}
+
+/// [`store_from_url_with`] with the remote store's configuration given instead of read from the
+/// environment.
+fn open_url(
     url: &str,
-    options: impl IntoIterator<Item = (String, String)>,
+    config: Vec<(String, String)>,
+    options: &StoreOptions,
 ) -> Result<DatasetStore> {
     let unsupported = |reason: String| Error::UnsupportedUrl {
         url: url.to_string(),
         reason,
     };
     let parsed = url::Url::parse(url).map_err(|e| unsupported(e.to_string()))?;
-    match parsed.scheme() {
+    let scheme = parsed.scheme();
+    match scheme {
         "file" => {
             let path = parsed
                 .to_file_path()
                 .map_err(|()| unsupported("not an absolute local path".into()))?;
-            Ok(DatasetStore::local(path))
+            return Ok(DatasetStore::local(path));
         }
         "memory" => {
             let base = parsed.path().trim_matches('/').to_string();
-            DatasetStore::object_store(Arc::new(InMemory::new()), &base)
+            return DatasetStore::object_store(Arc::new(InMemory::new()), &base);
         }
-        scheme => {
-            let (store, base) = object_store::parse_url_opts(&parsed, options).map_err(|e| {
-                unsupported(format!(
-                    "{e}; remote stores need this crate's `aws` (s3://), `gcp` (gs://) or \
-                     `azure` (az://) feature"
-                ))
-            })?;
-            if matches!(
-                scheme,
-                "s3" | "s3a" | "gs" | "az" | "abfs" | "abfss" | "azure" | "http" | "https"
-            ) {
-                Ok(DatasetStore {
-                    backend: Backend::Object {
-                        store: Arc::from(store),
-                        base,
-                    },
-                })
-            } else {
-                Err(unsupported(format!("unknown scheme {scheme:?}")))
+        _ => {}
+    }
+    // The literal text after `scheme://bucket/`.
+    let rest = url.split_once("://").map_or("", |(_, r)| r);
+    let (bucket, base) = rest.split_once('/').unwrap_or((rest, ""));
+    if bucket.is_empty() {
+        return Err(unsupported("no bucket or container".into()));
+    }
+    let base = base.trim_matches('/');
+    let store = remote(scheme, url, config, options).map_err(unsupported)?;
+    let base = ObjPath::parse(base).map_err(|e| unsupported(e.to_string()))?;
+    Ok(DatasetStore {
+        backend: Backend::Object { store, base },
+    })
+}
+
+/// Builds the remote store of `scheme` (its builder configured from `config`, then `url`).
+#[allow(unused_variables)]
+fn remote(
+    scheme: &str,
+    url: &str,
+    config: Vec<(String, String)>,
+    options: &StoreOptions,
+) -> std::result::Result<Arc<dyn ObjectStore>, String> {
+    match scheme {
+        #[cfg(feature = "aws")]
+        "s3" | "s3a" => {
+            use object_store::aws::{AmazonS3Builder, AmazonS3ConfigKey};
+            let mut b = AmazonS3Builder::new();
+            for (k, v) in config {
+                if let Ok(key) = k.to_ascii_lowercase().parse::<AmazonS3ConfigKey>() {
+                    b = b.with_config(key, v);
+                }
             }
+            let store = b.with_url(url).with_retry(options.retry_config()).build();
+            store
+                .map(|s| Arc::new(s) as Arc<dyn ObjectStore>)
+                .map_err(|e| e.to_string())
         }
+        #[cfg(feature = "gcp")]
+        "gs" => {
+            use object_store::gcp::{GoogleCloudStorageBuilder, GoogleConfigKey};
+            let mut b = GoogleCloudStorageBuilder::new();
+            for (k, v) in config {
+                if let Ok(key) = k.to_ascii_lowercase().parse::<GoogleConfigKey>() {
+                    b = b.with_config(key, v);
+                }
+            }
+            let store = b.with_url(url).with_retry(options.retry_config()).build();
+            store
+                .map(|s| Arc::new(s) as Arc<dyn ObjectStore>)
+                .map_err(|e| e.to_string())
+        }
+        #[cfg(feature = "azure")]
+        "az" | "abfs" | "abfss" | "azure" => {
+            use object_store::azure::{AzureConfigKey, MicrosoftAzureBuilder};
+            let mut b = MicrosoftAzureBuilder::new();
+            for (k, v) in config {
+                if let Ok(key) = k.to_ascii_lowercase().parse::<AzureConfigKey>() {
+                    b = b.with_config(key, v);
+                }
+            }
+            let store = b.with_url(url).with_retry(options.retry_config()).build();
+            store
+                .map(|s| Arc::new(s) as Arc<dyn ObjectStore>)
+                .map_err(|e| e.to_string())
+        }
+        remote if ["s3", "s3a", "gs", "az", "abfs", "abfss", "azure"].contains(&remote) => {
+            Err(format!(
+                "{remote}:// needs this crate's `aws` (s3://), `gcp` (gs://) or `azure` (az://) \
+             feature"
+            ))
+        }
+        other => Err(format!("unknown scheme {other:?}")),
     }
 }
 
@@ -405,29 +501,41 @@ mod tests {
             store_from_url("nope://x"),
             Err(Error::UnsupportedUrl { .. })
         ));
-        // Whether s3:// works depends on object_store's `aws` feature, which another crate of
-        // the build may enable (cargo unifies features); without it, the error names ours.
-        if let Err(err) = store_from_url("s3://bucket/data") {
+        assert!(matches!(
+            store_from_url("not a url"),
+            Err(Error::UnsupportedUrl { .. })
+        ));
+        #[cfg(not(feature = "aws"))]
+        {
+            let err = store_from_url("s3://bucket/data").unwrap_err();
             assert!(err.to_string().contains("`aws`"), "{err}");
         }
-        // Remote options reach the store (when object_store was built with `aws`).
-        let options = [
-            (
-                "AWS_ENDPOINT_URL".to_string(),
-                "http://127.0.0.1:9".to_string(),
-            ),
-            ("AWS_REGION".to_string(), "eu-north-1".to_string()),
-        ];
-        if let Ok(store) = store_from_url_with("s3://bucket/data", options) {
+        #[cfg(feature = "aws")]
+        {
+            // Remote configuration and retries reach the store; the path is taken literally.
+            let config = vec![
+                (
+                    "AWS_ENDPOINT_URL".to_string(),
+                    "http://127.0.0.1:9".to_string(),
+                ),
+                ("AWS_REGION".to_string(), "eu-north-1".to_string()),
+            ];
+            let options = StoreOptions::default().retry(2, std::time::Duration::from_secs(4));
+            let store = open_url("s3://bucket/data/p=a%3Ab", config, &options).unwrap();
             let shown = format!("{store:?}");
             assert!(
                 shown.contains("127.0.0.1:9") && shown.contains("eu-north-1"),
                 "{shown}"
             );
+            assert!(shown.contains("max_retries: 2"), "{shown}");
+            let Backend::Object { base, .. } = &store.backend else {
+                panic!("not an object store")
+            };
+            assert_eq!(base.as_ref(), "data/p=a%3Ab");
+            assert!(matches!(
+                store_from_url("s3:///data"),
+                Err(Error::UnsupportedUrl { .. })
+            ));
         }
-        assert!(matches!(
-            store_from_url("not a url"),
-            Err(Error::UnsupportedUrl { .. })
-        ));
     }
 }

@@ -11,7 +11,6 @@
 use super::rows::{self, Format};
 use super::scan::Partition;
 use palisade_idempotency::ContentHash;
-use std::io::Read;
 use std::path::Path;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -38,23 +37,16 @@ pub struct IdentityOptions {
     pub threads: usize,
 }
 
-/// BLAKE3 of a file, read 1 MiB at a time; reports bytes as it reads.
+/// BLAKE3 of a file (the crate's one read-and-hash loop); reports bytes as it reads.
 pub fn hash_file(path: &Path, on_bytes: &(dyn Fn(u64) + Sync)) -> Result<ContentHash, String> {
-    let mut f =
+    let f =
         std::fs::File::open(path).map_err(|e| format!("cannot open {}: {e}", path.display()))?;
-    let mut hasher = blake3::Hasher::new();
-    let mut buf = vec![0u8; 1 << 20];
-    loop {
-        let n = f
-            .read(&mut buf)
-            .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
-        if n == 0 {
-            break;
-        }
-        hasher.update(&buf[..n]);
-        on_bytes(n as u64);
-    }
-    Ok(hasher.finalize().into())
+    let (hash, _) = ContentHash::of_reader(f, |chunk| {
+        on_bytes(chunk.len() as u64);
+        Ok(())
+    })
+    .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    Ok(hash)
 }
 
 /// The identity of one partition.

@@ -12,14 +12,16 @@ pub mod output;
 pub mod plan;
 pub mod rows;
 pub mod scan;
+pub mod verify;
+mod write;
 
-use crate::exit::{BAD_INPUT, CONFIG, CONFLICT, CliError, FENCED, INTERNAL, UNAVAILABLE, chain};
+use crate::exit::{BAD_INPUT, CliError, INTERNAL, chain};
 use clap::Args;
 use identity::{Content, IdentityOptions};
-use palisade_idempotency::{Dataset, DatasetStore, Error, PartitionedWriter};
+use palisade_idempotency::{ContentHash, Dataset, DatasetStore, PartitionedWriter, StoreOptions};
 use rows::Format;
 use scan::{ScanOptions, Unit};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -113,94 +115,59 @@ pub struct ManifestArgs {
     pub json: bool,
 }
 
-/// Opens DEST. `s3://` is configured from the standard AWS_* environment variables
-/// (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_REGION, AWS_ALLOW_HTTP...),
-/// `gs://` and `az://` (features `gcp`, `azure`) from GOOGLE_*/AZURE_* ones; everything else
-/// goes through `palisade_idempotency::store_from_url`.
+/// Opens DEST through the crate's `store_from_url_with`: `s3://` configured from the standard
+/// AWS_* environment variables (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY,
+/// AWS_REGION, AWS_ALLOW_HTTP...), `gs://` and `az://` (features `gcp`, `azure`) from
+/// GOOGLE_*/AZURE_* ones. A few retries within 15 s: an unreachable endpoint fails the command
+/// in seconds instead of after object_store's default 3 minutes.
 pub fn open_store(dest: &str) -> Result<DatasetStore, CliError> {
-    if let Some(rest) = dest
-        .strip_prefix("s3://")
-        .or_else(|| dest.strip_prefix("s3a://"))
-    {
-        let (bucket, base) = rest.split_once('/').unwrap_or((rest, ""));
-        if bucket.is_empty() {
-            return Err(CliError::config(format!("DEST {dest:?}: no bucket")));
-        }
-        let store = object_store::aws::AmazonS3Builder::from_env()
-            .with_bucket_name(bucket)
-            .with_retry(retry_config())
-            .build()
-            .map_err(|e| CliError::config(format!("DEST {dest:?}: {e}")))?;
-        return object_dataset(dest, Arc::new(store), base);
-    }
-    #[cfg(feature = "gcp")]
-    if let Some(rest) = dest.strip_prefix("gs://") {
-        let base = rest.split_once('/').map_or("", |(_, b)| b);
-        let store = object_store::gcp::GoogleCloudStorageBuilder::from_env()
-            .with_url(dest)
-            .with_retry(retry_config())
-            .build()
-            .map_err(|e| CliError::config(format!("DEST {dest:?}: {e}")))?;
-        return object_dataset(dest, Arc::new(store), base);
-    }
-    #[cfg(feature = "azure")]
-    if let Some(rest) = dest.strip_prefix("az://") {
-        let base = rest.split_once('/').map_or("", |(_, b)| b);
-        let store = object_store::azure::MicrosoftAzureBuilder::from_env()
-            .with_url(dest)
-            .with_retry(retry_config())
-            .build()
-            .map_err(|e| CliError::config(format!("DEST {dest:?}: {e}")))?;
-        return object_dataset(dest, Arc::new(store), base);
-    }
-    palisade_idempotency::store_from_url(dest).map_err(|e| CliError::config(chain(&e)))
-}
-
-/// A few retries within 15 s: an unreachable endpoint fails the publish in seconds instead of
-/// after object_store's default 3 minutes.
-fn retry_config() -> object_store::RetryConfig {
-    object_store::RetryConfig {
-        max_retries: 3,
-        retry_timeout: Duration::from_secs(15),
-        ..Default::default()
-    }
-}
-
-fn object_dataset(
-    dest: &str,
-    store: Arc<dyn object_store::ObjectStore>,
-    base: &str,
-) -> Result<DatasetStore, CliError> {
-    DatasetStore::object_store(store, base.trim_matches('/'))
+    let options = StoreOptions::default().retry(3, Duration::from_secs(15));
+    palisade_idempotency::store_from_url_with(dest, &options)
         .map_err(|e| CliError::config(format!("DEST {dest:?}: {}", chain(&e))))
 }
 
-/// Maps a writer error to the exit code and a one-line message.
-fn to_cli(error: Error, src: &Path) -> CliError {
-    let code = match &error {
-        Error::Fenced { .. } | Error::FencingTokenRequired { .. } => FENCED,
-        Error::Conflict { .. } | Error::LockTimeout { .. } => CONFLICT,
-        Error::InvalidPartition { .. } | Error::Input { .. } => BAD_INPUT,
-        Error::Io { path, .. } if path.starts_with(src) => BAD_INPUT,
-        Error::Io { .. } | Error::Store { .. } => UNAVAILABLE,
-        Error::UnsupportedUrl { .. } | Error::Config { .. } => CONFIG,
-        _ => INTERNAL,
-    };
-    CliError::new(code, chain(&error))
-}
-
-/// Runs `palisade publish` and returns the exit code.
+/// Runs `palisade publish` and returns the exit code: scan SRC, open DEST (an unreachable DEST
+/// or a fenced token fails before any hashing), compute the identities, plan, write.
 pub async fn publish(args: PublishArgs) -> Result<u8, CliError> {
     let started = Instant::now();
-    let fencing_token: Option<u64> = match args.fencing_token.as_deref().map(str::trim) {
-        None | Some("") => None,
-        Some(t) => Some(t.parse().map_err(|_| {
+    let fencing_token = parse_token(args.fencing_token.as_deref())?;
+    let store = open_store(&args.dest)?;
+    let partitions = scan_src(&args).await?;
+    let writer = open_writer(&store, &args, fencing_token).await?;
+    let (parts, ids, bytes_hashed) = match identities(&args, partitions).await {
+        Ok(hashed) => hashed,
+        Err(e) => {
+            // Nothing was staged yet; drop this run's staging area now rather than at the next open.
+            let _ = writer.abort().await;
+            return Err(e);
+        }
+    };
+    let the_plan = plan::plan(&parts, &ids, writer.manifest(), args.remove_missing);
+    let mut summary = output::Summary::planned(&args, &the_plan, writer.manifest(), bytes_hashed);
+    summary.fencing_token = fencing_token;
+    if args.dry_run {
+        writer.abort().await?;
+        summary.plan = Some(the_plan);
+    } else {
+        let report = write::write_all(writer, &parts, &ids, the_plan.writes().count()).await?;
+        summary.record(report);
+    }
+    summary.seconds = started.elapsed().as_secs_f64();
+    output::print(&summary, args.json)
+}
+
+fn parse_token(token: Option<&str>) -> Result<Option<u64>, CliError> {
+    match token.map(str::trim) {
+        None | Some("") => Ok(None),
+        Some(t) => t.parse().map(Some).map_err(|_| {
             CliError::config(format!(
                 "--fencing-token / PALISADE_FENCING_TOKEN {t:?}: expected a non-negative integer"
             ))
-        })?),
-    };
-    let store = open_store(&args.dest)?;
+        }),
+    }
+}
+
+async fn scan_src(args: &PublishArgs) -> Result<Vec<scan::Partition>, CliError> {
     let scan_opts = ScanOptions {
         unit: args.unit,
         include: args.include.clone(),
@@ -222,18 +189,30 @@ pub async fn publish(args: PublishArgs) -> Result<u8, CliError> {
             ),
         ));
     }
-    let src_root = args.src.canonicalize().unwrap_or_else(|_| args.src.clone());
+    Ok(partitions)
+}
 
-    // Open first: an unreachable DEST or a fenced token fails before any hashing.
-    let mut builder = PartitionedWriter::builder(&store, "")
+async fn open_writer(
+    store: &DatasetStore,
+    args: &PublishArgs,
+    fencing_token: Option<u64>,
+) -> Result<PartitionedWriter, CliError> {
+    let mut builder = PartitionedWriter::builder(store, "")
         .allow_unfenced(args.allow_unfenced)
         .remove_missing(args.remove_missing)
         .lock_timeout(args.lock_timeout);
     if let Some(token) = fencing_token {
         builder = builder.fencing_token(token);
     }
-    let writer = builder.open().await.map_err(|e| to_cli(e, &src_root))?;
+    Ok(builder.open().await?)
+}
 
+/// Every partition's identity, hashed on `--threads` threads with a progress bar; returns the
+/// partitions, their identities and the bytes read.
+async fn identities(
+    args: &PublishArgs,
+    partitions: Vec<scan::Partition>,
+) -> Result<(Vec<scan::Partition>, Vec<ContentHash>, u64), CliError> {
     let id_opts = IdentityOptions {
         content: args.content,
         names: args.names,
@@ -245,119 +224,26 @@ pub async fn publish(args: PublishArgs) -> Result<u8, CliError> {
     let total: u64 = partitions.iter().map(scan::Partition::size).sum();
     let bar = output::bar(total, "hashing", true);
     let hashed = Arc::new(AtomicU64::new(0));
-    let hashing = {
-        let (bar, hashed) = (bar.clone(), hashed.clone());
-        tokio::task::spawn_blocking(move || {
-            let on_bytes = |n: u64| {
-                bar.inc(n);
-                hashed.fetch_add(n, Ordering::Relaxed);
-            };
-            let ids = identity::identities(&partitions, &id_opts, &on_bytes);
-            ids.map(|ids| (partitions, ids))
-        })
-        .await
-        .map_err(|e| CliError::new(INTERNAL, e.to_string()))
-        .and_then(|r| r.map_err(|e| CliError::new(BAD_INPUT, e)))
-    };
-    let (parts, ids) = match hashing {
-        Ok(v) => v,
-        Err(e) => {
-            bar.finish_and_clear();
-            // Nothing was staged yet; drop this run's staging area now rather than at the next open.
-            let _ = writer.abort().await;
-            return Err(e);
-        }
-    };
+    let (b, h) = (bar.clone(), hashed.clone());
+    let result = tokio::task::spawn_blocking(move || {
+        let on_bytes = |n: u64| {
+            b.inc(n);
+            h.fetch_add(n, Ordering::Relaxed);
+        };
+        identity::identities(&partitions, &id_opts, &on_bytes).map(|ids| (partitions, ids))
+    })
+    .await;
     bar.finish_and_clear();
-    let bytes_hashed = hashed.load(Ordering::Relaxed);
-    let the_plan = plan::plan(&parts, &ids, writer.manifest(), args.remove_missing);
-
-    let mut summary = output::Summary {
-        src: args.src.display().to_string(),
-        dest: args.dest.clone(),
-        dry_run: args.dry_run,
-        written: the_plan.writes().map(|i| i.partition.clone()).collect(),
-        unchanged: the_plan.items.len() - the_plan.writes().count(),
-        removed: the_plan.removed.clone(),
-        kept: the_plan.kept.clone(),
-        bytes_written: the_plan.writes().map(|i| i.bytes).sum(),
-        bytes_hashed,
-        generation: writer.manifest().generation,
-        fencing_token,
-        seconds: 0.0,
-        plan: None,
-    };
-    if args.dry_run {
-        writer.abort().await.map_err(|e| to_cli(e, &src_root))?;
-        summary.plan = Some(the_plan);
-    } else {
-        let report = write::write_all(writer, &parts, &ids, the_plan.writes().count())
-            .await
-            .map_err(|e| to_cli(e, &src_root))?;
-        summary.written = report.written;
-        summary.unchanged = report.unchanged.len();
-        summary.removed = report.removed;
-        summary.bytes_written = report.bytes_written;
-        summary.generation = report.generation;
-    }
-    summary.seconds = started.elapsed().as_secs_f64();
-    if args.json {
-        println!(
-            "{}",
-            serde_json::to_string(&summary).map_err(|e| CliError::new(INTERNAL, e.to_string()))?
-        );
-    } else {
-        print!("{}", summary.table());
-    }
-    Ok(0)
-}
-
-mod write {
-    //! The write step: every partition goes to `put_files`, which writes only changed ones.
-
-    use super::output;
-    use super::scan::Partition;
-    use palisade_idempotency::{ContentHash, PartitionedWriter, Report, Result};
-
-    pub async fn write_all(
-        mut writer: PartitionedWriter,
-        parts: &[Partition],
-        ids: &[ContentHash],
-        expected_writes: usize,
-    ) -> Result<Report> {
-        let bar = output::bar(expected_writes as u64, "writing", false);
-        for (p, id) in parts.iter().zip(ids) {
-            let files = p
-                .files
-                .iter()
-                .map(|f| palisade_idempotency::PartFile {
-                    name: f.name.clone(),
-                    path: f.path.clone(),
-                })
-                .collect();
-            match writer.put_files(&p.name, files, *id).await {
-                Ok(true) => bar.inc(1),
-                Ok(false) => {}
-                Err(e) => {
-                    bar.finish_and_clear();
-                    let _ = writer.abort().await;
-                    return Err(e);
-                }
-            }
-        }
-        bar.set_message("committing");
-        let report = writer.commit().await;
-        bar.finish_and_clear();
-        report
-    }
+    let (parts, ids) = result
+        .map_err(|e| CliError::new(INTERNAL, e.to_string()))?
+        .map_err(|e| CliError::new(BAD_INPUT, e))?;
+    Ok((parts, ids, hashed.load(Ordering::Relaxed)))
 }
 
 /// Runs `palisade manifest` and returns the exit code.
 pub async fn manifest(args: ManifestArgs) -> Result<u8, CliError> {
     let store = open_store(&args.dest)?;
-    let dataset = Dataset::open(&store, "")
-        .await
-        .map_err(|e| to_cli(e, Path::new("/nonexistent")))?;
+    let dataset = Dataset::open(&store, "").await?;
     if dataset.manifest().is_none() {
         eprintln!(
             "palisade: no dataset at {} yet (nothing was ever published)",
@@ -365,11 +251,7 @@ pub async fn manifest(args: ManifestArgs) -> Result<u8, CliError> {
         );
     }
     let files = dataset.live_files();
-    let base = args.dest.trim_end_matches('/');
-    let shown = |rel: &str| match base.strip_prefix("file://") {
-        Some(path) => format!("{path}/{rel}"),
-        None => format!("{base}/{rel}"),
-    };
+    let shown = |rel: &str| shown(&args.dest, rel);
     if args.json {
         let m = dataset.manifest();
         let value = serde_json::json!({
@@ -390,4 +272,14 @@ pub async fn manifest(args: ManifestArgs) -> Result<u8, CliError> {
         }
     }
     Ok(0)
+}
+
+/// An object of the dataset at `dest` as users address it: a path for `file://`, the URL
+/// otherwise; the object's key below DEST byte for byte.
+fn shown(dest: &str, rel: &str) -> String {
+    let base = dest.trim_end_matches('/');
+    match base.strip_prefix("file://") {
+        Some(path) => format!("{path}/{rel}"),
+        None => format!("{base}/{rel}"),
+    }
 }

@@ -75,6 +75,39 @@ pub fn human_bytes(n: u64) -> String {
 }
 
 impl Summary {
+    /// What the plan says a publish of `args` does, before it writes.
+    pub fn planned(
+        args: &super::PublishArgs,
+        plan: &Plan,
+        base: &palisade_idempotency::Manifest,
+        bytes_hashed: u64,
+    ) -> Summary {
+        Summary {
+            src: args.src.display().to_string(),
+            dest: args.dest.clone(),
+            dry_run: args.dry_run,
+            written: plan.writes().map(|i| i.partition.clone()).collect(),
+            unchanged: plan.items.len() - plan.writes().count(),
+            removed: plan.removed.clone(),
+            kept: plan.kept.clone(),
+            bytes_written: plan.writes().map(|i| i.bytes).sum(),
+            bytes_hashed,
+            generation: base.generation,
+            fencing_token: None,
+            seconds: 0.0,
+            plan: None,
+        }
+    }
+
+    /// What the commit did.
+    pub fn record(&mut self, report: palisade_idempotency::Report) {
+        self.written = report.written;
+        self.unchanged = report.unchanged.len();
+        self.removed = report.removed;
+        self.bytes_written = report.bytes_written;
+        self.generation = report.generation;
+    }
+
     /// The table for people.
     pub fn table(&self) -> String {
         let mut out = String::new();
@@ -134,6 +167,18 @@ impl Summary {
         }
         out
     }
+}
+
+/// Prints the summary as a table, or as one JSON object; the exit code.
+pub fn print(summary: &Summary, json: bool) -> Result<u8, crate::exit::CliError> {
+    if json {
+        let line = serde_json::to_string(summary)
+            .map_err(|e| crate::exit::CliError::new(crate::exit::INTERNAL, e.to_string()))?;
+        println!("{line}");
+    } else {
+        print!("{}", summary.table());
+    }
+    Ok(0)
 }
 
 #[cfg(test)]

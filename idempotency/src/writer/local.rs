@@ -214,22 +214,17 @@ impl LocalTarget {
     }
 }
 
-/// Refuses a dataset that lies inside another: a directory above it (up to `root`) that has a
-/// manifest, lock or pending record.
+/// Refuses a dataset that lies inside another: a directory above it (up to the file system's
+/// root) that has a manifest, lock or pending record.
 fn check_ancestors(root: &Path, prefix: &str) -> Result<()> {
-    if prefix.is_empty() {
-        return Ok(());
-    }
-    let segments: Vec<&str> = prefix.split('/').collect();
-    for n in 0..segments.len() {
-        let above = segments[..n].join("/");
-        let d = root.join(&above);
-        if let Some(marker) = DATASET_MARKERS.iter().find(|m| d.join(m).exists()) {
+    let dir = root.join(prefix);
+    for above in dir.ancestors().skip(1) {
+        if let Some(marker) = DATASET_MARKERS.iter().find(|m| above.join(m).exists()) {
             return Err(Error::NestedDataset {
-                prefix: prefix.to_string(),
+                prefix: dir.display().to_string(),
                 relation: "lies inside",
-                other: above,
-                evidence: d.join(marker).display().to_string(),
+                other: above.display().to_string(),
+                evidence: above.join(marker).display().to_string(),
             });
         }
     }

@@ -108,19 +108,22 @@ impl ObjectTarget {
         object_key(&self.base, &self.prefix, object)
     }
 
-    /// Refuses a dataset that lies inside another: a manifest at a prefix above it.
+    /// Refuses a dataset that lies inside another: a manifest at any key prefix above it, up to
+    /// the bucket's root (the store's base path counts too: `s3://b/tables/sales/eu` lies inside
+    /// a dataset at `s3://b/tables/sales`).
     async fn check_ancestors(&self) -> Result<()> {
-        if self.prefix.is_empty() {
+        let full = self.dir.as_ref();
+        if full.is_empty() {
             return Ok(());
         }
-        let segments: Vec<&str> = self.prefix.split('/').collect();
+        let segments: Vec<&str> = full.split('/').collect();
         for n in 0..segments.len() {
             let above = segments[..n].join("/");
-            let key = object_key(&self.base, &above, MANIFEST_FILE)?;
+            let key = object_key(&ObjPath::default(), &above, MANIFEST_FILE)?;
             match self.store.head(&key).await {
                 Ok(_) => {
                     return Err(Error::NestedDataset {
-                        prefix: self.prefix.clone(),
+                        prefix: full.to_string(),
                         relation: "lies inside",
                         other: above,
                         evidence: key.to_string(),

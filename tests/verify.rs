@@ -1,0 +1,124 @@
+//! `palisade verify`, and what `publish`/`manifest` do with names that need escaping and with
+//! nested datasets: real processes on a local DEST and on S3 (moto).
+
+mod common;
+
+use common::{Palisade, wait_bounded};
+use palisade_testkit::S3;
+use std::path::Path;
+use std::process::{Command, Output};
+use std::time::Duration;
+
+/// Exit codes (cli/src/exit.rs).
+const UNSOUND: i32 = 65;
+const CONFIG: i32 = 78;
+
+fn write(path: &Path, content: &str) {
+    std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+    std::fs::write(path, content).unwrap();
+}
+
+fn run(mut c: Command) -> Output {
+    c.env_remove("PALISADE_FENCING_TOKEN");
+    wait_bounded(
+        c.spawn().expect("palisade starts"),
+        Duration::from_secs(120),
+    )
+}
+
+/// Spark's escaping of Hive partition values, non-ASCII, spaces, `+`, `=`.
+const NAMES: &[&str] = &[
+    "slot=2024-01-01 10%3A00%3A00",
+    "city=Zürich",
+    "k=a+b c",
+    "k=x=y",
+];
+
+#[test]
+fn verify_says_sound_then_names_a_missing_file_and_exits_65() {
+    let p = Palisade::new(None);
+    let src = p.dir.path().join("src");
+    for (i, n) in NAMES.iter().enumerate() {
+        write(&src.join(n).join("part-0.csv"), &format!("id\n{i}\n"));
+    }
+    let dest = p.dir.path().join("dest");
+    let url = format!("file://{}", dest.display());
+    let out = run(p.command(&["publish", src.to_str().unwrap(), &url]));
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+
+    let out = run(p.command(&["verify", "--hashes", &url]));
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("sound") && text.contains("4 objects"),
+        "{text}"
+    );
+
+    std::fs::remove_file(dest.join("city=Zürich/part-0.csv")).unwrap();
+    let out = run(p.command(&["verify", &url]));
+    assert_eq!(out.status.code(), Some(UNSOUND), "{out:?}");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("NOT SOUND")
+            && text.contains("missing")
+            && text.contains("city=Zürich/part-0.csv"),
+        "{text}"
+    );
+    let out = run(p.command(&["verify", "--json", &url]));
+    assert_eq!(out.status.code(), Some(UNSOUND), "{out:?}");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("one JSON object");
+    assert_eq!(v["sound"], false, "{v}");
+    assert_eq!(v["problems"][0]["problem"], "missing", "{v}");
+    assert_eq!(v["problems"][0]["object"], "city=Zürich/part-0.csv", "{v}");
+}
+
+#[test]
+fn on_s3_names_are_kept_byte_for_byte_and_nested_datasets_are_refused() {
+    let s3 = S3::start().expect("moto starts (scripts/setup installs moto[server])");
+    s3.create_bucket("lake").unwrap();
+    let p = Palisade::new(None);
+    let on_moto = |args: &[&str]| -> Output {
+        let mut c = p.command(args);
+        c.env("AWS_ENDPOINT_URL", s3.endpoint())
+            .env("AWS_ALLOW_HTTP", "true")
+            .env("AWS_ACCESS_KEY_ID", s3.access_key())
+            .env("AWS_SECRET_ACCESS_KEY", s3.secret_key())
+            .env("AWS_REGION", s3.region());
+        run(c)
+    };
+    let src = p.dir.path().join("src");
+    for (i, n) in NAMES.iter().enumerate() {
+        write(&src.join(n).join("part-0.csv"), &format!("id\n{i}\n"));
+    }
+    let dest = "s3://lake/tables/sales";
+    let out = on_moto(&["publish", src.to_str().unwrap(), dest]);
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+
+    // `manifest` prints the keys as they are: the partition path byte for byte.
+    let out = on_moto(&["manifest", dest]);
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    let listed = String::from_utf8_lossy(&out.stdout);
+    for n in NAMES {
+        let prefix = format!("{dest}/{n}/part-0-");
+        assert!(
+            listed.lines().any(|l| l.starts_with(&prefix)),
+            "no line starts with {prefix:?}:\n{listed}"
+        );
+    }
+    let out = on_moto(&["verify", "--hashes", dest]);
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+
+    // A publish into a dataset inside this one, or around it, is refused and writes nothing.
+    for nested in ["s3://lake/tables/sales/eu", "s3://lake/tables"] {
+        let out = on_moto(&["publish", src.to_str().unwrap(), nested]);
+        assert_eq!(out.status.code(), Some(CONFIG), "{nested}: {out:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("nest"), "{nested}: {err}");
+    }
+    let out = on_moto(&["verify", "--hashes", dest]);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "the refused publishes changed nothing: {out:?}"
+    );
+}
