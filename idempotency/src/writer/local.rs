@@ -4,6 +4,8 @@
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use tracing::debug;
@@ -37,14 +39,15 @@ pub(crate) struct StagedDir {
 
 /// A writer's place in a local dataset: the dataset directory, and its run's staging area whose
 /// lock file marks the run as alive (the kernel drops the lock when the process dies).
-#[derive(Debug)]
+/// A cheap handle: clones share the run (staging work runs on blocking threads).
+#[derive(Debug, Clone)]
 pub(crate) struct LocalTarget {
     dir: PathBuf,
     run_dir: PathBuf,
     lock_path: PathBuf,
-    _lock: std::fs::File,
+    _lock: Arc<std::fs::File>,
     run_id: String,
-    seq: u64,
+    seq: Arc<AtomicU64>,
 }
 
 impl LocalTarget {
@@ -80,22 +83,22 @@ impl LocalTarget {
             dir,
             run_dir,
             lock_path,
-            _lock: lock,
+            _lock: Arc::new(lock),
             run_id: run_id.to_string(),
-            seq: 0,
+            seq: Arc::new(AtomicU64::new(0)),
         };
         Ok((manifest, target))
     }
 
     /// A new path in the run's staging area.
-    pub fn next_path(&mut self, what: &str) -> PathBuf {
-        self.seq += 1;
-        self.run_dir.join(format!("{what}{}", self.seq))
+    pub fn next_path(&self, what: &str) -> PathBuf {
+        let n = self.seq.fetch_add(1, Ordering::Relaxed) + 1;
+        self.run_dir.join(format!("{what}{n}"))
     }
 
     /// Stages a single-object partition version from a file already in the staging area: a
     /// directory holding it under its object name, and the marker.
-    pub fn stage_object(&mut self, spooled: &Path, file_name: &str) -> Result<StagedDir> {
+    pub fn stage_object(&self, spooled: &Path, file_name: &str) -> Result<StagedDir> {
         let sdir = self.next_path("p");
         std::fs::create_dir(&sdir).map_err(io("create directory", &sdir))?;
         let to = sdir.join(file_name);
@@ -112,7 +115,7 @@ impl LocalTarget {
     /// Stages a multi-file partition: each file copied while hashed, and the marker. Returns
     /// the files' entries (objects named `<partition>/<name>`) and the staged directory.
     pub fn stage_files(
-        &mut self,
+        &self,
         partition: &str,
         files: &[PartFile],
     ) -> Result<(Vec<FileEntry>, StagedDir)> {

@@ -157,10 +157,12 @@
 //!   are swept after the next commit, so deleting a corrupt manifest to recover loses nothing
 //!   until the rewrite has committed.
 
+mod builder;
 mod local;
 mod object;
 mod plan;
 mod stage;
+mod target;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
@@ -173,15 +175,16 @@ use tracing::{debug, info, warn};
 
 use crate::error::{Error, Result, io};
 use crate::hash::ContentHash;
-use crate::layout::{object_name, unique_name};
-use crate::manifest::{FileEntry, Manifest, PartitionEntry, files_digest};
+use crate::layout::object_name;
+use crate::manifest::{Manifest, PartitionEntry, files_digest};
 use crate::partition::validate_partition;
-use crate::storage::{Backend, DatasetStore, blocking, remove_file_if_exists, write_unsynced};
+use crate::storage::{DatasetStore, blocking};
 
-use local::{LocalTarget, StagedDir, copy_hashing, hash_file};
-use object::{ObjectTarget, SINGLE_PUT};
+pub use builder::WriterBuilder;
+use local::{StagedDir, copy_hashing, hash_file};
 use plan::{Proposal, check_current, check_fence};
 use stage::check_part_files;
+use target::{CommitArgs, Spool, Target, hash_bytes};
 
 /// What a commit did.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -201,101 +204,6 @@ pub struct Report {
     pub generation: u64,
     /// Whether a new manifest was written.
     pub manifest_written: bool,
-}
-
-/// Options of a [`PartitionedWriter`]; see each method.
-#[derive(Debug, Clone)]
-pub struct WriterBuilder {
-    store: DatasetStore,
-    prefix: String,
-    fencing_token: Option<u64>,
-    allow_unfenced: bool,
-    remove_missing: bool,
-    rewrite_on_version_change: bool,
-    lock_timeout: Duration,
-    orphan_grace: Duration,
-    extension: String,
-}
-
-impl WriterBuilder {
-    /// The lock holder's fencing token (e.g. `guard.fencing_token()` of palisade-lock). The
-    /// manifest records the highest token that committed; a commit with a lower one fails with
-    /// [`Error::Fenced`], atomically with the manifest's own concurrency check.
-    pub fn fencing_token(mut self, token: u64) -> Self {
-        self.fencing_token = Some(token);
-        self
-    }
-
-    /// Allows a writer without a fencing token to commit to a dataset whose manifest records one
-    /// (default: refused with [`Error::FencingTokenRequired`]).
-    pub fn allow_unfenced(mut self, allow: bool) -> Self {
-        self.allow_unfenced = allow;
-        self
-    }
-
-    /// Removes, at commit, the partitions that were not put in this run (default: kept).
-    pub fn remove_missing(mut self, remove: bool) -> Self {
-        self.remove_missing = remove;
-        self
-    }
-
-    /// Accepts a manifest written with another format, hash algorithm or canonical encoding, and
-    /// rewrites every partition put in this run under the current ones (default: refused with
-    /// [`Error::IncompatibleManifest`]). That run must put every partition of the old manifest
-    /// (or set [`remove_missing`](Self::remove_missing)), since old hashes cannot be carried over.
-    pub fn rewrite_on_version_change(mut self, rewrite: bool) -> Self {
-        self.rewrite_on_version_change = rewrite;
-        self
-    }
-
-    /// How long `open` and `commit` wait for the local lock file (default 30 s).
-    pub fn lock_timeout(mut self, timeout: Duration) -> Self {
-        self.lock_timeout = timeout;
-        self
-    }
-
-    /// Object stores only: how old an unreferenced object must be before `open` deletes it as the
-    /// leftover of a crashed run (default 1 hour; keep it above your longest run).
-    pub fn orphan_grace(mut self, grace: Duration) -> Self {
-        self.orphan_grace = grace;
-        self
-    }
-
-    /// The extension of data objects, like `".parquet"` (default none).
-    pub fn file_extension(mut self, ext: impl Into<String>) -> Self {
-        self.extension = ext.into();
-        self
-    }
-
-    /// Validates the options, reads the manifest and sweeps leftovers of crashed runs.
-    pub async fn open(self) -> Result<PartitionedWriter> {
-        if !self.prefix.is_empty() {
-            validate_partition(&self.prefix).map_err(|_| Error::Config {
-                field: "prefix",
-                reason: "must be empty or a relative path of non-empty segments without '..' or \
-                         leading '_'/'.'",
-            })?;
-        }
-        let ext_ok = self.extension.is_empty()
-            || (self.extension.starts_with('.')
-                && self.extension.len() <= 16
-                && self.extension[1..]
-                    .bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'_' || b == b'-'));
-        if !ext_ok {
-            return Err(Error::Config {
-                field: "file_extension",
-                reason: "must be empty or '.' followed by up to 15 letters, digits, '.', '_', '-'",
-            });
-        }
-        if self.lock_timeout.is_zero() {
-            return Err(Error::Config {
-                field: "lock_timeout",
-                reason: "must be greater than zero",
-            });
-        }
-        PartitionedWriter::open_with(self).await
-    }
 }
 
 /// A staged partition: its future manifest entry, and (local directory) its staged directory.
@@ -324,13 +232,6 @@ impl PartFile {
             path: path.into(),
         }
     }
-}
-
-/// Where the dataset lives, and this run's place in it.
-#[derive(Debug)]
-enum Target {
-    Local(LocalTarget),
-    Object(ObjectTarget),
 }
 
 /// Writes a partitioned dataset, only the partitions whose content changed, and commits them
@@ -380,21 +281,15 @@ impl PartitionedWriter {
         let run_id = format!("{:016x}", rand::random::<u64>());
         let prefix = opts.prefix.clone();
         let accept = opts.rewrite_on_version_change;
-        let (base, target) = match opts.store.backend.clone() {
-            Backend::Local(root) => {
-                let (lock_timeout, run, p) = (opts.lock_timeout, run_id.clone(), prefix.clone());
-                let (m, t) =
-                    blocking(move || LocalTarget::open(&root, &p, &run, lock_timeout, accept))
-                        .await?;
-                (m, Target::Local(t))
-            }
-            Backend::Object { store, base } => {
-                let (m, t) =
-                    ObjectTarget::open(store, base, &prefix, &run_id, accept, opts.orphan_grace)
-                        .await?;
-                (m, Target::Object(t))
-            }
-        };
+        let (base, target) = Target::open(
+            opts.store.backend.clone(),
+            &prefix,
+            &run_id,
+            opts.lock_timeout,
+            accept,
+            opts.orphan_grace,
+        )
+        .await?;
         let base = base.unwrap_or_else(Manifest::empty);
         let writer = Self {
             rewrite_all: !base.is_current_version(),
@@ -459,7 +354,7 @@ impl PartitionedWriter {
         E: Into<Box<dyn std::error::Error + Send + Sync>>,
     {
         self.check_new(partition)?;
-        let spool = self.spool_path().await?;
+        let spool = self.target()?.spool().await?;
         let path = spool.path().to_path_buf();
         let mut file = tokio::fs::File::create(&path)
             .await
@@ -513,7 +408,7 @@ impl PartitionedWriter {
             self.unchanged.insert(partition.to_string());
             return Ok(());
         }
-        let spool = self.spool_path().await?;
+        let spool = self.target()?.spool().await?;
         let to = spool.path().to_path_buf();
         let (hash, size) = blocking(move || {
             let out = std::fs::File::create(&to).map_err(io("create", &to))?;
@@ -588,46 +483,10 @@ impl PartitionedWriter {
             self.unchanged.insert(partition.to_string());
             return Ok(false);
         }
-        let mut entries: Vec<FileEntry> = Vec::with_capacity(files.len());
-        let mut local = None;
-        match &self.target {
-            Some(Target::Local(_)) => {
-                let p = partition.to_string();
-                let (e, dir) = self.with_local(move |t| t.stage_files(&p, &files)).await?;
-                entries = e;
-                local = Some(dir);
-            }
-            None => return Err(finished()),
-            Some(Target::Object(t)) => {
-                for f in files {
-                    let object = format!("{partition}/{}", unique_name(&f.name, &self.run_id));
-                    match t.upload_file(&object, &f.path).await {
-                        Ok((hash, size)) => entries.push(FileEntry {
-                            name: f.name,
-                            object,
-                            size,
-                            hash,
-                        }),
-                        Err(e) => {
-                            let done: Vec<String> =
-                                entries.iter().map(|e| e.object.clone()).collect();
-                            t.delete(&done).await;
-                            return Err(match e {
-                                Error::Io { source, .. } => Error::Input {
-                                    partition: format!(
-                                        "{partition}/{} ({})",
-                                        f.name,
-                                        f.path.display()
-                                    ),
-                                    source,
-                                },
-                                other => other,
-                            });
-                        }
-                    }
-                }
-            }
-        }
+        let (mut entries, local) = self
+            .target()?
+            .stage_files(partition, files, &self.run_id)
+            .await?;
         entries.sort_by(|a, b| a.name.cmp(&b.name));
         let size: u64 = entries.iter().map(|e| e.size).sum();
         let entry = PartitionEntry {
@@ -695,7 +554,7 @@ impl PartitionedWriter {
         fields(prefix = %self.prefix, run = %self.run_id, fencing_token = ?self.opts.fencing_token)
     )]
     pub async fn commit(mut self) -> Result<Report> {
-        let local = matches!(self.target, Some(Target::Local(_)));
+        let whole_directories = self.target()?.whole_directories();
         let proposal = Proposal {
             base: &self.base,
             staged: self
@@ -708,7 +567,7 @@ impl PartitionedWriter {
             rewrite_all: self.rewrite_all,
             fencing_token: self.opts.fencing_token,
             commit_id: &self.run_id,
-            whole_directories: local,
+            whole_directories,
         };
         let plan = match plan::plan(&proposal) {
             Ok(plan) => plan,
@@ -737,22 +596,19 @@ impl PartitionedWriter {
         let (prefix, base) = (self.prefix.clone(), self.base.clone());
         let check =
             move |found: Option<&Manifest>| check_current(fence, unfenced, &prefix, &base, found);
+        let args = CommitArgs {
+            plan: &plan,
+            staged: std::mem::take(&mut self.staged)
+                .into_iter()
+                .filter_map(|(k, s)| s.local.map(|d| (k, d)))
+                .collect(),
+            uploaded: self.uploaded(),
+            recheck: self.opened_at.elapsed() > self.opts.orphan_grace / 2,
+            lock_timeout: self.opts.lock_timeout,
+            accept,
+        };
         let result = match self.target.take() {
-            Some(Target::Local(t)) => {
-                let staged: Vec<(String, StagedDir)> = std::mem::take(&mut self.staged)
-                    .into_iter()
-                    .filter_map(|(k, s)| s.local.map(|d| (k, d)))
-                    .collect();
-                let lock_timeout = self.opts.lock_timeout;
-                blocking(move || t.commit(&plan, &staged, lock_timeout, accept, check)).await
-            }
-            Some(Target::Object(t)) => {
-                let ours = self.uploaded();
-                let recheck = self.opened_at.elapsed() > self.opts.orphan_grace / 2;
-                t.commit(&plan, &ours, recheck, accept, check)
-                    .await
-                    .map(|_| ())
-            }
+            Some(target) => target.commit(args, check).await,
             None => Err(finished()),
         };
         match result {
@@ -784,20 +640,17 @@ impl PartitionedWriter {
 
     /// Discards this run: deletes its staged data; readers see no change.
     pub async fn abort(mut self) -> Result<()> {
+        let uploaded = self.uploaded();
         match self.target.take() {
-            Some(Target::Local(t)) => blocking(move || t.discard()).await,
-            Some(Target::Object(t)) => {
-                t.delete(&self.uploaded()).await;
-                Ok(())
-            }
+            Some(target) => target.abort(&uploaded).await,
             None => Ok(()),
         }
     }
 
     // ---------- internals ----------
 
-    fn target_mut(&mut self) -> Result<&mut Target> {
-        self.target.as_mut().ok_or_else(finished)
+    fn target(&self) -> Result<&Target> {
+        self.target.as_ref().ok_or_else(finished)
     }
 
     /// The objects this run uploaded (object stores).
@@ -872,63 +725,9 @@ impl PartitionedWriter {
             return Ok(());
         }
         let entry = self.new_entry(partition, hash, bytes.len() as u64, rows_hash);
-        let local = match &self.target {
-            Some(Target::Local(_)) => {
-                let file = file_name(&entry.object).to_string();
-                let staged = self
-                    .with_local(move |t| {
-                        let spooled = t.next_path("s");
-                        write_unsynced(&spooled, &bytes)?;
-                        t.stage_object(&spooled, &file)
-                    })
-                    .await?;
-                Some(staged)
-            }
-            Some(Target::Object(t)) => {
-                t.put(&entry.object, bytes).await?;
-                None
-            }
-            None => return Err(finished()),
-        };
+        let local = self.target()?.stage_bytes(&entry.object, bytes).await?;
         self.record(partition, entry, local);
         Ok(())
-    }
-
-    /// Runs blocking work on the local target on tokio's blocking pool, and puts it back.
-    async fn with_local<T: Send + 'static>(
-        &mut self,
-        f: impl FnOnce(&mut LocalTarget) -> Result<T> + Send + 'static,
-    ) -> Result<T> {
-        let Some(Target::Local(mut t)) = self.target.take() else {
-            return Err(finished());
-        };
-        let (t, result) = tokio::task::spawn_blocking(move || {
-            let result = f(&mut t);
-            (t, result)
-        })
-        .await
-        .map_err(|e| Error::Io {
-            op: "run blocking file task",
-            path: PathBuf::new(),
-            source: std::io::Error::other(e.to_string()),
-        })?;
-        self.target = Some(Target::Local(t));
-        result
-    }
-
-    /// A file to spool content into: in the run's staging area (local), or a temporary file.
-    async fn spool_path(&mut self) -> Result<Spool> {
-        match self.target_mut()? {
-            Target::Local(t) => Ok(Spool::Staged(t.next_path("s"))),
-            Target::Object(_) => {
-                blocking(|| {
-                    tempfile::NamedTempFile::new()
-                        .map(Spool::Temp)
-                        .map_err(io("create temporary file", std::env::temp_dir()))
-                })
-                .await
-            }
-        }
     }
 
     async fn finish_spooled(
@@ -939,44 +738,14 @@ impl PartitionedWriter {
         spool: Spool,
     ) -> Result<()> {
         if !self.changed(partition, &hash, None) {
-            if let Spool::Staged(p) = spool {
-                blocking(move || remove_file_if_exists(&p)).await?;
-            }
+            self.target()?.drop_spool(spool).await?;
             self.unchanged.insert(partition.to_string());
             return Ok(());
         }
         let entry = self.new_entry(partition, hash, size, None);
-        let local = match (&self.target, spool) {
-            (Some(Target::Local(_)), Spool::Staged(path)) => {
-                let file = file_name(&entry.object).to_string();
-                Some(
-                    self.with_local(move |t| t.stage_object(&path, &file))
-                        .await?,
-                )
-            }
-            (Some(Target::Object(t)), spool) => {
-                t.upload_file(&entry.object, spool.path()).await?;
-                None
-            }
-            _ => return Err(finished()),
-        };
+        let local = self.target()?.stage_spooled(&entry.object, spool).await?;
         self.record(partition, entry, local);
         Ok(())
-    }
-}
-
-/// Where streamed or copied content waits until it is hashed.
-enum Spool {
-    Staged(PathBuf),
-    Temp(tempfile::NamedTempFile),
-}
-
-impl Spool {
-    fn path(&self) -> &std::path::Path {
-        match self {
-            Spool::Staged(p) => p,
-            Spool::Temp(t) => t.path(),
-        }
     }
 }
 
@@ -985,15 +754,4 @@ fn finished() -> Error {
         field: "writer",
         reason: "this writer has already committed or aborted",
     }
-}
-
-fn file_name(object: &str) -> &str {
-    object.rsplit('/').next().unwrap_or(object)
-}
-
-async fn hash_bytes(bytes: Bytes) -> Result<ContentHash> {
-    if bytes.len() < SINGLE_PUT {
-        return Ok(ContentHash::of_bytes(&bytes));
-    }
-    blocking(move || Ok(ContentHash::of_bytes(&bytes))).await
 }
