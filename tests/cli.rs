@@ -505,3 +505,52 @@ fn once_keeps_the_key_of_a_run_that_outlasts_its_claim_ttl() {
     std::fs::write(p.dir.path().join("release"), "").unwrap();
     assert_eq!(p.finish(holder).code(), Some(0));
 }
+
+#[test]
+fn once_kills_the_command_when_its_claim_is_taken_over() {
+    let p = Palisade::new(None);
+    let store = p.dir.path().join("store");
+    let store_url = format!("file://{}", store.display());
+    let holder = p.spawn(&[
+        "once",
+        "--key",
+        "k",
+        "--claim-ttl",
+        "1s",
+        "--store",
+        &store_url,
+        "--",
+        "sh",
+        "-c",
+        "echo $$ > pid; touch started; while true; do sleep 0.05; done",
+    ]);
+    wait_for_file(&p.dir.path().join("started"), "the command to start");
+    // An operator resets the key while the command runs: the next renewal (within a third of
+    // --claim-ttl) finds the claim gone, and the command must not run on beside a new run.
+    for entry in std::fs::read_dir(&store).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_some_and(|e| e == "json") {
+            std::fs::remove_file(path).unwrap();
+        }
+    }
+    let out = common::wait_bounded(holder, Duration::from_secs(20));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(76), "{out:?}");
+    assert!(
+        stderr.contains("claim") && stderr.contains("was stopped"),
+        "{stderr}"
+    );
+    let pid: i32 = std::fs::read_to_string(p.dir.path().join("pid"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None).is_ok() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the command (pid {pid}) still runs after palisade lost its claim"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}

@@ -18,7 +18,8 @@ pub const HELD: u8 = 75;
 /// publish: another writer committed to DEST since this publish started; nothing of it is
 /// visible: run it again (EX_CANTCREAT).
 pub const CONFLICT: u8 = 73;
-/// The lease was lost while the command ran; the command was terminated.
+/// The lease (`run`) or the claim on the key (`once`) was lost while the command ran; the
+/// command was terminated.
 pub const LEASE_LOST: u8 = 76;
 /// publish: fenced: a writer with a higher fencing token has already committed to DEST (or
 /// DEST records a token and none was given); nothing of this run is visible (EX_NOPERM).
@@ -42,8 +43,8 @@ Exit codes:
   70   internal or operating-system error
   73   publish: another writer committed to DEST meanwhile; nothing was published, run it again
   75   not run: the lock is held (or the key runs elsewhere) and the wait ran out
-  76   the lease was lost while the command ran: it got SIGTERM --grace before the lease
-       deadline and SIGKILL at the deadline
+  76   the lease (run) or the claim on the key (once) was lost while the command ran: it
+       got SIGTERM before the deadline and SIGKILL at it
   77   publish: fenced: a newer lock holder (higher fencing token) already published
   78   invalid configuration (a flag value, a TLS file, a store URL), or a server refused it
        (a TLS certificate, etcd's user/password): the message says which
@@ -113,6 +114,9 @@ impl From<palisade_idempotency::Error> for CliError {
             Error::Conflict { .. } | Error::LockTimeout { .. } => CONFLICT,
             Error::InvalidPartition { .. } | Error::Input { .. } => BAD_INPUT,
             Error::Io { .. } | Error::Store { .. } | Error::Redis { .. } => UNAVAILABLE,
+            // The command ran, but the store did not take its result: a later run runs it again.
+            Error::NotRecorded { .. } => UNAVAILABLE,
+            Error::ClaimLost { .. } => LEASE_LOST,
             Error::CommitUnknown { .. } => UNAVAILABLE,
             Error::UnsupportedUrl { .. }
             | Error::Config { .. }

@@ -2,13 +2,15 @@
 
 use crate::backend::default_dir;
 use crate::child::{Child, exit_code};
-use crate::exit::{CONFIG, CliError, HELD, INTERNAL, MISMATCH, UNAVAILABLE, chain};
+use crate::exit::{CliError, INTERNAL, LEASE_LOST, chain};
 use crate::progress::Progress;
 use crate::tls::RedisTlsArgs;
 use clap::Args;
+use nix::sys::signal::Signal;
 use palisade_idempotency::{Error, FileStore, IdempotencyStore, OnceOptions, Outcome, RedisStore};
 use serde::{Deserialize, Serialize};
 use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 /// Flags of `palisade once`.
@@ -33,7 +35,10 @@ pub struct OnceArgs {
     pub ttl: Duration,
 
     /// How long the key stays claimed after palisade died (or lost touch with the store): while
-    /// the command runs, palisade renews the claim every third of this, however long it runs.
+    /// the command runs, palisade renews the claim every third of this, however long it runs. If
+    /// the claim is lost (renewals failed this long, or another run took the key over), the
+    /// command gets SIGTERM (a third of this, at most 10s, before the claim ends) and SIGKILL,
+    /// and palisade exits 76.
     #[arg(long, value_parser = humantime::parse_duration, default_value = "1m", value_name = "DURATION")]
     pub claim_ttl: Duration,
 
@@ -81,7 +86,7 @@ pub async fn once(args: OnceArgs) -> Result<u8, CliError> {
                 .unwrap_or(Duration::from_secs(10 * 365 * 24 * 3600)),
         )
     };
-    options.validate().map_err(to_cli)?;
+    options.validate().map_err(CliError::from)?;
     match args.store.as_deref() {
         Some(url) if url.starts_with("redis://") || url.starts_with("rediss://") => {
             let store = connect(url, &args.tls).await?;
@@ -93,17 +98,27 @@ pub async fn once(args: OnceArgs) -> Result<u8, CliError> {
                     "--store {url:?}: expected file:///path, redis:// or rediss://"
                 ))
             })?;
-            run(&FileStore::open(dir).map_err(to_cli)?, &args, &options).await
+            run(
+                &FileStore::open(dir).map_err(CliError::from)?,
+                &args,
+                &options,
+            )
+            .await
         }
         None => {
             let dir: PathBuf = default_dir().join("once");
-            run(&FileStore::open(dir).map_err(to_cli)?, &args, &options).await
+            run(
+                &FileStore::open(dir).map_err(CliError::from)?,
+                &args,
+                &options,
+            )
+            .await
         }
     }
 }
 
 async fn run(
-    store: &impl IdempotencyStore,
+    store: &(impl IdempotencyStore + Clone + 'static),
     args: &OnceArgs,
     options: &OnceOptions,
 ) -> Result<u8, CliError> {
@@ -112,12 +127,36 @@ async fn run(
     let progress = (!args.no_wait).then(|| Progress::start(format!("key `{}`", args.key)));
     let record_failures = args.record_failures;
     let command = args.command.clone();
-    let key = args.key.clone();
+    let grace = (args.claim_ttl / 3).min(MAX_GRACE);
+    // The command, once started: to kill it if the claim is lost (the job's future is dropped
+    // then, before the command has exited).
+    let child: Arc<Mutex<Option<Arc<Child>>>> = Arc::default();
+    let slot = child.clone();
     let outcome = store
-        .once(&args.key, &fingerprint, options, move || async move {
-            let env = [("PALISADE_ONCE_KEY", key)];
-            let child = Child::spawn_forwarding(&command, &env)?;
-            let code = exit_code(child.wait().await);
+        .once_with_claim(&args.key, &fingerprint, options, move |claim| async move {
+            let env = [("PALISADE_ONCE_KEY", claim.key().to_string())];
+            let started = Child::spawn_forwarding(&command, &env)?;
+            *slot.lock().unwrap_or_else(|p| p.into_inner()) = Some(started.clone());
+            let status = tokio::select! {
+                status = started.wait() => status,
+                // Renewals have failed for so long that the claim ends within `grace` (or it was
+                // taken over): SIGTERM now, SIGKILL when `once` cancels this job, so the command
+                // has stopped before another run of the key can start.
+                () = claim.expiring(grace) => {
+                    eprintln!(
+                        "palisade: the claim on key `{}` could not be renewed and ends in {}: \
+                         sending SIGTERM to the command (pid {}), SIGKILL when it ends",
+                        claim.key(),
+                        left(claim.deadline()),
+                        started.pid(),
+                    );
+                    started.signal(Signal::SIGTERM);
+                    started.wait().await
+                }
+            };
+            // What the command left running in its process group goes before the claim does.
+            started.signal(Signal::SIGKILL);
+            let code = exit_code(status);
             if code != 0 && !record_failures {
                 return Err(Box::new(Failed(code)) as Box<dyn std::error::Error + Send + Sync>);
             }
@@ -152,8 +191,30 @@ async fn run(
                 Err(other) => Err(CliError::new(INTERNAL, other.to_string())),
             }
         }
-        Err(error) => Err(to_cli(error)),
+        Err(error @ Error::ClaimLost { .. }) => {
+            let running = child.lock().unwrap_or_else(|p| p.into_inner()).clone();
+            let mut message = chain(&error);
+            if let Some(running) = running {
+                // Another run of the key may be starting: the command must be gone now.
+                let status = running.kill().await;
+                message = format!(
+                    "{message}; the command (pid {}) was stopped ({status})",
+                    running.pid()
+                );
+            }
+            Err(CliError::new(LEASE_LOST, message))
+        }
+        Err(error) => Err(error.into()),
     }
+}
+
+/// The most time a command gets between SIGTERM and SIGKILL when its claim is running out.
+const MAX_GRACE: Duration = Duration::from_secs(10);
+
+/// How long until `deadline`, for a message.
+fn left(deadline: tokio::time::Instant) -> String {
+    let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+    humantime::format_duration(Duration::from_millis(left.as_millis() as u64)).to_string()
 }
 
 /// Connects the Redis store, over TLS with the --redis-ca/--redis-cert files when given; a refused
@@ -175,7 +236,7 @@ async fn connect(url: &str, tls: &RedisTlsArgs) -> Result<RedisStore, CliError> 
                 tls.files()
                     .refused(problem, crate::tls::Signed::Unknown, &detail)
             }
-            None => to_cli(error),
+            None => error.into(),
         }
     })
 }
@@ -183,18 +244,7 @@ async fn connect(url: &str, tls: &RedisTlsArgs) -> Result<RedisStore, CliError> 
 #[cfg(not(feature = "tls"))]
 async fn connect(url: &str, tls: &RedisTlsArgs) -> Result<RedisStore, CliError> {
     tls.certificates(url)?;
-    RedisStore::connect(url).await.map_err(to_cli)
-}
-
-fn to_cli(error: Error) -> CliError {
-    let code = match &error {
-        Error::InProgress { .. } => HELD,
-        Error::FingerprintMismatch { .. } => MISMATCH,
-        Error::Redis { .. } => UNAVAILABLE,
-        Error::Config { .. } | Error::InvalidKey { .. } | Error::MissingKey => CONFIG,
-        _ => INTERNAL,
-    };
-    CliError::new(code, chain(&error))
+    RedisStore::connect(url).await.map_err(CliError::from)
 }
 
 fn hostname() -> String {

@@ -19,6 +19,8 @@ use std::time::Duration;
 /// | [`Error::FingerprintMismatch`] | `422 Unprocessable Entity` | the key was already used with a different request body |
 /// | [`Error::Job`] | whatever the job's own error maps to | nothing was recorded, a retry runs the job again |
 /// | [`Error::OwnershipLost`] | `500` (or `409`) | the job ran, but its claim expired and another runner took the key over |
+/// | [`Error::ClaimLost`] | `503 Service Unavailable` | the job was cancelled mid-run (its claim was lost); nothing was recorded, retry later |
+/// | [`Error::NotRecorded`] | `503 Service Unavailable` | the job ran but its result could not be recorded; a retry runs it again |
 /// | store errors ([`Error::Redis`], [`Error::Io`]) | `503 Service Unavailable` | retry later |
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -281,6 +283,44 @@ pub enum Error {
     OwnershipLost {
         /// The key.
         key: String,
+    },
+
+    /// The run's claim on its key was lost while the job ran (another runner took the key over,
+    /// or the claim could not be renewed before `in_progress_ttl` ran out), so the job was
+    /// cancelled: its future was dropped and its
+    /// [`ClaimContext::cancelled`](crate::keys::ClaimContext::cancelled) fired. Nothing was
+    /// recorded; what the job did before may be partial (HTTP 503: retry later).
+    #[error(
+        "the claim on idempotency key {key:?} was lost while the job ran ({reason}), so the job \
+         was cancelled and nothing was recorded; what it did before may be partial, and a retry \
+         runs it again. If the store can be slow or unreachable that long, raise `in_progress_ttl`"
+    )]
+    ClaimLost {
+        /// The key.
+        key: String,
+        /// What happened: another runner took the key over, or renewals failed until the claim
+        /// ran out.
+        reason: &'static str,
+        /// The last renewal's error, when renewals failed.
+        #[source]
+        source: Option<Box<Error>>,
+    },
+
+    /// The job succeeded, but its result could not be recorded, even after retries: the job ran
+    /// and a retry runs it again (HTTP 503: retry later).
+    #[error(
+        "the job for idempotency key {key:?} ran, but its result could not be recorded after \
+         {attempts} attempts ({source}); a retry runs the job again, so its effect must be \
+         idempotent (see the run-once contract)"
+    )]
+    NotRecorded {
+        /// The key.
+        key: String,
+        /// How many times recording was tried.
+        attempts: usize,
+        /// The last attempt's error.
+        #[source]
+        source: Box<Error>,
     },
 
     /// The guarded job failed; nothing was recorded, so it can be retried.

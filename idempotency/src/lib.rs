@@ -32,7 +32,8 @@ pub use hash::{
     canonical_bytes, fingerprint,
 };
 pub use keys::{
-    Claim, FileStore, IdempotencyStore, MemoryStore, OnceOptions, Outcome, OwnerToken, RedisStore,
+    Claim, ClaimContext, FileStore, IdempotencyStore, MemoryStore, OnceOptions, Outcome,
+    OwnerToken, RedisStore,
 };
 pub use manifest::{FileEntry, Manifest, PartitionEntry};
 pub use partition::validate_partition;

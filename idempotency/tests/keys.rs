@@ -184,19 +184,27 @@ async fn failed_job_records_nothing(name: &str, store: &Store) {
 
 async fn killed_runner_is_reclaimed_after_in_progress_ttl(name: &str, store: &Store) {
     let (started_tx, started_rx) = tokio::sync::oneshot::channel();
+    let (kill_tx, kill_rx) = tokio::sync::oneshot::channel::<()>();
     let s = store.clone();
     let runner = tokio::spawn(async move {
-        s.once("killed", "fp", &dying(), || async move {
+        let options = dying();
+        let mut run = Box::pin(s.once("killed", "fp", &options, || async move {
             let _ = started_tx.send(());
             futures::future::pending::<()>().await;
             Ok::<_, std::io::Error>(0)
-        })
-        .await
+        }));
+        tokio::select! {
+            _ = &mut run => panic!("the job never ends"),
+            _ = kill_rx => {}
+        }
+        // The runner dies mid-run: its `once` is never polled again and runs no clean-up (as
+        // with SIGKILL; a dropped `once` would release its claim).
+        std::mem::forget(run);
     });
     started_rx.await.unwrap();
     let killed_at = tokio::time::Instant::now();
-    runner.abort(); // the runner dies mid-run and never releases its claim
-    let _ = runner.await;
+    kill_tx.send(()).unwrap();
+    runner.await.unwrap();
 
     let now = store
         .once("killed", "fp", &opts(), || async {

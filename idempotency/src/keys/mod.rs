@@ -1,6 +1,30 @@
 //! Run-once keys: a job or request retried by its runner runs once per idempotency key, and
 //! later calls replay its recorded result.
 //!
+//! # The contract: at least once; exactly once when the job's effect is idempotent
+//!
+//! [`once`](IdempotencyStore::once) promises that a job whose result was recorded is never run
+//! again for its key (until the record's `ttl` ends): later calls replay the result. It cannot
+//! promise that the job's *effect* happened once, because no store can record a result in the
+//! same atomic step as an effect outside it. A job runs **at least once**; it runs again, after
+//! its effect may already have happened, when
+//! - its runner died, or lost touch with the store for longer than `in_progress_ttl`, between
+//!   the effect and the recording of the result (the claim lapses and the next call runs it);
+//! - its claim was lost mid-run: the job is cancelled ([`Error::ClaimLost`]), but what it did
+//!   before stays;
+//! - its result could not be recorded ([`Error::NotRecorded`], after retries);
+//! - it failed ([`Error::Job`]): nothing is recorded, so a retry runs it again.
+//!
+//! It runs **exactly once** only if its effect is made idempotent with its claim: use
+//! [`once_with_claim`](IdempotencyStore::once_with_claim), and write the claim's
+//! [`token`](ClaimContext::token) (with the key) into the target in the same transaction as the
+//! effect, after checking whether an effect for the key is there already; or pass the key as the
+//! downstream system's own idempotency key (Stripe's `Idempotency-Key`, a unique constraint).
+//! Then a second run finds the first one's effect, by its key, and which run made it, by its
+//! token, and does not repeat it.
+//!
+//! # How a run holds its key
+//!
 //! A key's record goes through two states. **In progress**: a runner claimed it with a random
 //! owner token; `once` renews the claim every third of `in_progress_ttl` while the job runs,
 //! so a live runner keeps it however long the job takes, and the claim lapses `in_progress_ttl`
@@ -9,11 +33,30 @@
 //! token can complete or release a claim, atomically (a Lua script on Redis, a lock file and
 //! rename for files, a mutex in memory): a runner that was presumed dead and comes back after its
 //! claim was taken over gets [`Error::OwnershipLost`] and cannot overwrite the new owner's
-//! record. A job that fails releases its claim and records nothing, so a retry runs it again.
+//! record.
+//!
+//! While the job runs, `once` keeps its claim and watches it: when a renewal finds the key taken
+//! over, or no renewal succeeds before the claim's deadline (the last acknowledged renewal's send
+//! time plus `in_progress_ttl`, never later than the store's expiry), the job's future is
+//! dropped at once and [`ClaimContext::cancelled`] fires, so the job never runs beside the
+//! key's new owner; the caller gets [`Error::ClaimLost`].
+//!
+//! Recording the result is retried with exponential backoff (six attempts over about six
+//! seconds, the claim renewed meanwhile) before `once` gives up with [`Error::NotRecorded`]; a
+//! recording that the store applied but reported as failed is recognised on the retry. A job
+//! that fails releases its claim and records nothing, so a retry runs it again. A `once` future
+//! that is dropped mid-run (a request cancelled, a `select!` or `timeout` that gave up) releases
+//! its claim in a task spawned on the current tokio runtime, so the key is free at once rather
+//! than after `in_progress_ttl`.
+//!
+//! [`MemoryStore`] and [`FileStore`] remove expired records (and, for files, lock and temporary
+//! files left behind) as they go, a bounded number per call; Redis expires its records itself.
 
+mod context;
 mod file;
 mod memory;
 mod redis_store;
+mod run;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -22,10 +65,10 @@ use std::time::Duration;
 use async_trait::async_trait;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
-use tracing::{debug, warn};
 
 use crate::error::{Error, Result};
 
+pub use context::ClaimContext;
 pub use file::FileStore;
 pub use memory::MemoryStore;
 pub use redis_store::RedisStore;
@@ -179,7 +222,9 @@ pub trait IdempotencyStore: Send + Sync {
     -> Result<Claim>;
 
     /// Records the result of the claim `owner` (JSON text), kept for `ttl`. Fails with
-    /// [`Error::OwnershipLost`] if the key is no longer claimed by `owner`.
+    /// [`Error::OwnershipLost`] if the key is no longer claimed by `owner`. Idempotent: if
+    /// `owner` already completed the key, it succeeds again without changing the record, so a
+    /// call that the store applied but reported as failed can be retried.
     async fn complete(
         &self,
         key: &str,
@@ -207,6 +252,14 @@ pub trait IdempotencyStore: Send + Sync {
     /// the same key and `fingerprint` get [`Outcome::Replayed`] without running it. See
     /// [`Error`] for the errors and their HTTP mapping.
     ///
+    /// The job runs **at least once**, not exactly once (see the [module docs](self) for when it
+    /// runs again): make its effect idempotent, or use
+    /// [`once_with_claim`](Self::once_with_claim) to make it so with the claim's token. If the
+    /// claim is lost while the job runs, the job is cancelled (its future dropped) and the call
+    /// fails with [`Error::ClaimLost`]. Dropping the returned future releases the claim, in a
+    /// task spawned on the current tokio runtime; this is why the store must be `Clone + 'static`
+    /// (every store of this crate is; wrap others in an [`Arc`]).
+    ///
     /// ```
     /// use palisade_idempotency::{IdempotencyStore, MemoryStore, OnceOptions, Outcome};
     /// # tokio::runtime::Runtime::new().unwrap().block_on(async {
@@ -225,13 +278,50 @@ pub trait IdempotencyStore: Send + Sync {
         job: F,
     ) -> impl Future<Output = Result<Outcome<T>>> + Send
     where
-        Self: Sized,
+        Self: Sized + Clone + 'static,
         T: Serialize + DeserializeOwned + Send,
         E: Into<Box<dyn std::error::Error + Send + Sync>>,
         F: FnOnce() -> Fut + Send,
         Fut: Future<Output = std::result::Result<T, E>> + Send,
     {
-        run_once(self, key, fingerprint, options, job)
+        run::run_once(self, key, fingerprint, options, move |_claim| job())
+    }
+
+    /// [`once`](Self::once), handing the job its claim: the owner token to make the job's effect
+    /// idempotent with, and the signal ([`ClaimContext::cancelled`],
+    /// [`expiring`](ClaimContext::expiring)) to stop work the job handed to other tasks or
+    /// processes when the claim is lost. The job's own future is dropped at that moment.
+    ///
+    /// ```
+    /// use palisade_idempotency::{IdempotencyStore, MemoryStore, OnceOptions, Outcome};
+    /// # tokio::runtime::Runtime::new().unwrap().block_on(async {
+    /// let store = MemoryStore::new();
+    /// let sent = store
+    ///     .once_with_claim("invoice-42", "fp", &OnceOptions::default(), |claim| async move {
+    ///         // In the effect's own transaction, e.g. `INSERT INTO sent (key, token) VALUES
+    ///         // ($1, $2) ON CONFLICT (key) DO NOTHING`, and no effect if the key was there.
+    ///         let (key, token) = (claim.key(), claim.token().as_str());
+    ///         Ok::<_, std::io::Error>(format!("sent {key} in run {token}"))
+    ///     })
+    ///     .await?;
+    /// assert!(matches!(sent, Outcome::Executed(s) if s.starts_with("sent invoice-42 in run ")));
+    /// # Ok::<(), palisade_idempotency::Error>(()) }).unwrap();
+    /// ```
+    fn once_with_claim<T, E, F, Fut>(
+        &self,
+        key: &str,
+        fingerprint: &str,
+        options: &OnceOptions,
+        job: F,
+    ) -> impl Future<Output = Result<Outcome<T>>> + Send
+    where
+        Self: Sized + Clone + 'static,
+        T: Serialize + DeserializeOwned + Send,
+        E: Into<Box<dyn std::error::Error + Send + Sync>>,
+        F: FnOnce(ClaimContext) -> Fut + Send,
+        Fut: Future<Output = std::result::Result<T, E>> + Send,
+    {
+        run::run_once(self, key, fingerprint, options, job)
     }
 }
 
@@ -273,132 +363,4 @@ pub fn validate_key(key: &str) -> Result<()> {
         });
     }
     Ok(())
-}
-
-/// Renews `owner`'s claim every third of `ttl` for as long as it is polled (the job runs).
-/// It never completes: when the claim is lost it stops renewing and waits (the job's `complete`
-/// then reports [`Error::OwnershipLost`]); a failed renewal is retried at the next period.
-async fn keep_claim<S: IdempotencyStore + ?Sized>(
-    store: &S,
-    key: &str,
-    owner: &OwnerToken,
-    ttl: Duration,
-) -> std::convert::Infallible {
-    let period = (ttl / 3).max(Duration::from_millis(1));
-    loop {
-        tokio::time::sleep(period).await;
-        match store.extend(key, owner, ttl).await {
-            Ok(true) => {}
-            Ok(false) => {
-                tracing::warn!(key, "the claim lapsed and another runner took the key");
-                return std::future::pending().await;
-            }
-            Err(e) => tracing::warn!(key, error = %e, "could not renew the claim; retrying"),
-        }
-    }
-}
-
-#[tracing::instrument(name = "once", skip_all, fields(key = %key))]
-async fn run_once<S, T, E, F, Fut>(
-    store: &S,
-    key: &str,
-    fingerprint: &str,
-    options: &OnceOptions,
-    job: F,
-) -> Result<Outcome<T>>
-where
-    S: IdempotencyStore + ?Sized,
-    T: Serialize + DeserializeOwned + Send,
-    E: Into<Box<dyn std::error::Error + Send + Sync>>,
-    F: FnOnce() -> Fut + Send,
-    Fut: Future<Output = std::result::Result<T, E>> + Send,
-{
-    validate_key(key)?;
-    options.validate()?;
-    let deadline = options.wait.map(|w| tokio::time::Instant::now() + w);
-    loop {
-        match store
-            .claim(key, fingerprint, options.in_progress_ttl)
-            .await?
-        {
-            Claim::Acquired(owner) => {
-                debug!(key, "claimed; running the job");
-                let ran: std::result::Result<T, Box<dyn std::error::Error + Send + Sync>> = tokio::select! {
-                    ran = job() => ran.map_err(Into::into),
-                    never = keep_claim(store, key, &owner, options.in_progress_ttl) => match never {},
-                };
-                return match ran {
-                    Ok(value) => {
-                        let json = match serde_json::to_string(&value) {
-                            Ok(j) => j,
-                            Err(source) => {
-                                release_quietly(store, key, &owner).await;
-                                return Err(Error::Serialization {
-                                    what: "the job's result",
-                                    source,
-                                });
-                            }
-                        };
-                        store.complete(key, &owner, &json, options.ttl).await?;
-                        count("executed");
-                        Ok(Outcome::Executed(value))
-                    }
-                    Err(e) => {
-                        release_quietly(store, key, &owner).await;
-                        Err(Error::Job(e))
-                    }
-                };
-            }
-            Claim::Completed {
-                fingerprint: recorded,
-                result,
-            } => {
-                if recorded != fingerprint {
-                    return Err(Error::FingerprintMismatch {
-                        key: key.to_string(),
-                    });
-                }
-                let value =
-                    serde_json::from_str(&result).map_err(|source| Error::Serialization {
-                        what: "the recorded result",
-                        source,
-                    })?;
-                debug!(key, "replayed");
-                count("replayed");
-                return Ok(Outcome::Replayed(value));
-            }
-            Claim::InProgress {
-                fingerprint: recorded,
-            } => {
-                if recorded != fingerprint {
-                    return Err(Error::FingerprintMismatch {
-                        key: key.to_string(),
-                    });
-                }
-                match deadline {
-                    Some(d) if tokio::time::Instant::now() < d => {
-                        tokio::time::sleep(options.poll_interval).await;
-                    }
-                    _ => {
-                        return Err(Error::InProgress {
-                            key: key.to_string(),
-                        });
-                    }
-                }
-            }
-        }
-    }
-}
-
-fn count(outcome: &'static str) {
-    #[cfg(feature = "metrics")]
-    metrics::counter!("palisade_idempotency_once_total", "outcome" => outcome).increment(1);
-    #[cfg(not(feature = "metrics"))]
-    let _ = outcome;
-}
-
-async fn release_quietly<S: IdempotencyStore + ?Sized>(store: &S, key: &str, owner: &OwnerToken) {
-    if let Err(e) = store.release(key, owner).await {
-        warn!(key, error = %e, "could not release the claim; it lapses after in_progress_ttl");
-    }
 }

@@ -20,13 +20,20 @@ redis.call('PEXPIRE', KEYS[1], ARGV[3])
 return {'acquired'}
 ";
 
-/// 1 if `owner` held the claim and the result is recorded, else 0.
-/// KEYS[1] record; ARGV: owner, result, ttl ms.
+/// 1 if `owner` held the claim and the result is recorded (or `owner` had recorded it already:
+/// a retry of a complete whose reply was lost), else 0. The completed record keeps `owner` for
+/// that check. KEYS[1] record; ARGV: owner, result, ttl ms.
 const COMPLETE: &str = r"
-if redis.call('HGET', KEYS[1], 'state') == 'in_progress' and redis.call('HGET', KEYS[1], 'owner') == ARGV[1] then
+local state = redis.call('HGET', KEYS[1], 'state')
+if redis.call('HGET', KEYS[1], 'owner') ~= ARGV[1] then
+  return 0
+end
+if state == 'in_progress' then
   redis.call('HSET', KEYS[1], 'state', 'completed', 'result', ARGV[2])
-  redis.call('HDEL', KEYS[1], 'owner')
   redis.call('PEXPIRE', KEYS[1], ARGV[3])
+  return 1
+end
+if state == 'completed' then
   return 1
 end
 return 0
