@@ -909,21 +909,32 @@ fn on_s3_a_publish_that_lost_the_race_conflicts_or_is_fenced_and_changes_nothing
 
 /// Reads one partition directory the way a careful plain reader does: it opens the directory,
 /// then lists and reads through that open handle (`/proc/self/fd/N/...`), so a swap in the
-/// middle cannot mix versions. `None` if the version it opened was deleted meanwhile (a reader
-/// re-lists then).
-fn read_partition_through_handle(dir: &Path) -> Option<BTreeMap<String, Vec<u8>>> {
+/// middle cannot mix versions. `Err(true)` if the version it opened was deleted meanwhile
+/// (replaced versions are retained, so this must not happen); `Err(false)` if the directory was
+/// missing (only between the two renames where `RENAME_EXCHANGE` is unavailable).
+fn read_partition_through_handle(dir: &Path) -> Result<BTreeMap<String, Vec<u8>>, bool> {
     use std::os::fd::AsRawFd;
-    let handle = std::fs::File::open(dir).ok()?;
+    let handle = std::fs::File::open(dir).map_err(|_| false)?;
     let via = PathBuf::from(format!("/proc/self/fd/{}", handle.as_raw_fd()));
     let mut files = BTreeMap::new();
-    for entry in std::fs::read_dir(&via).ok()? {
-        let name = entry.ok()?.file_name().to_string_lossy().to_string();
+    for entry in std::fs::read_dir(&via).map_err(|_| true)? {
+        let name = entry
+            .map_err(|_| true)?
+            .file_name()
+            .to_string_lossy()
+            .to_string();
         if name.starts_with('_') || name.starts_with('.') {
             continue;
         }
-        files.insert(name.clone(), std::fs::read(via.join(&name)).ok()?);
+        files.insert(
+            name.clone(),
+            std::fs::read(via.join(&name)).map_err(|_| true)?,
+        );
     }
-    Some(files)
+    if files.is_empty() {
+        return Err(true); // an opened version emptied by a deletion
+    }
+    Ok(files)
 }
 
 #[test]
@@ -942,11 +953,18 @@ fn a_reader_during_publishes_sees_every_partition_whole() {
             let (mut snapshots, mut retried) = (0u64, 0u64);
             while !done.load(std::sync::atomic::Ordering::Relaxed) {
                 for p in 0..parts {
-                    let Some(files) =
-                        read_partition_through_handle(&dest.join(format!("date={p}")))
-                    else {
-                        retried += 1;
-                        continue;
+                    let files = match read_partition_through_handle(&dest.join(format!("date={p}")))
+                    {
+                        Ok(files) => files,
+                        Err(deleted) => {
+                            assert!(
+                                !deleted,
+                                "date={p}: the version the reader opened was deleted under it \
+                                 (publish retains replaced versions for an hour)"
+                            );
+                            retried += 1;
+                            continue;
+                        }
                     };
                     let versions: std::collections::BTreeSet<u32> = files
                         .values()

@@ -122,3 +122,46 @@ fn on_s3_names_are_kept_byte_for_byte_and_nested_datasets_are_refused() {
         "the refused publishes changed nothing: {out:?}"
     );
 }
+
+#[test]
+fn publish_retains_replaced_versions_for_readers_and_retain_0s_deletes_them() {
+    let p = Palisade::new(None);
+    let src = p.dir.path().join("src");
+    let dest = p.dir.path().join("dest");
+    let url = format!("file://{}", dest.display());
+    let publish = |v: u32, extra: &[&str]| {
+        write(&src.join("date=1/part-0.csv"), &format!("id\n{v}\n"));
+        let mut args = vec!["publish", src.to_str().unwrap(), url.as_str()];
+        args.extend_from_slice(extra);
+        let out = run(p.command(&args));
+        assert_eq!(out.status.code(), Some(0), "{out:?}");
+    };
+    let retained = || -> usize {
+        let out = run(p.command(&["verify", "--json", &url]));
+        assert_eq!(out.status.code(), Some(0), "{out:?}");
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        v["retained"].as_array().map_or(0, Vec::len)
+    };
+    publish(0, &[]);
+    // A reader opened version 0's file; two publishes replace it.
+    let mut reader = std::fs::File::open(dest.join("date=1/part-0.csv")).unwrap();
+    publish(1, &[]);
+    publish(2, &[]);
+    assert_eq!(retained(), 2, "versions 0 and 1 wait for the retention");
+    let mut text = String::new();
+    std::io::Read::read_to_string(&mut reader, &mut text).unwrap();
+    assert_eq!(text, "id\n0\n");
+    let out = run(p.command(&["verify", &url]));
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("retained"),
+        "{out:?}"
+    );
+    publish(3, &["--retain", "0s"]);
+    assert_eq!(retained(), 0, "--retain 0s deletes what is kept");
+    let out = run(p.command(&["publish", "--retain", "soon", src.to_str().unwrap(), &url]));
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "a bad duration is a usage error: {out:?}"
+    );
+}

@@ -6,6 +6,7 @@
 //! <prefix>/<partition>/<name>...                   multi-file partitions, local directory
 //! <prefix>/<partition>/<stem>-<run16><ext>...      multi-file partitions, object stores
 //! <prefix>/_manifest.lock, _staging/               local directory only: lock file, staged data
+//! <prefix>/_retired/                               local directory only: old versions kept
 //! <prefix>/_manifest.pending.json                  local directory only: a decided commit
 //! ```
 //!
@@ -23,8 +24,11 @@ pub(crate) use crate::manifest::MANIFEST_FILE;
 pub(crate) const LOCK_FILE: &str = "_manifest.lock";
 /// Local directory only: a commit that was decided and is being rolled forward.
 pub(crate) const PENDING_FILE: &str = "_manifest.pending.json";
-/// Local directory only: staged data of running writers, and old versions on their way out.
+/// Local directory only: staged data of running writers.
 pub(crate) const STAGING_DIR: &str = "_staging";
+/// Local directory only: replaced and removed partition versions kept for readers until the
+/// retention has passed, as `_retired/<unix ms>-g<generation>-<n>/`.
+pub(crate) const RETIRED_DIR: &str = "_retired";
 
 /// The files that mark a directory (or prefix) as a dataset of this crate.
 pub(crate) const DATASET_MARKERS: [&str; 3] = [MANIFEST_FILE, LOCK_FILE, PENDING_FILE];

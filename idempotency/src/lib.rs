@@ -35,9 +35,9 @@ pub use keys::{
     Claim, ClaimContext, FileStore, IdempotencyStore, MemoryStore, OnceOptions, Outcome,
     OwnerToken, RedisStore,
 };
-pub use manifest::{FileEntry, Manifest, PartitionEntry};
+pub use manifest::{FileEntry, Manifest, PartitionEntry, RetiredVersion};
 pub use partition::validate_partition;
 pub use reader::Dataset;
 pub use storage::{DatasetStore, StoreOptions, store_from_url, store_from_url_with};
-pub use verify::{Problem, Verification, verify};
+pub use verify::{Problem, Retained, Verification, verify};
 pub use writer::{PartFile, PartitionedWriter, Report, WriterBuilder};

@@ -89,6 +89,23 @@ impl PartitionEntry {
     }
 }
 
+/// Objects a commit replaced or removed, kept on an object store for readers that are still
+/// reading the version that named them, until the writer's retention has passed
+/// ([`WriterBuilder::retain`](crate::WriterBuilder::retain)); the first commit after that deletes
+/// them.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RetiredVersion {
+    /// The generation of the commit that stopped naming them.
+    pub generation: u64,
+    /// When that commit was written, in milliseconds since the Unix epoch on the **store's**
+    /// clock. `None` in the manifest of that commit itself: its own `last_modified` is the time,
+    /// and the next writer records it here.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retired_at_ms: Option<i64>,
+    /// The objects, relative to the dataset prefix.
+    pub objects: Vec<String>,
+}
+
 /// The BLAKE3 of a multi-file partition's listing: for each file sorted by name, its name's
 /// length and bytes, its size and its hash (all little-endian, length-prefixed, so no two
 /// listings encode alike). Recorded as the partition's [`PartitionEntry::hash`].
@@ -129,6 +146,10 @@ pub struct Manifest {
     pub commit_id: Option<String>,
     /// The live partitions, by name.
     pub partitions: BTreeMap<String, PartitionEntry>,
+    /// Object stores: versions replaced by recent commits, kept until the retention has passed.
+    /// Older readers of the format ignore this field.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub retired: Vec<RetiredVersion>,
 }
 
 impl Manifest {
@@ -142,6 +163,7 @@ impl Manifest {
             fencing_token: None,
             commit_id: None,
             partitions: BTreeMap::new(),
+            retired: Vec::new(),
         }
     }
 
@@ -211,6 +233,14 @@ impl Manifest {
                         entry.object
                     )));
                 }
+            }
+        }
+        for r in &m.retired {
+            if let Some(bad) = r.objects.iter().find(|o| !is_safe_relative(o)) {
+                return Err(corrupt(format!(
+                    "retired object {bad:?} of generation {} is not a path inside the dataset",
+                    r.generation
+                )));
             }
         }
         Ok(m)

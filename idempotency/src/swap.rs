@@ -18,7 +18,7 @@ use crate::storage::{
     remove_file_if_exists, write_synced,
 };
 
-use crate::layout::{LOCK_FILE, PENDING_FILE, STAGING_DIR};
+use crate::layout::{LOCK_FILE, PENDING_FILE, RETIRED_DIR, STAGING_DIR};
 
 /// A decided commit: the manifest to install, and the directory moves that come with it.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -207,9 +207,68 @@ pub(crate) fn finish(dir: &Path, pending: &Pending, force_fallback: bool) -> Res
     let pending_path = dir.join(PENDING_FILE);
     remove_file_if_exists(&pending_path)?;
     fsync_dir(dir)?;
-    for old in leftovers(dir, pending) {
-        if let Err(e) = remove_dir_all_if_exists(&old) {
-            warn!(error = %e, "could not delete an old partition version; the next open sweeps it");
+    retire(dir, pending);
+    Ok(())
+}
+
+/// Moves the old versions a finished commit left in the staging area to the retired area, where
+/// readers that opened them keep reading them until a writer's retention has passed.
+fn retire(dir: &Path, pending: &Pending) {
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis());
+    let retired = dir.join(RETIRED_DIR);
+    for (i, old) in leftovers(dir, pending).into_iter().enumerate() {
+        if std::fs::symlink_metadata(&old).is_err() {
+            continue;
+        }
+        let to = retired.join(format!("{now_ms}-g{}-{i}", pending.manifest.generation));
+        let moved = std::fs::create_dir_all(&retired).and_then(|()| std::fs::rename(&old, &to));
+        if let Err(e) = moved {
+            warn!(error = %e, "could not keep an old partition version; deleting it");
+            if let Err(e) = remove_dir_all_if_exists(&old) {
+                warn!(error = %e, "could not delete an old partition version; the next open sweeps it");
+            }
+        }
+    }
+}
+
+/// The retained versions of a local dataset: (retired at, unix ms; generation that replaced
+/// them; path), oldest first.
+pub(crate) fn retained(dir: &Path) -> Result<Vec<(i64, u64, PathBuf)>> {
+    let retired = dir.join(RETIRED_DIR);
+    let entries = match std::fs::read_dir(&retired) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(io("list", &retired)(e)),
+    };
+    let mut out = Vec::new();
+    for entry in entries {
+        let entry = entry.map_err(io("list", &retired))?;
+        let name = entry.file_name().to_string_lossy().to_string();
+        let mut parts = name.splitn(3, '-');
+        let at = parts.next().and_then(|p| p.parse::<i64>().ok());
+        let generation = parts
+            .next()
+            .and_then(|p| p.strip_prefix('g'))
+            .and_then(|p| p.parse::<u64>().ok());
+        // Anything else in there is not ours to keep: it counts as retired long ago.
+        out.push((at.unwrap_or(0), generation.unwrap_or(0), entry.path()));
+    }
+    out.sort();
+    Ok(out)
+}
+
+/// Deletes the retained versions older than `retain` (manifest lock held).
+pub(crate) fn expire_retired(dir: &Path, retain: std::time::Duration) -> Result<()> {
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64);
+    let retain_ms = i64::try_from(retain.as_millis()).unwrap_or(i64::MAX);
+    for (at, generation, path) in retained(dir)? {
+        if now_ms.saturating_sub(at) >= retain_ms {
+            debug!(generation, path = %path.display(), "deleting a retained version");
+            remove_dir_all_if_exists(&path)?;
         }
     }
     Ok(())

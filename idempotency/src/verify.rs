@@ -12,7 +12,7 @@ use serde::Serialize;
 use crate::error::{Result, io, store as store_err};
 use crate::hash::ContentHash;
 use crate::layout::{
-    DATASET_MARKERS, MANIFEST_FILE, PENDING_FILE, STAGING_DIR, is_marker_name,
+    DATASET_MARKERS, MANIFEST_FILE, PENDING_FILE, RETIRED_DIR, STAGING_DIR, is_marker_name,
     is_multi_file_object_name, object_key, relative_key,
 };
 use crate::manifest::Manifest;
@@ -52,6 +52,20 @@ pub enum Problem {
     },
 }
 
+/// A replaced partition version kept for readers until the retention has passed
+/// ([`WriterBuilder::retain`](crate::WriterBuilder::retain)).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[non_exhaustive]
+pub struct Retained {
+    /// The generation of the commit that replaced or removed it.
+    pub generation: u64,
+    /// When, in milliseconds since the Unix epoch on the store's clock (`None`: by the latest
+    /// commit, whose manifest's own write time it is).
+    pub retired_at_ms: Option<i64>,
+    /// Its objects (object stores) or files (local directory).
+    pub objects: usize,
+}
+
 /// The result of [`verify`].
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
 #[non_exhaustive]
@@ -71,6 +85,8 @@ pub struct Verification {
     /// `orphan_grace`), or files put into a partition directory by hand on a local directory
     /// (a plain directory reader reads them).
     pub unreferenced: Vec<String>,
+    /// Versions waiting to be deleted once the retention has passed, oldest first.
+    pub retained: Vec<Retained>,
     /// Local directory: the generation of a decided commit not yet rolled forward
     /// (`_manifest.pending.json`; the next writer or reader completes it).
     pub pending_commit: Option<u64>,
@@ -153,8 +169,26 @@ pub async fn verify(
                 };
                 v.problems.extend(problem);
             }
+            v.retained = m
+                .retired
+                .iter()
+                .map(|r| Retained {
+                    generation: r.generation,
+                    retired_at_ms: r.retired_at_ms,
+                    objects: r.objects.len(),
+                })
+                .collect();
             let dir = object_key(&base, &prefix, "")?;
-            let live: BTreeSet<&str> = m.partitions.values().flat_map(|e| e.objects()).collect();
+            let live: BTreeSet<&str> = m
+                .partitions
+                .values()
+                .flat_map(|e| e.objects())
+                .chain(
+                    m.retired
+                        .iter()
+                        .flat_map(|r| r.objects.iter().map(String::as_str)),
+                )
+                .collect();
             let listed: Vec<object_store::ObjectMeta> = store
                 .list(Some(&dir))
                 .try_collect()
@@ -214,6 +248,13 @@ fn verify_local(dir: &Path, hashes: bool) -> Result<Verification> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
         Err(e) => return Err(io("read", &pending)(e)),
     }
+    for (at, generation, path) in crate::swap::retained(dir)? {
+        v.retained.push(Retained {
+            generation,
+            retired_at_ms: Some(at),
+            objects: count_files(&path),
+        });
+    }
     let Some(m) = manifest else { return Ok(v) };
     for (object, size, hash) in named(&m) {
         let path = dir.join(&object);
@@ -267,7 +308,7 @@ fn verify_local(dir: &Path, hashes: bool) -> Result<Verification> {
             };
             let ft = entry.file_type().map_err(io("stat", entry.path()))?;
             if ft.is_dir() {
-                if !(rel.is_empty() && name == STAGING_DIR) {
+                if !(rel.is_empty() && (name == STAGING_DIR || name == RETIRED_DIR)) {
                     stack.push((entry.path(), path));
                 }
             } else {
@@ -283,4 +324,20 @@ fn verify_local(dir: &Path, hashes: bool) -> Result<Verification> {
     }
     v.unreferenced.sort();
     Ok(v)
+}
+
+/// The files under `dir`, recursively (0 if it cannot be listed).
+fn count_files(dir: &Path) -> usize {
+    let mut n = 0;
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for entry in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+            match entry.file_type() {
+                Ok(t) if t.is_dir() => stack.push(entry.path()),
+                Ok(_) => n += 1,
+                Err(_) => {}
+            }
+        }
+    }
+    n
 }

@@ -94,7 +94,7 @@ fn object_files(table: &Path) -> Vec<(PathBuf, Vec<u8>)> {
             let p = e.path();
             let name = e.file_name().to_string_lossy().to_string();
             if p.is_dir() {
-                if name != "_staging" {
+                if !name.starts_with('_') {
                     stack.push(p);
                 }
             } else if !name.starts_with('_') && !name.starts_with('.') {

@@ -367,7 +367,7 @@ fn copy_tree(from: &Path, to: &Path) {
     std::fs::create_dir_all(to).unwrap();
     for e in std::fs::read_dir(from).unwrap().flatten() {
         let name = e.file_name().to_string_lossy().to_string();
-        if name == "_staging" || name == "_manifest.lock" {
+        if name == "_staging" || name == "_retired" || name == "_manifest.lock" {
             continue;
         }
         let target = to.join(&name);

@@ -57,8 +57,11 @@ fn source(src: &Path, partition: &str, f: &Files) -> Vec<PartFile> {
 
 /// One run: puts each `(partition, files)` and commits.
 async fn run(store: &DatasetStore, src: &Path, parts: &[(String, Files)], remove: bool) -> Report {
+    // No retention: these tests check that replaced versions are gone after the commit
+    // (tests/retention.rs checks what the default retention keeps).
     let mut w = PartitionedWriter::builder(store, "t")
         .remove_missing(remove)
+        .retain(std::time::Duration::ZERO)
         .open()
         .await
         .unwrap();

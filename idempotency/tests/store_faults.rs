@@ -2,186 +2,24 @@
 //! a manifest write that is applied but answered with an error, a store whose clock is not
 //! ours, and another dataset nested inside ours or around it.
 
+#[path = "support/faulty.rs"]
+mod faulty;
 #[path = "support/moto.rs"]
 mod moto;
 
-use std::fmt;
+use faulty::{Faulty, ManifestFault};
+
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use async_trait::async_trait;
 use bytes::Bytes;
 use futures::StreamExt;
-use futures::stream::BoxStream;
 use object_store::path::Path;
-use object_store::{
-    CopyOptions, GetOptions, GetResult, ListResult, MultipartUpload, ObjectMeta, ObjectStore,
-    PutMultipartOptions, PutOptions, PutPayload, PutResult,
-};
+use object_store::{ObjectMeta, ObjectStore};
 use palisade_idempotency::{
     ContentHash, Dataset, DatasetStore, Error, PartFile, PartitionedWriter,
 };
-
-/// How the wrapper answers the next manifest write.
-#[derive(Clone, Copy, Debug, PartialEq)]
-enum ManifestFault {
-    /// Applied, then a server error (a 5xx after apply, or a timeout on the answer).
-    AppliedThenError,
-    /// Applied, then `Precondition` (the client retried the applied put into a 412).
-    AppliedThenPrecondition,
-    /// Not applied, and an error; reads fail too (the store is unreachable for a while).
-    LostAndUnreadable,
-}
-
-/// An `ObjectStore` in front of a real one that injects faults from outside: the next manifest
-/// write answered wrongly, and a clock `skew` on every `last_modified` it reports.
-struct Faulty {
-    inner: Arc<dyn ObjectStore>,
-    fault: std::sync::Mutex<Option<ManifestFault>>,
-    unreadable: AtomicBool,
-    /// The store's clock minus ours, applied to every `last_modified` it reports.
-    skew: chrono::TimeDelta,
-    manifest_puts: AtomicUsize,
-}
-
-impl Faulty {
-    fn new(inner: Arc<dyn ObjectStore>) -> Self {
-        Self {
-            inner,
-            fault: std::sync::Mutex::new(None),
-            unreadable: AtomicBool::new(false),
-            skew: chrono::TimeDelta::zero(),
-            manifest_puts: AtomicUsize::new(0),
-        }
-    }
-
-    fn arm(&self, fault: ManifestFault) {
-        *self.fault.lock().unwrap() = Some(fault);
-    }
-
-    fn shift(&self, mut meta: ObjectMeta) -> ObjectMeta {
-        meta.last_modified += self.skew;
-        meta
-    }
-
-    fn check_readable(&self) -> object_store::Result<()> {
-        if self.unreadable.load(Ordering::SeqCst) {
-            return Err(object_store::Error::Generic {
-                store: "faulty",
-                source: "connection reset (injected)".into(),
-            });
-        }
-        Ok(())
-    }
-}
-
-impl fmt::Display for Faulty {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "Faulty({})", self.inner)
-    }
-}
-
-impl fmt::Debug for Faulty {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "Faulty({})", self.inner)
-    }
-}
-
-#[async_trait]
-impl ObjectStore for Faulty {
-    async fn put_opts(
-        &self,
-        location: &Path,
-        payload: PutPayload,
-        opts: PutOptions,
-    ) -> object_store::Result<PutResult> {
-        if location.filename() == Some("_manifest.json") {
-            self.manifest_puts.fetch_add(1, Ordering::SeqCst);
-            let fault = self.fault.lock().unwrap().take();
-            match fault {
-                Some(ManifestFault::AppliedThenError) => {
-                    self.inner.put_opts(location, payload, opts).await?;
-                    return Err(object_store::Error::Generic {
-                        store: "faulty",
-                        source: "503 Slow Down after the write was applied (injected)".into(),
-                    });
-                }
-                Some(ManifestFault::AppliedThenPrecondition) => {
-                    self.inner.put_opts(location, payload, opts).await?;
-                    return Err(object_store::Error::Precondition {
-                        path: location.to_string(),
-                        source: "412 on the retry of an applied write (injected)".into(),
-                    });
-                }
-                Some(ManifestFault::LostAndUnreadable) => {
-                    self.unreadable.store(true, Ordering::SeqCst);
-                    return Err(object_store::Error::Generic {
-                        store: "faulty",
-                        source: "timeout (injected)".into(),
-                    });
-                }
-                None => {}
-            }
-        }
-        self.inner.put_opts(location, payload, opts).await
-    }
-
-    async fn put_multipart_opts(
-        &self,
-        location: &Path,
-        opts: PutMultipartOptions,
-    ) -> object_store::Result<Box<dyn MultipartUpload>> {
-        self.inner.put_multipart_opts(location, opts).await
-    }
-
-    async fn get_opts(
-        &self,
-        location: &Path,
-        options: GetOptions,
-    ) -> object_store::Result<GetResult> {
-        self.check_readable()?;
-        let mut got = self.inner.get_opts(location, options).await?;
-        got.meta = self.shift(got.meta);
-        Ok(got)
-    }
-
-    fn delete_stream(
-        &self,
-        locations: BoxStream<'static, object_store::Result<Path>>,
-    ) -> BoxStream<'static, object_store::Result<Path>> {
-        self.inner.delete_stream(locations)
-    }
-
-    fn list(&self, prefix: Option<&Path>) -> BoxStream<'static, object_store::Result<ObjectMeta>> {
-        let skew = self.skew;
-        self.inner
-            .list(prefix)
-            .map(move |m| {
-                m.map(|mut m| {
-                    m.last_modified += skew;
-                    m
-                })
-            })
-            .boxed()
-    }
-
-    async fn list_with_delimiter(&self, prefix: Option<&Path>) -> object_store::Result<ListResult> {
-        self.check_readable()?;
-        let mut listed = self.inner.list_with_delimiter(prefix).await?;
-        listed.objects = listed.objects.into_iter().map(|m| self.shift(m)).collect();
-        Ok(listed)
-    }
-
-    async fn copy_opts(
-        &self,
-        from: &Path,
-        to: &Path,
-        options: CopyOptions,
-    ) -> object_store::Result<()> {
-        self.inner.copy_opts(from, to, options).await
-    }
-}
 
 async fn moto_store(s3: &palisade_testkit::S3) -> Arc<dyn ObjectStore> {
     Arc::new(moto::client(s3, "lake"))
@@ -274,10 +112,10 @@ async fn an_unclear_manifest_write_keeps_the_uploads_and_says_so() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_store_clock_behind_ours_does_not_sweep_a_running_writers_uploads() {
     let s3 = moto::start().await;
-    let mut faulty = Faulty::new(moto_store(&s3).await);
+    let faulty = Faulty::new(moto_store(&s3).await);
     // The store's clock is two hours behind ours (or ours ahead): every object looks two
     // hours old to a writer that compares `last_modified` with its own clock.
-    faulty.skew = chrono::TimeDelta::hours(-2);
+    faulty.skew_ms.store(-2 * 3_600_000, Ordering::SeqCst);
     let faulty = Arc::new(faulty);
     let store = dataset(&faulty);
     let mut first = PartitionedWriter::open(&store, "sales").await.unwrap();

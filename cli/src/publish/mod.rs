@@ -94,6 +94,12 @@ pub struct PublishArgs {
     #[arg(long)]
     pub json: bool,
 
+    /// How long replaced partition versions are kept for readers that are still reading them
+    /// (a query that listed the files before this publish); the first publish after that deletes
+    /// them. `0s` deletes them right after the commit.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "1h", value_name = "DURATION")]
+    pub retain: Duration,
+
     /// How long to wait for another publish's commit on a local DEST.
     #[arg(long, value_parser = humantime::parse_duration, default_value = "30s", value_name = "DURATION")]
     pub lock_timeout: Duration,
@@ -200,6 +206,7 @@ async fn open_writer(
     let mut builder = PartitionedWriter::builder(store, "")
         .allow_unfenced(args.allow_unfenced)
         .remove_missing(args.remove_missing)
+        .retain(args.retain)
         .lock_timeout(args.lock_timeout);
     if let Some(token) = fencing_token {
         builder = builder.fencing_token(token);

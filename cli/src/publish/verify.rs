@@ -77,6 +77,21 @@ fn report(dest: &str, v: &Verification) -> String {
              publish or reader completes it\n"
         ));
     }
+    for r in &v.retained {
+        let since = match r.retired_at_ms {
+            Some(ms) => format!(
+                "since {}",
+                humantime::format_rfc3339_seconds(
+                    std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms.max(0) as u64),
+                )
+            ),
+            None => "by the latest commit".to_string(),
+        };
+        out.push_str(&format!(
+            "  retained        {} objects replaced at generation {} ({since}), kept for readers until the retention passes\n",
+            r.objects, r.generation
+        ));
+    }
     for o in &v.unreferenced {
         out.push_str(&format!(
             "  unreferenced    {} (not in the manifest)\n",

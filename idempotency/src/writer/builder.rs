@@ -20,6 +20,7 @@ pub struct WriterBuilder {
     pub(super) lock_timeout: Duration,
     pub(super) orphan_grace: Duration,
     pub(super) extension: String,
+    pub(super) retain: Duration,
 }
 
 impl WriterBuilder {
@@ -63,6 +64,17 @@ impl WriterBuilder {
     /// leftover of a crashed run (default 1 hour; keep it above your longest run).
     pub fn orphan_grace(mut self, grace: Duration) -> Self {
         self.orphan_grace = grace;
+        self
+    }
+
+    /// How long a replaced or removed partition version is kept for readers that are still
+    /// reading it (default 1 hour, enough for a typical query; `Duration::ZERO` deletes it right
+    /// after the commit). As table formats keep snapshots: on an object store the manifest lists
+    /// such versions ([`Manifest::retired`](crate::Manifest::retired)) and the first commit after
+    /// the retention, timed on the store's clock, deletes them; on a local directory they wait in
+    /// `_staging/retired/` and the first `open` or commit after the retention deletes them.
+    pub fn retain(mut self, retain: Duration) -> Self {
+        self.retain = retain;
         self
     }
 

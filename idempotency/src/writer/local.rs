@@ -13,7 +13,7 @@ use tracing::debug;
 use crate::error::{Error, Result, io};
 use crate::hash::ContentHash;
 use crate::layout::{
-    DATASET_MARKERS, LOCK_FILE, STAGING_DIR, is_marker_name, join_prefix, marker_name,
+    DATASET_MARKERS, LOCK_FILE, RETIRED_DIR, STAGING_DIR, is_marker_name, join_prefix, marker_name,
 };
 use crate::manifest::{FileEntry, Manifest};
 use crate::partition::is_object_file_name;
@@ -60,6 +60,7 @@ impl LocalTarget {
         run_id: &str,
         lock_timeout: Duration,
         accept: bool,
+        retain: Duration,
     ) -> Result<(Option<Manifest>, Self)> {
         // Before anything is created: a refused open leaves no trace.
         check_ancestors(root, prefix)?;
@@ -71,6 +72,7 @@ impl LocalTarget {
         // First complete a commit that a crashed writer decided: its new versions are staged.
         crate::swap::complete_pending(&dir)?;
         sweep_staging(&staging)?;
+        crate::swap::expire_retired(&dir, retain)?;
         let manifest = read_local_manifest(&dir, accept)?;
         if let Some(m) = &manifest {
             sweep_unreferenced(&dir, m, &walk(&dir)?.files)?;
@@ -145,13 +147,15 @@ impl LocalTarget {
     /// pending commit of a writer that died, checks the manifest found against the run's base
     /// (`check`), then decides the commit with a durable pending record and rolls it forward:
     /// every written partition's directory swapped in whole, removed ones moved aside, the
-    /// manifest installed, old versions deleted. The run's staging area is deleted either way.
+    /// manifest installed, old versions moved to `_retired/` (and those older than `retain`
+    /// deleted). The run's staging area is deleted either way.
     pub fn commit(
         self,
         plan: &Plan,
         staged: &[(String, StagedDir)],
         lock_timeout: Duration,
         accept: bool,
+        retain: Duration,
         check: impl FnOnce(Option<&Manifest>) -> Result<()>,
     ) -> Result<()> {
         if plan.next.is_some() {
@@ -205,6 +209,7 @@ impl LocalTarget {
         // The decision; from here on the commit is rolled forward, by us or the next `open`.
         crate::swap::write_pending(&self.dir, &self.run_dir, &pending)?;
         crate::swap::finish(&self.dir, &pending, false)?;
+        crate::swap::expire_retired(&self.dir, retain)?;
         self.discard()?;
         drop(lock);
         Ok(())
@@ -273,7 +278,7 @@ fn walk(dir: &Path) -> Result<Listing> {
             let name = entry.file_name().to_string_lossy().to_string();
             let ft = entry.file_type().map_err(io("stat", entry.path()))?;
             if ft.is_dir() {
-                if !(d == dir && name == STAGING_DIR) {
+                if !(d == dir && (name == STAGING_DIR || name == RETIRED_DIR)) {
                     stack.push(entry.path());
                 }
             } else if d != dir && DATASET_MARKERS.contains(&name.as_str()) {

@@ -48,7 +48,8 @@
 //!    new manifest is installed as `_manifest.json` (staged, fsynced, renamed, fsynced): the
 //!    commit point for readers of the manifest. Then removed partitions are renamed aside into
 //!    the staging area (atomically disappearing), the markers are deleted,
-//!    `_manifest.pending.json` is deleted, and only then the old versions.
+//!    `_manifest.pending.json` is deleted, and only then the old versions are moved to
+//!    `_retired/` (see [Retention](#retention-readers-keep-the-version-they-started-reading)).
 //! 5. **Roll-forward:** `open`, `commit` and [`Dataset::open`](crate::Dataset::open) look for
 //!    `_manifest.pending.json`; if there is one (its writer crashed or failed in step 4) they
 //!    take the lock and complete it idempotently: a partition whose live directory holds this
@@ -78,8 +79,9 @@
 //! time, hashed as they are read, under `<partition>/<dir>/<stem>-<run16><ext>`, keeping their
 //! extension). `commit` reads the manifest, checks fencing token and generation, and writes the
 //! new manifest, which records this run's id as its `commit_id`, with a conditional put
-//! (`PutMode::Update` with the e-tag/version it read, or `PutMode::Create`); then deletes the
-//! replaced objects.
+//! (`PutMode::Update` with the e-tag/version it read, or `PutMode::Create`). The replaced
+//! objects stay, listed in the manifest's [`retired`](crate::Manifest::retired) versions, for
+//! the retention (see below).
 //!
 //! **A manifest write is never taken back on an unclear answer.** A put can be applied and
 //! still be answered with an error (a 5xx or a timeout after the store applied it, or a `412`
@@ -133,7 +135,7 @@
 //! ## A plain listing on an object store
 //!
 //! A listing of `<partition>/` sees **both versions** from the uploads until the replaced
-//! objects are deleted right after the commit (and after a crash, the dead run's uploads until a
+//! objects are deleted after the retention (and after a crash, the dead run's uploads until a
 //! later `open` sweeps them, once they are older than `orphan_grace`). Readers that need a
 //! consistent view read through the manifest ([`Dataset::live_files`](crate::Dataset::live_files),
 //! or `palisade manifest`).
@@ -150,9 +152,27 @@
 //!   describes the old versions of partitions already swapped: such a reader can get "not found"
 //!   (or a hash mismatch when a file name is reused) and should re-read the manifest.
 //!   `Dataset::open` completes a pending commit before reading.
-//! - Replaced objects are deleted right after the commit that stops naming them, so a reader that
-//!   is still reading objects named by the previous manifest can get "not found": it should
-//!   re-read the manifest and start over.
+//! - Replaced objects stay for the retention (default 1 hour) after the commit that stops naming
+//!   them, so a reader that read an older manifest keeps reading its objects for that long.
+//!
+//! # Retention: readers keep the version they started reading
+//!
+//! A query lists (or reads a manifest), then reads, sometimes minutes later. So a replaced or
+//! removed partition version is not deleted by the commit that replaces it, but kept for
+//! [`retain`](WriterBuilder::retain) (default 1 hour), as table formats keep their snapshots:
+//!
+//! - **Object stores:** the objects stay where they are, and the manifest lists them as a
+//!   [`RetiredVersion`](crate::RetiredVersion) with the time of the commit on the store's clock
+//!   (the `last_modified` of the manifest that retired them). The first commit after the
+//!   retention, timed on the store's clock (a probe object), drops them from the manifest and
+//!   then deletes them; the orphan sweep never takes them. A reader that read any manifest of the
+//!   last `retain` reads all its objects.
+//! - **Local directory:** the swapped-out directory moves to `_retired/<ms>-g<generation>-<n>/`
+//!   (skipped by Hive-style readers), and the first `open` or commit after the retention deletes
+//!   it. A reader that opened a partition directory (or its files) reads that version whole for
+//!   the retention, through its open handle; a reader that opens paths later gets the new version.
+//! - [`verify`](crate::verify()) lists the versions waiting, and `retain(Duration::ZERO)` deletes
+//!   them right after each commit (the behaviour before retention existed).
 //! - Without a manifest (never committed, or deleted by hand), `open` sweeps no objects; they
 //!   are swept after the next commit, so deleting a corrupt manifest to recover loses nothing
 //!   until the rewrite has committed.
@@ -273,6 +293,7 @@ impl PartitionedWriter {
             lock_timeout: Duration::from_secs(30),
             orphan_grace: Duration::from_secs(3600),
             extension: String::new(),
+            retain: Duration::from_secs(3600),
         }
     }
 
@@ -288,6 +309,7 @@ impl PartitionedWriter {
             opts.lock_timeout,
             accept,
             opts.orphan_grace,
+            opts.retain,
         )
         .await?;
         let base = base.unwrap_or_else(Manifest::empty);
@@ -555,6 +577,18 @@ impl PartitionedWriter {
     )]
     pub async fn commit(mut self) -> Result<Report> {
         let whole_directories = self.target()?.whole_directories();
+        // The store's clock, only when retained versions may have come of age.
+        let now_ms = if self.base.retired.is_empty() {
+            None
+        } else {
+            match self.target()?.clock_ms().await {
+                Ok(now) => now,
+                Err(e) => {
+                    self.abort().await?;
+                    return Err(e);
+                }
+            }
+        };
         let proposal = Proposal {
             base: &self.base,
             staged: self
@@ -568,6 +602,9 @@ impl PartitionedWriter {
             fencing_token: self.opts.fencing_token,
             commit_id: &self.run_id,
             whole_directories,
+            retain: self.opts.retain,
+            base_written_at_ms: self.target()?.base_written_at_ms(),
+            now_ms,
         };
         let plan = match plan::plan(&proposal) {
             Ok(plan) => plan,
@@ -606,6 +643,7 @@ impl PartitionedWriter {
             recheck: self.opened_at.elapsed() > self.opts.orphan_grace / 2,
             lock_timeout: self.opts.lock_timeout,
             accept,
+            retain: self.opts.retain,
         };
         let result = match self.target.take() {
             Some(target) => target.commit(args, check).await,

@@ -41,6 +41,9 @@ pub(crate) struct ObjectTarget {
     version: Option<UpdateVersion>,
     /// Its generation (0: none).
     base_generation: u64,
+    /// When it was written, on the store's clock (ms since the epoch).
+    base_written_at_ms: Option<i64>,
+    run_id: String,
 }
 
 /// How a commit ended, as far as the store told.
@@ -74,6 +77,8 @@ impl ObjectTarget {
             manifest_key,
             version: None,
             base_generation: 0,
+            base_written_at_ms: None,
+            run_id: run_id.to_string(),
         };
         target.check_ancestors().await?;
         let listed: Vec<object_store::ObjectMeta> = target
@@ -94,8 +99,9 @@ impl ObjectTarget {
                     .to_string(),
             });
         }
-        let (manifest, version) = target.read_manifest(accept).await?;
+        let (manifest, version, written_at) = target.read_manifest(accept).await?;
         target.version = version;
+        target.base_written_at_ms = written_at;
         target.base_generation = manifest.as_ref().map_or(0, |m| m.generation);
         if let Some(m) = &manifest {
             target.sweep(m, listed, run_id, grace).await;
@@ -136,11 +142,11 @@ impl ObjectTarget {
         Ok(())
     }
 
-    /// Reads the manifest and its e-tag/version.
+    /// Reads the manifest, its e-tag/version and when it was written (store clock, ms).
     pub async fn read_manifest(
         &self,
         accept: bool,
-    ) -> Result<(Option<Manifest>, Option<UpdateVersion>)> {
+    ) -> Result<(Option<Manifest>, Option<UpdateVersion>, Option<i64>)> {
         let path = &self.manifest_key;
         match self.store.get(path).await {
             Ok(got) => {
@@ -148,13 +154,28 @@ impl ObjectTarget {
                     e_tag: got.meta.e_tag.clone(),
                     version: got.meta.version.clone(),
                 };
+                let written_at = got.meta.last_modified.timestamp_millis();
                 let bytes = got.bytes().await.map_err(store_err("read", path))?;
                 let m = Manifest::decode(&bytes, path.as_ref(), accept)?;
-                Ok((Some(m), Some(version)))
+                Ok((Some(m), Some(version), Some(written_at)))
             }
-            Err(object_store::Error::NotFound { .. }) => Ok((None, None)),
+            Err(object_store::Error::NotFound { .. }) => Ok((None, None, None)),
             Err(e) => Err(store_err("read", path)(e)),
         }
+    }
+
+    /// When the manifest this run started from was written (store clock, ms since the epoch).
+    pub fn base_written_at_ms(&self) -> Option<i64> {
+        self.base_written_at_ms
+    }
+
+    /// The store's clock now (ms since the epoch), read from a probe object.
+    pub async fn clock_ms(&self) -> Result<i64> {
+        Ok(self
+            .store_now(&self.run_id)
+            .await?
+            .last_modified
+            .timestamp_millis())
     }
 
     /// Deletes unreferenced data objects (leftovers of crashed runs) that are older than `grace`
@@ -167,7 +188,17 @@ impl ObjectTarget {
         run_id: &str,
         grace: Duration,
     ) {
-        let live: BTreeSet<&str> = m.partitions.values().flat_map(|e| e.objects()).collect();
+        // Retained versions are not orphans: readers of older manifests may still read them.
+        let live: BTreeSet<&str> = m
+            .partitions
+            .values()
+            .flat_map(|e| e.objects())
+            .chain(
+                m.retired
+                    .iter()
+                    .flat_map(|r| r.objects.iter().map(String::as_str)),
+            )
+            .collect();
         let candidates: Vec<object_store::ObjectMeta> = listed
             .into_iter()
             .filter(|meta| {
@@ -339,7 +370,7 @@ impl ObjectTarget {
         accept: bool,
         check: impl Fn(Option<&Manifest>) -> Result<()>,
     ) -> Result<Outcome> {
-        let (current, version) = match self.read_manifest(accept).await {
+        let (current, version, _) = match self.read_manifest(accept).await {
             Ok(read) => read,
             Err(e) => {
                 self.delete(ours).await;
@@ -412,7 +443,7 @@ impl ObjectTarget {
     ) -> Result<Outcome> {
         let answer = error.to_string();
         let found = match self.read_manifest(accept).await {
-            Ok((found, _)) => found,
+            Ok((found, _, _)) => found,
             Err(read) => {
                 return Err(Error::CommitUnknown {
                     prefix: self.prefix.clone(),
@@ -424,7 +455,13 @@ impl ObjectTarget {
         };
         let named: BTreeSet<&str> = found
             .iter()
-            .flat_map(|m| m.partitions.values().flat_map(|e| e.objects()))
+            .flat_map(|m| {
+                m.partitions.values().flat_map(|e| e.objects()).chain(
+                    m.retired
+                        .iter()
+                        .flat_map(|r| r.objects.iter().map(String::as_str)),
+                )
+            })
             .collect();
         let landed = found.as_ref().is_some_and(|m| {
             m.commit_id == next.commit_id || ours.iter().any(|o| named.contains(o.as_str()))

@@ -3,9 +3,10 @@
 //! (local directory, object store) carry out the same plan.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
 
 use crate::error::{Error, Result};
-use crate::manifest::{Manifest, PartitionEntry};
+use crate::manifest::{Manifest, PartitionEntry, RetiredVersion};
 
 /// What a run proposes to commit.
 #[derive(Debug, Clone)]
@@ -24,8 +25,15 @@ pub(crate) struct Proposal<'a> {
     pub fencing_token: Option<u64>,
     /// This run's id, recorded in the manifest it writes.
     pub commit_id: &'a str,
-    /// Every partition owns its directory, which a commit replaces whole (local directory).
+    /// Every partition owns its directory, which a commit replaces whole (local directory; old
+    /// versions are retained there by the `swap` module, not through the manifest).
     pub whole_directories: bool,
+    /// How long replaced objects are kept for readers of older versions (object stores).
+    pub retain: Duration,
+    /// When the base manifest was written, on the store's clock (ms since the epoch).
+    pub base_written_at_ms: Option<i64>,
+    /// The store's clock now (ms), when the base retains versions whose time may be up.
+    pub now_ms: Option<i64>,
 }
 
 /// What a commit does.
@@ -35,8 +43,9 @@ pub(crate) struct Plan {
     pub next: Option<Manifest>,
     /// The partitions removed.
     pub removed: Vec<String>,
-    /// Objects the base names and the next manifest does not, to delete after the commit
-    /// (object stores; on a local directory old versions leave with their directories).
+    /// Objects to delete after the commit (object stores): retained versions whose retention
+    /// has passed, and with no retention the objects the base names and the next one does not.
+    /// On a local directory old versions leave with their directories.
     pub obsolete: Vec<String>,
 }
 
@@ -96,22 +105,63 @@ pub(crate) fn plan(p: &Proposal<'_>) -> Result<Plan> {
         });
     }
     let obsolete = if p.whole_directories {
+        next.retired.clear();
         Vec::new()
     } else {
-        let live: BTreeSet<&str> = next.partitions.values().flat_map(|e| e.objects()).collect();
-        p.base
-            .partitions
-            .values()
-            .flat_map(|e| e.objects())
-            .filter(|o| !live.contains(o))
-            .map(str::to_string)
-            .collect()
+        retire(p, &mut next)
     };
     Ok(Plan {
         next: Some(next),
         removed,
         obsolete,
     })
+}
+
+/// Object stores: records the objects the base names and `next` does not as a version retired
+/// by this commit, and drops the base's retired versions whose retention has passed. Returns the
+/// objects to delete after the commit.
+fn retire(p: &Proposal<'_>, next: &mut Manifest) -> Vec<String> {
+    let live: BTreeSet<String> = next
+        .partitions
+        .values()
+        .flat_map(|e| e.objects())
+        .map(str::to_string)
+        .collect();
+    let replaced: Vec<String> = p
+        .base
+        .partitions
+        .values()
+        .flat_map(|e| e.objects())
+        .filter(|o| !live.contains(*o))
+        .map(str::to_string)
+        .collect();
+    let retain_ms = i64::try_from(p.retain.as_millis()).unwrap_or(i64::MAX);
+    let mut obsolete = Vec::new();
+    let mut retired = Vec::new();
+    for r in &p.base.retired {
+        let at = r.retired_at_ms.or(p.base_written_at_ms);
+        let expired = p.retain.is_zero()
+            || matches!((p.now_ms, at), (Some(now), Some(at)) if now.saturating_sub(at) >= retain_ms);
+        if expired {
+            obsolete.extend(r.objects.iter().filter(|o| !live.contains(*o)).cloned());
+        } else {
+            retired.push(RetiredVersion {
+                retired_at_ms: at,
+                ..r.clone()
+            });
+        }
+    }
+    if p.retain.is_zero() {
+        obsolete.extend(replaced);
+    } else if !replaced.is_empty() {
+        retired.push(RetiredVersion {
+            generation: next.generation,
+            retired_at_ms: None,
+            objects: replaced,
+        });
+    }
+    next.retired = retired;
+    obsolete
 }
 
 /// Refuses a manifest where a partition lies inside the directory of a multi-file partition
@@ -220,47 +270,74 @@ mod tests {
         remove_missing: bool,
         fencing: (Option<u64>, Option<u64>),
         whole_directories: bool,
+        retain: Duration,
+        elapsed_ms: i64,
     }
 
     fn case() -> impl Strategy<Value = Case> {
         let per_name = proptest::collection::vec((0u8..4, any::<bool>()), NAMES.len());
+        let retired =
+            proptest::collection::vec((proptest::option::of(0i64..2_000_000), 1usize..3), 0..3);
         (
             per_name,
             any::<bool>(),
             proptest::option::of(0u64..4),
             proptest::option::of(0u64..4),
             any::<bool>(),
+            (
+                retired,
+                prop_oneof![Just(0u64), Just(3_600_000)],
+                0i64..8_000_000,
+            ),
         )
-            .prop_map(|(per, remove_missing, base_fence, ours, whole)| {
-                let mut base = Manifest::empty();
-                base.generation = 7;
-                base.fencing_token = base_fence;
-                let (mut staged, mut unchanged) = (BTreeMap::new(), BTreeSet::new());
-                for (name, (what, multi)) in NAMES.iter().zip(per) {
-                    // 0: absent; 1: in base, not put; 2: in base, put unchanged; 3: written.
-                    if what >= 1 && !(what == 3 && multi) {
-                        base.partitions
-                            .insert(name.to_string(), entry(name, 1, multi));
-                    }
-                    match what {
-                        2 => {
-                            unchanged.insert(name.to_string());
-                        }
-                        3 => {
-                            staged.insert(name.to_string(), entry(name, 2, multi));
-                        }
-                        _ => {}
-                    }
-                }
-                Case {
-                    base,
-                    staged,
-                    unchanged,
+            .prop_map(
+                |(
+                    per,
                     remove_missing,
-                    fencing: (base_fence, ours),
-                    whole_directories: whole,
-                }
-            })
+                    base_fence,
+                    ours,
+                    whole,
+                    (retired, retain_ms, elapsed_ms),
+                )| {
+                    let mut base = Manifest::empty();
+                    base.generation = 7;
+                    base.fencing_token = base_fence;
+                    for (i, (at, n)) in retired.into_iter().enumerate() {
+                        base.retired.push(RetiredVersion {
+                            generation: 3 + i as u64,
+                            retired_at_ms: at,
+                            objects: (0..n).map(|j| format!("old/part-{i}-{j}")).collect(),
+                        });
+                    }
+                    let (mut staged, mut unchanged) = (BTreeMap::new(), BTreeSet::new());
+                    for (name, (what, multi)) in NAMES.iter().zip(per) {
+                        // 0: absent; 1: in base, not put; 2: in base, put unchanged; 3: written.
+                        if what >= 1 && !(what == 3 && multi) {
+                            base.partitions
+                                .insert(name.to_string(), entry(name, 1, multi));
+                        }
+                        match what {
+                            2 => {
+                                unchanged.insert(name.to_string());
+                            }
+                            3 => {
+                                staged.insert(name.to_string(), entry(name, 2, multi));
+                            }
+                            _ => {}
+                        }
+                    }
+                    Case {
+                        base,
+                        staged,
+                        unchanged,
+                        remove_missing,
+                        fencing: (base_fence, ours),
+                        whole_directories: whole,
+                        retain: Duration::from_millis(retain_ms),
+                        elapsed_ms,
+                    }
+                },
+            )
     }
 
     fn propose(c: &Case) -> Proposal<'_> {
@@ -273,6 +350,9 @@ mod tests {
             fencing_token: c.fencing.1,
             commit_id: "0123456789abcdef",
             whole_directories: c.whole_directories,
+            retain: c.retain,
+            base_written_at_ms: Some(1_000_000),
+            now_ms: Some(1_000_000 + c.elapsed_ms),
         }
     }
 
@@ -313,16 +393,37 @@ mod tests {
             for k in c.staged.keys() {
                 prop_assert!(next.partitions.contains_key(k));
             }
-            // Nothing the next manifest names is deleted; everything else the base named is.
+            // Nothing the next manifest names or retains is deleted; every object the base
+            // named or retained is named, retained or deleted (nothing leaks).
             let live: BTreeSet<&str> = next.partitions.values().flat_map(|e| e.objects()).collect();
+            let kept: BTreeSet<&str> = next.retired.iter().flat_map(|r| r.objects.iter().map(String::as_str)).collect();
             for o in &plan.obsolete {
-                prop_assert!(!live.contains(o.as_str()), "{o} is live");
+                prop_assert!(!live.contains(o.as_str()) && !kept.contains(o.as_str()), "{o} is live or retained");
             }
             if c.whole_directories {
-                prop_assert!(plan.obsolete.is_empty());
+                prop_assert!(plan.obsolete.is_empty() && next.retired.is_empty());
             } else {
-                for o in c.base.partitions.values().flat_map(|e| e.objects()) {
-                    prop_assert!(live.contains(o) || plan.obsolete.iter().any(|x| x == o), "{o} leaks");
+                let before = c.base.partitions.values().flat_map(|e| e.objects())
+                    .chain(c.base.retired.iter().flat_map(|r| r.objects.iter().map(String::as_str)));
+                for o in before {
+                    prop_assert!(live.contains(o) || kept.contains(o) || plan.obsolete.iter().any(|x| x == o), "{o} leaks");
+                }
+                if c.retain.is_zero() {
+                    prop_assert!(next.retired.is_empty());
+                }
+                // A retained version stays exactly while its time is not up; only the one this
+                // commit retires has no time yet (its manifest's own write time is it).
+                let retain_ms = c.retain.as_millis() as i64;
+                for r in &next.retired {
+                    match r.retired_at_ms {
+                        None => prop_assert_eq!(r.generation, next.generation),
+                        Some(at) => prop_assert!(1_000_000 + c.elapsed_ms - at < retain_ms),
+                    }
+                }
+                for r in &c.base.retired {
+                    let at = r.retired_at_ms.unwrap_or(1_000_000);
+                    let kept_it = next.retired.iter().any(|x| x.generation == r.generation);
+                    prop_assert_eq!(kept_it, !c.retain.is_zero() && 1_000_000 + c.elapsed_ms - at < retain_ms);
                 }
             }
         }
@@ -359,6 +460,9 @@ mod tests {
             fencing_token: None,
             commit_id: "x",
             whole_directories: false,
+            retain: Duration::from_secs(3600),
+            base_written_at_ms: None,
+            now_ms: None,
         };
         assert!(matches!(
             plan(&p),

@@ -55,6 +55,8 @@ pub(crate) struct CommitArgs<'a> {
     pub lock_timeout: Duration,
     /// Accept a manifest of another version.
     pub accept: bool,
+    /// Local: how long old versions are kept in `_staging/retired/`.
+    pub retain: Duration,
 }
 
 impl Target {
@@ -66,13 +68,15 @@ impl Target {
         lock_timeout: Duration,
         accept: bool,
         orphan_grace: Duration,
+        retain: Duration,
     ) -> Result<(Option<Manifest>, Target)> {
         match backend {
             Backend::Local(root) => {
                 let (p, run) = (prefix.to_string(), run_id.to_string());
-                let (m, t) =
-                    blocking(move || LocalTarget::open(&root, &p, &run, lock_timeout, accept))
-                        .await?;
+                let (m, t) = blocking(move || {
+                    LocalTarget::open(&root, &p, &run, lock_timeout, accept, retain)
+                })
+                .await?;
                 Ok((m, Target::Local(t)))
             }
             Backend::Object { store, base } => {
@@ -80,6 +84,23 @@ impl Target {
                     ObjectTarget::open(store, base, prefix, run_id, accept, orphan_grace).await?;
                 Ok((m, Target::Object(t)))
             }
+        }
+    }
+
+    /// When the manifest this run started from was written, on the store's clock (object
+    /// stores).
+    pub fn base_written_at_ms(&self) -> Option<i64> {
+        match self {
+            Target::Local(_) => None,
+            Target::Object(t) => t.base_written_at_ms(),
+        }
+    }
+
+    /// The store's clock now (object stores; a probe object is written and deleted).
+    pub async fn clock_ms(&self) -> Result<Option<i64>> {
+        match self {
+            Target::Local(_) => Ok(None),
+            Target::Object(t) => t.clock_ms().await.map(Some),
         }
     }
 
@@ -211,10 +232,12 @@ impl Target {
                     staged,
                     lock_timeout,
                     accept,
+                    retain,
                     ..
                 } = args;
                 let plan = plan.clone();
-                blocking(move || t.commit(&plan, &staged, lock_timeout, accept, check)).await
+                blocking(move || t.commit(&plan, &staged, lock_timeout, accept, retain, check))
+                    .await
             }
             Target::Object(t) => t
                 .commit(args.plan, &args.uploaded, args.recheck, args.accept, check)
