@@ -19,6 +19,11 @@ pub struct JobsArgs {
     #[arg(long)]
     pub watch: bool,
 
+    /// Also list who waits for each job's lock, in arrival order (etcd; `flock` does not tell
+    /// about waiters on the file backend).
+    #[arg(long)]
+    pub waiters: bool,
+
     #[command(flatten)]
     pub backend: BackendArgs,
 }
@@ -30,13 +35,55 @@ pub async fn jobs(args: JobsArgs) -> Result<u8, CliError> {
     // Subscribe before listing, so that nothing that happens in between is missed.
     let mut events = args.watch.then(|| registry.watch());
     let running = registry.running().await?;
+    let mut waiting: Vec<(String, Vec<JobInfo>)> = Vec::new();
+    if args.waiters {
+        for job in &running {
+            let contenders = coordinator.contenders(&job.lock).await?;
+            let queue = contenders
+                .iter()
+                .skip(1)
+                .filter_map(|h| h.job_info())
+                .collect();
+            waiting.push((job.lock.clone(), queue));
+        }
+    }
     let mut out = std::io::stdout().lock();
     if args.json {
-        for job in &running {
-            writeln!(out, "{}", json_line(None, job)).map_err(io)?;
+        for (i, job) in running.iter().enumerate() {
+            let mut line = json_value(None, job);
+            if let (Some((_, queue)), Some(map)) = (waiting.get(i), line.as_object_mut()) {
+                map.insert(
+                    "waiters".into(),
+                    serde_json::to_value(queue).unwrap_or_default(),
+                );
+            }
+            writeln!(out, "{line}").map_err(io)?;
         }
     } else {
-        print_table(&mut out, &running).map_err(io)?;
+        print_table(
+            &mut out,
+            &["NAME", "HOST", "PID", "SINCE", "TOKEN", "COMMAND"],
+            &rows(&running, |j| (j.lock.clone(), token(j))),
+        )
+        .map_err(io)?;
+        if args.waiters {
+            let queue: Vec<JobInfo> = waiting
+                .into_iter()
+                .flat_map(|(lock, q)| {
+                    q.into_iter().map(move |mut j| {
+                        j.lock = lock.clone();
+                        j
+                    })
+                })
+                .collect();
+            writeln!(out).map_err(io)?;
+            print_table(
+                &mut out,
+                &["WAITING FOR", "HOST", "PID", "SINCE", "JOB", "COMMAND"],
+                &rows(&queue, |j| (j.lock.clone(), j.name.clone())),
+            )
+            .map_err(io)?;
+        }
     }
     out.flush().map_err(io)?;
     drop(out);
@@ -79,36 +126,48 @@ fn token(job: &JobInfo) -> String {
         .map_or_else(|| "-".into(), |t| t.to_string())
 }
 
-fn json_line(event: Option<&str>, job: &JobInfo) -> String {
+fn json_value(event: Option<&str>, job: &JobInfo) -> serde_json::Value {
     let mut value = serde_json::to_value(job).unwrap_or_default();
     if let (Some(event), Some(map)) = (event, value.as_object_mut()) {
         map.insert("event".into(), event.into());
     }
-    value.to_string()
+    value
 }
 
-fn print_table(out: &mut impl Write, jobs: &[JobInfo]) -> std::io::Result<()> {
-    let rows: Vec<[String; 6]> = jobs
-        .iter()
+fn json_line(event: Option<&str>, job: &JobInfo) -> String {
+    json_value(event, job).to_string()
+}
+
+/// Table rows of `jobs`: the first column and the fifth from `pick`, the others the job's.
+fn rows(jobs: &[JobInfo], pick: impl Fn(&JobInfo) -> (String, String)) -> Vec<[String; 6]> {
+    jobs.iter()
         .map(|j| {
+            let (first, fifth) = pick(j);
             [
-                j.lock.clone(),
+                first,
                 j.host.clone(),
                 j.pid.to_string(),
                 humantime::format_rfc3339_seconds(j.started_at()).to_string(),
-                token(j),
+                fifth,
                 j.command.join(" "),
             ]
         })
-        .collect();
-    let header = ["NAME", "HOST", "PID", "SINCE", "TOKEN", "COMMAND"].map(String::from);
+        .collect()
+}
+
+fn print_table(
+    out: &mut impl Write,
+    header: &[&str; 6],
+    rows: &[[String; 6]],
+) -> std::io::Result<()> {
+    let header = header.map(String::from);
     let mut widths = header.clone().map(|h| h.len());
-    for row in &rows {
+    for row in rows {
         for (width, cell) in widths.iter_mut().zip(row) {
             *width = (*width).max(cell.len());
         }
     }
-    for row in std::iter::once(&header).chain(&rows) {
+    for row in std::iter::once(&header).chain(rows) {
         let line = row
             .iter()
             .zip(widths)

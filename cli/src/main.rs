@@ -13,6 +13,7 @@ mod publish;
 mod run;
 mod signals;
 mod tls;
+mod unlock;
 mod watchdog;
 
 use clap::{Parser, Subcommand};
@@ -95,6 +96,12 @@ enum Command {
     /// checks of a lake.
     #[command(after_help = exit::TABLE)]
     Verify(publish::verify::VerifyArgs),
+    /// Break a lock whose holder is stuck: shows the holder (host, pid, since, fencing token)
+    /// and, after asking (or with --yes), revokes its session on etcd, so its `palisade run`
+    /// stops its command (exit 76 there) and the next waiter gets the lock. On the file backend
+    /// it is refused (exit 75) while the holder process lives: stop that process instead.
+    #[command(after_help = exit::TABLE)]
+    Unlock(unlock::UnlockArgs),
     /// Internal: kills a guarded command's process group when palisade dies (see `run`).
     #[command(name = "__watchdog", hide = true)]
     Watchdog(watchdog::WatchdogArgs),
@@ -130,6 +137,7 @@ fn main() -> ExitCode {
             Command::Publish(args) => publish::publish(args).await,
             Command::Manifest(args) => publish::manifest(args).await,
             Command::Verify(args) => publish::verify::verify(args).await,
+            Command::Unlock(args) => unlock::unlock(args).await,
             Command::Watchdog(args) => watchdog::watch(args).await,
         }
     });

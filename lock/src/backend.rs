@@ -48,6 +48,12 @@ impl Holder {
         String::from_utf8_lossy(&self.value)
     }
 
+    /// The job this holder (or waiter) runs, when it stored one as its value
+    /// (`run_exclusive` and `palisade run` do): host, pid, start time, command.
+    pub fn job_info(&self) -> Option<JobInfo> {
+        self.job().map(|j| *j)
+    }
+
     /// The job this holder registered (its value, when that is a `JobInfo`), with the holder's
     /// fencing token: the value is written before the token is known, so the token comes from
     /// the holder itself.
@@ -148,6 +154,19 @@ pub trait LockBackend: sealed::Sealed + Send + Sync + 'static {
     /// How many contenders wait for `name` behind its holder (on the file backend: the waiters
     /// of this process only, `flock` does not tell about others).
     async fn queue_len(&self, kind: Kind, name: &str) -> Result<usize, LockError>;
+
+    /// Everyone holding or waiting for `name`, in arrival order: the holder first, then the
+    /// waiters (each with the value it will hold with, and its queue position's token). On the
+    /// file backend only the holder (`flock` does not tell about waiters).
+    async fn contenders(&self, kind: Kind, name: &str) -> Result<Vec<Holder>, LockError> {
+        Ok(self.holder(kind, name).await?.into_iter().collect())
+    }
+
+    /// Breaks `name` for an operator: on etcd the holder's session lease is revoked (its keys
+    /// go, and its `run_exclusive` or `palisade run` sees the lease lost and stops its job); on
+    /// the file backend it is refused with [`LockError::Held`] while the holder process lives
+    /// (the kernel frees the lock when it dies). Returns the holder it broke, `None` if free.
+    async fn break_lock(&self, kind: Kind, name: &str) -> Result<Option<Holder>, LockError>;
 
     /// The holder of `name` now and after every change (`None` while free).
     fn observe(&self, kind: Kind, name: &str) -> BoxStream<'static, Option<Holder>>;

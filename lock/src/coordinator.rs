@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use tracing::Instrument;
 
-use crate::backend::{Kind, LockBackend, Wait};
+use crate::backend::{Holder, Kind, LockBackend, Wait};
 use crate::backends::file::FileBackend;
 use crate::backends::memory::MemoryBackend;
 use crate::election::Election;
@@ -16,6 +16,7 @@ use crate::guard::LockGuard;
 use crate::job::JobInfo;
 use crate::registry::JobRegistry;
 use crate::session::{LostSignal, Session};
+use futures::stream::BoxStream;
 
 /// What `run_exclusive` did.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -197,6 +198,45 @@ impl Coordinator {
     pub async fn queue_len(&self, name: &str) -> Result<usize, LockError> {
         validate_name(name)?;
         self.backend.queue_len(Kind::Lock, name).await
+    }
+
+    /// The holder of `name` now (`None` while free): its fencing token, and its job when it
+    /// registered one ([`Holder::job_info`]).
+    pub async fn holder(&self, name: &str) -> Result<Option<Holder>, LockError> {
+        validate_name(name)?;
+        self.backend.holder(Kind::Lock, name).await
+    }
+
+    /// The holder of `name` now and after every change (`None` while free), for dashboards and
+    /// for waiting on a lock without contending for it.
+    pub fn observe(&self, name: &str) -> Result<BoxStream<'static, Option<Holder>>, LockError> {
+        validate_name(name)?;
+        Ok(self.backend.observe(Kind::Lock, name))
+    }
+
+    /// The holder and the waiters of `name`, in arrival order (on the file backend only the
+    /// holder: `flock` does not tell about waiters).
+    pub async fn contenders(&self, name: &str) -> Result<Vec<Holder>, LockError> {
+        validate_name(name)?;
+        self.backend.contenders(Kind::Lock, name).await
+    }
+
+    /// Breaks `name` for an operator (`palisade unlock`): on etcd the holder's session lease is
+    /// revoked, so all its keys go and its `run_exclusive` (or `palisade run`) sees the lease
+    /// lost and stops its job; on the file and memory backends it is refused with
+    /// [`LockError::Held`] while the holder lives (stop that process instead). Returns the holder
+    /// it broke, `None` if `name` was free.
+    pub async fn break_lock(&self, name: &str) -> Result<Option<Holder>, LockError> {
+        validate_name(name)?;
+        let broken = self.backend.break_lock(Kind::Lock, name).await?;
+        if let Some(h) = &broken {
+            tracing::warn!(
+                lock = name,
+                fencing_token = h.fencing_token,
+                "lock broken by an operator"
+            );
+        }
+        Ok(broken)
     }
 
     /// Runs `job` while holding `name`, registered in the [`JobRegistry`] as `info`.

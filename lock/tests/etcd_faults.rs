@@ -859,3 +859,48 @@ async fn cancelled_acquires_leave_no_key_behind() {
     );
     drop(guard);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_operator_breaks_a_lock_its_holder_is_told_and_the_first_waiter_gets_it() {
+    let etcd = etcd_server().await;
+    let endpoints = vec![etcd.endpoint()];
+    let (a, b, ops) = (
+        etcd_coordinator(&endpoints, 30).await,
+        etcd_coordinator(&endpoints, 30).await,
+        etcd_coordinator(&endpoints, 30).await,
+    );
+    let held = a.lock("stuck").await.unwrap();
+    let b2 = b.clone();
+    let waiter = tokio::spawn(async move { b2.lock("stuck").await });
+    eventually("b waits for stuck", || async {
+        ops.contenders("stuck").await.unwrap().len() == 2
+    })
+    .await;
+    let contenders = ops.contenders("stuck").await.unwrap();
+    assert_eq!(
+        contenders[0].fencing_token,
+        held.fencing_token(),
+        "the holder comes first"
+    );
+    assert!(contenders[1].fencing_token > contenders[0].fencing_token);
+    assert_eq!(
+        ops.holder("stuck").await.unwrap(),
+        Some(contenders[0].clone())
+    );
+
+    let broken = ops.break_lock("stuck").await.unwrap().expect("it was held");
+    assert_eq!(broken.fencing_token, held.fencing_token());
+    bounded("the holder sees its lock lost", held.lost()).await;
+    let next = bounded("the waiter gets the lock", waiter)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(next.fencing_token() > broken.fencing_token);
+    // Breaking the next holder's lock, then a free lock: nothing to break.
+    drop(next);
+    eventually("stuck is free", || async {
+        ops.holder("stuck").await.unwrap().is_none()
+    })
+    .await;
+    assert_eq!(ops.break_lock("stuck").await.unwrap(), None);
+}

@@ -553,6 +553,15 @@ impl LockBackend for FileBackend {
         self.current_holder(kind, name)
     }
 
+    async fn break_lock(&self, kind: Kind, name: &str) -> Result<Option<Holder>, LockError> {
+        // A flock is held only by a live process (the kernel frees it when the last descriptor
+        // closes): there is nothing to break, only a process to stop.
+        match self.current_holder(kind, name)? {
+            Some(_) => Err(self.held_error(kind, name)),
+            None => Ok(None),
+        }
+    }
+
     async fn queue_len(&self, kind: Kind, name: &str) -> Result<usize, LockError> {
         let map = self.waiting.lock().unwrap_or_else(|p| p.into_inner());
         Ok(map.get(&(kind, name.to_string())).copied().unwrap_or(0))

@@ -456,3 +456,64 @@ pub(crate) async fn holder(
     .await?;
     Ok(resp.kvs().first().map(holder_of))
 }
+
+/// Everyone holding or waiting under `prefix`, in arrival (create revision) order.
+pub(crate) async fn contenders(
+    client: &Client,
+    prefix: &str,
+    rpc_timeout: Duration,
+) -> Result<Vec<Holder>, LockError> {
+    let resp = retry(
+        "read lock contenders",
+        rpc_timeout,
+        budget(rpc_timeout * 3),
+        || {
+            let mut c = client.clone();
+            let options = GetOptions::new()
+                .with_prefix()
+                .with_sort(SortTarget::Create, SortOrder::Ascend);
+            async move { c.get(prefix, Some(options)).await }
+        },
+    )
+    .await?;
+    Ok(resp.kvs().iter().map(holder_of).collect())
+}
+
+/// Revokes the lease of the holder under `prefix` (an operator breaking the lock): every key of
+/// that session goes, and its owner sees its lease lost. Returns the holder, `None` if free.
+pub(crate) async fn break_holder(
+    client: &Client,
+    prefix: &str,
+    rpc_timeout: Duration,
+) -> Result<Option<Holder>, LockError> {
+    let resp = retry(
+        "read lock holder",
+        rpc_timeout,
+        budget(rpc_timeout * 3),
+        || {
+            let mut c = client.clone();
+            async move { c.get(prefix, Some(first_created())).await }
+        },
+    )
+    .await?;
+    let Some(kv) = resp.kvs().first() else {
+        return Ok(None);
+    };
+    let (holder, lease) = (holder_of(kv), kv.lease());
+    let revoked = retry(
+        "revoke the holder's lease",
+        rpc_timeout,
+        budget(rpc_timeout * 3),
+        || {
+            let mut c = client.clone();
+            async move { c.lease_revoke(lease).await }
+        },
+    )
+    .await;
+    match revoked {
+        Ok(_) => Ok(Some(holder)),
+        // The lease is gone already (expired or revoked meanwhile): the lock is free either way.
+        Err(LockError::Lost) => Ok(Some(holder)),
+        Err(e) => Err(e),
+    }
+}

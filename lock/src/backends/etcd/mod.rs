@@ -115,6 +115,14 @@ impl LockBackend for EtcdBackend {
         lock::holder(&self.client, &self.prefix(kind, name), self.rpc_timeout()).await
     }
 
+    async fn contenders(&self, kind: Kind, name: &str) -> Result<Vec<Holder>, LockError> {
+        lock::contenders(&self.client, &self.prefix(kind, name), self.rpc_timeout()).await
+    }
+
+    async fn break_lock(&self, kind: Kind, name: &str) -> Result<Option<Holder>, LockError> {
+        lock::break_holder(&self.client, &self.prefix(kind, name), self.rpc_timeout()).await
+    }
+
     async fn queue_len(&self, kind: Kind, name: &str) -> Result<usize, LockError> {
         let prefix = self.prefix(kind, name);
         let resp = retry(
