@@ -5,42 +5,18 @@
 //! S3 tests show it); it does not make racing conditional writes exclusive, so the races here are
 //! driven step by step (stage, let the other commit, then commit), as they happen on real S3.
 
-use object_store::aws::{AmazonS3Builder, S3ConditionalPut};
-use object_store::{ClientOptions, ObjectStore, RetryConfig};
+#[path = "support/moto.rs"]
+mod moto;
+
+use object_store::ObjectStore;
 use palisade_idempotency::{Dataset, DatasetStore, Error, PartFile, PartitionedWriter};
 use palisade_testkit::S3;
 use std::sync::Arc;
-use std::time::Duration;
-
-fn dataset_store(s3: &S3, bucket: &str) -> DatasetStore {
-    let store = AmazonS3Builder::new()
-        .with_endpoint(s3.endpoint())
-        .with_region(s3.region())
-        .with_bucket_name(bucket)
-        .with_access_key_id(s3.access_key())
-        .with_secret_access_key(s3.secret_key())
-        .with_conditional_put(S3ConditionalPut::ETagMatch)
-        .with_client_options(ClientOptions::new().with_timeout(Duration::from_secs(10)))
-        // After with_client_options, which replaces the whole ClientOptions (allow_http too).
-        .with_allow_http(true)
-        .with_retry(RetryConfig {
-            max_retries: 1,
-            retry_timeout: Duration::from_secs(5),
-            ..RetryConfig::default()
-        })
-        .build()
-        .expect("a valid S3 configuration");
-    let store: Arc<dyn ObjectStore> = Arc::new(store);
-    DatasetStore::object_store(store, "warehouse").expect("a valid base path")
-}
 
 async fn start() -> (S3, DatasetStore) {
-    let s3 = tokio::task::spawn_blocking(S3::start)
-        .await
-        .unwrap()
-        .expect("moto starts (scripts/setup installs moto[server])");
-    s3.create_bucket("lake").expect("bucket");
-    let store = dataset_store(&s3, "lake");
+    let s3 = moto::start().await;
+    let store: Arc<dyn ObjectStore> = Arc::new(moto::client(&s3, "lake"));
+    let store = DatasetStore::object_store(store, "warehouse").expect("a valid base path");
     (s3, store)
 }
 

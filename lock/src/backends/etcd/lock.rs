@@ -444,6 +444,18 @@ pub(crate) async fn holder(
     prefix: &str,
     rpc_timeout: Duration,
 ) -> Result<Option<Holder>, LockError> {
+    Ok(holder_key(client, prefix, rpc_timeout)
+        .await?
+        .as_ref()
+        .map(holder_of))
+}
+
+/// The holder's key under `prefix` (the first created), if any.
+async fn holder_key(
+    client: &Client,
+    prefix: &str,
+    rpc_timeout: Duration,
+) -> Result<Option<KeyValue>, LockError> {
     let resp = retry(
         "read lock holder",
         rpc_timeout,
@@ -454,7 +466,7 @@ pub(crate) async fn holder(
         },
     )
     .await?;
-    Ok(resp.kvs().first().map(holder_of))
+    Ok(resp.kvs().first().cloned())
 }
 
 /// Everyone holding or waiting under `prefix`, in arrival (create revision) order.
@@ -486,20 +498,10 @@ pub(crate) async fn break_holder(
     prefix: &str,
     rpc_timeout: Duration,
 ) -> Result<Option<Holder>, LockError> {
-    let resp = retry(
-        "read lock holder",
-        rpc_timeout,
-        budget(rpc_timeout * 3),
-        || {
-            let mut c = client.clone();
-            async move { c.get(prefix, Some(first_created())).await }
-        },
-    )
-    .await?;
-    let Some(kv) = resp.kvs().first() else {
+    let Some(kv) = holder_key(client, prefix, rpc_timeout).await? else {
         return Ok(None);
     };
-    let (holder, lease) = (holder_of(kv), kv.lease());
+    let (holder, lease) = (holder_of(&kv), kv.lease());
     let revoked = retry(
         "revoke the holder's lease",
         rpc_timeout,
