@@ -507,6 +507,44 @@ fn once_keeps_the_key_of_a_run_that_outlasts_its_claim_ttl() {
 }
 
 #[test]
+fn limit_gives_up_at_once_when_wait_for_cannot_be_met_and_refuses_bad_rates() {
+    let p = Palisade::new(None);
+    let ran = |name: &str| p.dir.path().join(name).exists();
+    let first = p.output(&[
+        "limit", "--key", "k", "--rate", "1/h", "--", "touch", "first",
+    ]);
+    assert_eq!(first.status.code(), Some(0), "{first:?}");
+    assert!(ran("first"));
+    let started = std::time::Instant::now();
+    let second = p.output(&[
+        "limit",
+        "--key",
+        "k",
+        "--rate",
+        "1/h",
+        "--wait-for",
+        "30s",
+        "--",
+        "touch",
+        "second",
+    ]);
+    assert_eq!(second.status.code(), Some(75), "{second:?}");
+    assert!(
+        started.elapsed() < Duration::from_secs(20),
+        "the next admission is an hour away: no waiting in vain"
+    );
+    assert!(String::from_utf8_lossy(&second.stderr).contains("would not admit"));
+    assert!(!ran("second"));
+    let bad = p.output(&["limit", "--key", "k", "--rate", "5/fortnight", "--", "true"]);
+    assert_eq!(bad.status.code(), Some(2), "{bad:?}");
+    let stderr = String::from_utf8_lossy(&bad.stderr);
+    assert!(
+        stderr.contains("100/min"),
+        "the error shows the form: {stderr}"
+    );
+}
+
+#[test]
 fn once_kills_the_command_when_its_claim_is_taken_over() {
     let p = Palisade::new(None);
     let store = p.dir.path().join("store");

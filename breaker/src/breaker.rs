@@ -467,7 +467,7 @@ impl Inner {
             return;
         }
         if outcome == Outcome::Ignored {
-            self.settle_ignored(ticket);
+            self.settle_ignored(ticket, elapsed);
             return;
         }
         let mark = Mark::new(
@@ -489,7 +489,10 @@ impl Inner {
                     return;
                 }
                 let epoch = ticket.word.epoch();
-                if let Some(stats) = self.window.record(epoch, mark, now)
+                let stats = self.window.record(epoch, mark, now);
+                #[cfg(feature = "metrics")]
+                self.publish_window(stats, now);
+                if let Some(stats) = stats
                     && state == State::Closed
                     && machine::closed_should_open(&self.cfg, stats)
                 {
@@ -501,11 +504,26 @@ impl Inner {
         }
     }
 
+    /// Publishes the window's rates when they may have changed (see `Facade::stale`); `now` is
+    /// the time the window was given (zero for a count window, which ignores it).
+    #[cfg(feature = "metrics")]
+    #[inline]
+    fn publish_window(&self, stats: Option<crate::machine::WindowStats>, now: Duration) {
+        let minimum = self.cfg.effective_minimum_calls();
+        match stats {
+            Some(stats) => self.facade.window(stats, minimum),
+            None if self.facade.stale() => self.facade.window(self.window.snapshot(now), minimum),
+            None => {}
+        }
+    }
+
     #[cold]
-    fn settle_ignored(&self, ticket: Ticket) {
+    fn settle_ignored(&self, ticket: Ticket, elapsed: Duration) {
         self.counters.add(Counter::Ignored);
         #[cfg(feature = "metrics")]
-        self.facade.outcome("ignored");
+        self.facade.ignored(elapsed);
+        #[cfg(not(feature = "metrics"))]
+        let _ = elapsed;
         self.events.emit(Event::IgnoredError);
         self.give_back(ticket);
     }
@@ -521,7 +539,7 @@ impl Inner {
             self.counters.add(Counter::Slow);
         }
         #[cfg(feature = "metrics")]
-        self.facade.mark(mark);
+        self.facade.mark(mark, elapsed);
         if self.events.active() {
             self.emit_outcome(mark, elapsed);
         }
@@ -615,7 +633,16 @@ impl Inner {
         }
         self.word.store(next.0, Ordering::Release);
         #[cfg(feature = "metrics")]
-        self.facade.state(to);
+        {
+            self.facade.state(to);
+            // While open, the rates that opened it stay visible (as resilience4j's do); any
+            // other state starts an empty window.
+            if !matches!(to, State::Open | State::ForcedOpen) {
+                let stats = crate::machine::WindowStats::default();
+                self.facade
+                    .window(stats, self.cfg.effective_minimum_calls());
+            }
+        }
         if from.state() == to {
             return next;
         }
@@ -710,6 +737,11 @@ impl Inner {
         } else {
             self.window.snapshot(self.now())
         };
+        #[cfg(feature = "metrics")]
+        if !matches!(state, State::Open | State::ForcedOpen) {
+            self.facade
+                .window(stats, self.cfg.effective_minimum_calls());
+        }
         Metrics {
             state,
             failure_rate: stats.failure_rate(),

@@ -1,4 +1,4 @@
-//! The `metrics` feature: counters by outcome and a state gauge through the facade.
+//! The `metrics` feature: resilience4j's Micrometer names and labels through the facade.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -6,11 +6,12 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use metrics::{
-    Counter, CounterFn, Gauge, GaugeFn, Histogram, Key, KeyName, Metadata, Recorder, SharedString,
-    Unit,
+    Counter, CounterFn, Gauge, GaugeFn, Histogram, HistogramFn, Key, KeyName, Metadata, Recorder,
+    SharedString, Unit,
 };
 use palisade_breaker::{CircuitBreaker, Window};
 
+/// A counter's count, a gauge's value (f64 bits), or a histogram's number of samples.
 #[derive(Default)]
 struct Value(AtomicU64);
 
@@ -27,11 +28,17 @@ impl GaugeFn for Value {
     fn increment(&self, _: f64) {}
     fn decrement(&self, _: f64) {}
     fn set(&self, v: f64) {
-        self.0.store(v as u64, Ordering::Relaxed);
+        self.0.store(v.to_bits(), Ordering::Relaxed);
     }
 }
 
-/// A recorder that keeps every counter and gauge by its full key.
+impl HistogramFn for Value {
+    fn record(&self, _: f64) {
+        self.0.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// A recorder that keeps every metric by its full key (`name{label=value,...}`, sorted).
 #[derive(Default, Clone)]
 struct Keep(Arc<Mutex<HashMap<String, Arc<Value>>>>);
 
@@ -46,12 +53,16 @@ impl Keep {
         Arc::clone(self.0.lock().unwrap().entry(name).or_default())
     }
 
-    fn get(&self, name: &str) -> u64 {
-        self.0
-            .lock()
-            .unwrap()
+    fn raw(&self, name: &str) -> u64 {
+        let map = self.0.lock().unwrap();
+        let value = map
             .get(name)
-            .map_or(0, |v| v.0.load(Ordering::Relaxed))
+            .unwrap_or_else(|| panic!("{name} is not registered"));
+        value.0.load(Ordering::Relaxed)
+    }
+
+    fn gauge(&self, name: &str) -> f64 {
+        f64::from_bits(self.raw(name))
     }
 }
 
@@ -65,43 +76,92 @@ impl Recorder for Keep {
     fn register_gauge(&self, key: &Key, _: &Metadata<'_>) -> Gauge {
         Gauge::from_arc(self.slot(key))
     }
-    fn register_histogram(&self, _: &Key, _: &Metadata<'_>) -> Histogram {
-        Histogram::noop()
+    fn register_histogram(&self, key: &Key, _: &Metadata<'_>) -> Histogram {
+        Histogram::from_arc(self.slot(key))
     }
 }
 
 #[test]
-fn outcomes_and_state_reach_the_recorder() {
+fn resilience4j_names_and_labels_reach_the_recorder() {
     let keep = Keep::default();
     let b = metrics::with_local_recorder(&keep, || {
         CircuitBreaker::builder("orders")
-            .sliding_window(Window::Count(3))
-            .minimum_calls(3)
+            .sliding_window(Window::Count(4))
+            .minimum_calls(4)
             .slow_call_duration(Duration::from_secs(1))
             .build()
             .unwrap()
     });
-    b.try_acquire().unwrap().success(Duration::from_secs(2));
-    b.try_acquire().unwrap().ignore();
-    b.try_acquire().unwrap().failure(Duration::ZERO);
-    b.try_acquire().unwrap().failure(Duration::ZERO);
-    assert!(b.try_acquire().is_err());
-    let calls = |outcome: &str| {
-        keep.get(&format!(
-            "palisade_breaker_calls_total{{breaker=orders,outcome={outcome}}}"
+    let state = |s: &str| {
+        keep.gauge(&format!(
+            "resilience4j_circuitbreaker_state{{name=orders,state={s}}}"
         ))
     };
-    assert_eq!(calls("success"), 1);
-    assert_eq!(calls("failure"), 2);
+    let calls = |kind: &str| {
+        keep.raw(&format!(
+            "resilience4j_circuitbreaker_calls_seconds{{kind={kind},name=orders}}"
+        ))
+    };
+    let rate = |what: &str| {
+        keep.gauge(&format!(
+            "resilience4j_circuitbreaker_{what}{{name=orders}}"
+        ))
+    };
+    assert_eq!(state("closed"), 1.0);
+    for s in [
+        "open",
+        "half_open",
+        "forced_open",
+        "disabled",
+        "metrics_only",
+    ] {
+        assert_eq!(state(s), 0.0, "{s}");
+    }
+    assert_eq!(
+        rate("failure_rate"),
+        -1.0,
+        "below the minimum number of calls"
+    );
+
+    b.try_acquire().unwrap().success(Duration::from_secs(2)); // slow
+    b.try_acquire().unwrap().ignore();
+    b.try_acquire().unwrap().success(Duration::ZERO);
+    b.try_acquire().unwrap().failure(Duration::ZERO);
+    assert_eq!(rate("failure_rate"), -1.0, "3 of 4 calls");
+    b.try_acquire().unwrap().success(Duration::ZERO);
+    assert_eq!(rate("failure_rate"), 25.0);
+    assert_eq!(rate("slow_call_rate"), 25.0);
+    assert_eq!(
+        keep.gauge("resilience4j_circuitbreaker_buffered_calls{kind=failed,name=orders}"),
+        1.0
+    );
+    assert_eq!(
+        keep.gauge("resilience4j_circuitbreaker_buffered_calls{kind=successful,name=orders}"),
+        3.0
+    );
+    b.try_acquire().unwrap().failure(Duration::ZERO);
+    assert_eq!(state("open"), 1.0, "2 of the last 4 failed: open (50 %)");
+    assert_eq!(state("closed"), 0.0);
+    assert_eq!(
+        rate("failure_rate"),
+        50.0,
+        "the rate that opened it stays visible"
+    );
+    b.metrics();
+    assert_eq!(rate("failure_rate"), 50.0);
+    assert!(b.try_acquire().is_err());
+    assert!(b.try_acquire().is_err());
+
+    assert_eq!(calls("successful"), 3);
+    assert_eq!(calls("failed"), 2);
     assert_eq!(calls("ignored"), 1);
-    assert_eq!(calls("rejected"), 1);
     assert_eq!(
-        keep.get("palisade_breaker_slow_calls_total{breaker=orders}"),
-        1
+        keep.raw(
+            "resilience4j_circuitbreaker_not_permitted_calls_total{kind=not_permitted,name=orders}"
+        ),
+        2
     );
-    assert_eq!(
-        keep.get("palisade_breaker_state{breaker=orders}"),
-        1,
-        "1 = open"
-    );
+    b.reset();
+    assert_eq!(state("closed"), 1.0);
+    assert_eq!(rate("failure_rate"), -1.0, "a reset window");
 }

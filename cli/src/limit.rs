@@ -4,11 +4,10 @@
 use crate::backend::default_dir;
 use crate::child::{Child, exit_code};
 use crate::exit::{CONFIG, CliError, HELD, INTERNAL, UNAVAILABLE, chain};
-use crate::file_limiter::{FileLimiter, Rate};
 use crate::progress::Progress;
 use crate::tls::RedisTlsArgs;
 use clap::Args;
-use palisade_ratelimit::{Error, Limit, Policy, RateLimiter, RedisLimiter};
+use palisade_ratelimit::{Decision, Error, FileLimiter, Limit, Policy, RateLimiter, RedisLimiter};
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -21,7 +20,7 @@ pub struct LimitArgs {
 
     /// At most N runs in any window of PERIOD: `100/s`, `5/min`, `1000/1h`, `3/10s`.
     #[arg(long, value_name = "N/PERIOD")]
-    pub rate: Rate,
+    pub rate: Limit,
 
     /// Share the limit through Redis (every host): `redis://[user:password@]host:port/`
     /// (`rediss://` for TLS, with --redis-ca and --redis-cert/--redis-key as needed).
@@ -53,14 +52,10 @@ pub struct LimitArgs {
 
 /// Waits for the limit, runs the command, and returns palisade's exit code.
 pub async fn limit(args: LimitArgs) -> Result<u8, CliError> {
-    let progress = Progress::start(format!(
-        "rate limit `{}` ({})",
-        args.key,
-        rate_text(args.rate)
-    ));
+    let progress = Progress::start(format!("rate limit `{}` ({})", args.key, args.rate));
     let admitted = match &args.redis {
-        Some(url) => redis_acquire(&args, url).await,
-        None => file_acquire(&args).await,
+        Some(url) => acquire(&args, &redis_limiter(&args, url).await?).await,
+        None => acquire(&args, &file_limiter(&args)?).await,
     };
     drop(progress);
     admitted?;
@@ -69,20 +64,36 @@ pub async fn limit(args: LimitArgs) -> Result<u8, CliError> {
     Ok(exit_code(child.wait().await))
 }
 
-fn rate_text(rate: Rate) -> String {
-    format!("{}/{}", rate.max, humantime::format_duration(rate.period))
-}
-
-async fn redis_acquire(args: &LimitArgs, url: &str) -> Result<(), CliError> {
-    let limit = Limit::new(args.rate.max, args.rate.period).map_err(to_cli)?;
+/// The limit shared through Redis by every host; an unreachable Redis fails the run.
+async fn redis_limiter(args: &LimitArgs, url: &str) -> Result<RedisLimiter, CliError> {
     let conn = connect(args, url).await?;
-    let limiter = RedisLimiter::builder(conn)
-        .limit(limit)
-        .prefix("palisade:limit:")
+    RedisLimiter::builder(conn)
+        .limit(args.rate)
+        .prefix("palisade:limit")
         .timeout(args.timeout)
         .on_unavailable(Policy::FailClosed)
         .build()
-        .map_err(to_cli)?;
+        .map_err(to_cli)
+}
+
+/// The limit shared by the processes of this host through files in `--dir`/limits.
+fn file_limiter(args: &LimitArgs) -> Result<FileLimiter, CliError> {
+    let dir = args.dir.clone().unwrap_or_else(default_dir).join("limits");
+    FileLimiter::new(&dir, args.rate).map_err(|e| {
+        CliError::new(
+            CONFIG,
+            format!(
+                "cannot use {} for rate limits: {}",
+                dir.display(),
+                chain(&e)
+            ),
+        )
+    })
+}
+
+/// Waits for one admission (the crate's `acquire`: the limiter's `retry_after` plus jitter,
+/// never polling), at most `--wait-for`.
+async fn acquire(args: &LimitArgs, limiter: &impl RateLimiter) -> Result<Decision, CliError> {
     let acquired = match args.wait_for {
         Some(wait) => {
             let deadline = tokio::time::Instant::now() + wait;
@@ -90,7 +101,16 @@ async fn redis_acquire(args: &LimitArgs, url: &str) -> Result<(), CliError> {
         }
         None => limiter.acquire(&args.key).await,
     };
-    acquired.map(drop).map_err(to_cli)
+    acquired.map_err(|error| match error {
+        Error::DeadlineExceeded(_) => CliError::new(
+            HELD,
+            format!(
+                "rate limit `{}` ({}) would not admit the run within --wait-for",
+                args.key, args.rate
+            ),
+        ),
+        other => to_cli(other),
+    })
 }
 
 /// Connects to Redis, over TLS with the --redis-ca/--redis-cert files when given; a refused
@@ -123,61 +143,6 @@ async fn connect(
     palisade_ratelimit::connect(url, args.timeout)
         .await
         .map_err(to_cli)
-}
-
-async fn file_acquire(args: &LimitArgs) -> Result<(), CliError> {
-    let dir = args.dir.clone().unwrap_or_else(default_dir);
-    let limiter = FileLimiter::new(&dir).map_err(|e| {
-        CliError::new(
-            CONFIG,
-            format!("cannot use {} for rate limits: {e}", dir.display()),
-        )
-    })?;
-    let deadline = args.wait_for.map(|w| tokio::time::Instant::now() + w);
-    loop {
-        let (limiter, key, rate) = (limiter.clone(), args.key.clone(), args.rate);
-        let decision = tokio::task::spawn_blocking(move || limiter.check(&key, rate))
-            .await
-            .map_err(|e| CliError::new(INTERNAL, e.to_string()))?
-            .map_err(|e| {
-                CliError::new(
-                    INTERNAL,
-                    format!("rate limit file in {}: {e}", dir.display()),
-                )
-            })?;
-        let retry_after = match decision {
-            Ok(()) => return Ok(()),
-            Err(retry_after) => retry_after,
-        };
-        let wake = tokio::time::Instant::now() + retry_after + jitter(retry_after);
-        if deadline.is_some_and(|d| wake > d) {
-            return Err(CliError::new(
-                HELD,
-                format!(
-                    "rate limit `{}` ({}) would not admit the run within --wait-for",
-                    args.key,
-                    rate_text(args.rate)
-                ),
-            ));
-        }
-        tokio::time::sleep_until(wake).await;
-    }
-}
-
-/// Up to 10% (at most 50 ms) more, so processes denied together do not retry together.
-fn jitter(base: Duration) -> Duration {
-    let spread = (base / 10).min(Duration::from_millis(50));
-    let nanos = u64::try_from(spread.as_nanos()).unwrap_or(0);
-    if nanos == 0 {
-        return Duration::ZERO;
-    }
-    let seed = std::process::id() as u64
-        ^ u64::from(
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(0, |d| d.subsec_nanos()),
-        );
-    Duration::from_nanos(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) % nanos)
 }
 
 fn to_cli(error: Error) -> CliError {

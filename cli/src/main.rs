@@ -4,7 +4,6 @@
 mod backend;
 mod child;
 mod exit;
-mod file_limiter;
 mod jobs;
 mod limit;
 mod once;

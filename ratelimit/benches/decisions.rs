@@ -156,7 +156,6 @@ fn redis(c: &mut Criterion) {
     let args = [
         String::new(), // time: read TIME on the server
         "1".into(),    // cost
-        "0123456789abcdef".into(),
         limit.max().to_string(),
         (limit.window().as_micros()).to_string(),
         limit.max().to_string(),

@@ -24,8 +24,9 @@ pub struct Decision {
     pub reset_after: Duration,
     /// The window of the limit this decision describes (for GCRA: the time to refill the burst).
     pub window: Duration,
-    /// For decisions made by Redis: the server's clock at the decision (`TIME`, since the Unix
-    /// epoch). `None` for local decisions and for fallbacks when Redis was unavailable.
+    /// The clock the decision was timed by, since the Unix epoch: Redis's `TIME` for a
+    /// [`crate::RedisLimiter`], the host's wall clock for a [`crate::FileLimiter`]. `None` for
+    /// in-process decisions ([`crate::LocalLimiter`], and fallbacks when Redis was unavailable).
     pub server_time: Option<Duration>,
 }
 

@@ -29,9 +29,16 @@ pub enum Error {
         capacity: u32,
     },
 
-    /// A cost of zero was asked for.
-    #[error("cost must be at least 1")]
-    ZeroCost,
+    /// A [`crate::FileLimiter`] could not use its directory or a file in it (permissions, a
+    /// full disk, or a file it did not write).
+    #[error("rate limit file {}: {source}", path.display())]
+    File {
+        /// The file or directory.
+        path: std::path::PathBuf,
+        /// What the operating system said (or what is wrong with the content).
+        #[source]
+        source: std::io::Error,
+    },
 
     /// Redis did not answer within the configured `.timeout`, and the policy is `FailClosed`.
     #[error("Redis did not answer within {0:?}; check the server or raise `.timeout`")]

@@ -5,14 +5,17 @@
 pub mod algorithm;
 mod decision;
 mod error;
+mod file;
 mod layer;
 mod limit;
 mod limiter;
 mod local;
 mod redis;
+mod stats;
 
 pub use decision::{Decision, RateLimitHeaders};
 pub use error::{Error, TlsProblem};
+pub use file::FileLimiter;
 pub use layer::{BoxError, Mode, RateLimit, RateLimitLayer, Rejected};
 pub use limit::{Algorithm, Limit, MAX_WINDOW, MIN_WINDOW};
 pub use limiter::RateLimiter;

@@ -79,6 +79,97 @@ impl Limit {
     }
 }
 
+/// The units a period may be written in, with their length.
+const UNITS: [(&str, Duration); 15] = [
+    ("ms", Duration::from_millis(1)),
+    ("s", Duration::from_secs(1)),
+    ("sec", Duration::from_secs(1)),
+    ("second", Duration::from_secs(1)),
+    ("seconds", Duration::from_secs(1)),
+    ("m", Duration::from_secs(60)),
+    ("min", Duration::from_secs(60)),
+    ("minute", Duration::from_secs(60)),
+    ("minutes", Duration::from_secs(60)),
+    ("h", Duration::from_secs(3600)),
+    ("hour", Duration::from_secs(3600)),
+    ("hours", Duration::from_secs(3600)),
+    ("d", Duration::from_secs(86_400)),
+    ("day", Duration::from_secs(86_400)),
+    ("days", Duration::from_secs(86_400)),
+];
+
+impl std::str::FromStr for Limit {
+    type Err = Error;
+
+    /// `N/PERIOD`, where PERIOD is a unit (`ms`, `s`, `min` or `m`, `h`, `d`; also spelled
+    /// out) optionally preceded by a count: `100/min`, `10/s`, `5000/h`, `3/10s`, `1000/1h`.
+    fn from_str(text: &str) -> Result<Limit, Error> {
+        let bad = |why: &str| Error::InvalidConfig {
+            field: "limit",
+            reason: format!(
+                "{text:?} {why}; write N/PERIOD such as 100/min, 10/s, 5000/h or 3/10s"
+            ),
+        };
+        let (max, period) = text.split_once('/').ok_or_else(|| bad("has no `/`"))?;
+        let max: u32 = max
+            .trim()
+            .parse()
+            .map_err(|_| bad("does not start with a whole number of units"))?;
+        let period = period.trim();
+        let digits = period.len()
+            - period
+                .trim_start_matches(|c: char| c.is_ascii_digit())
+                .len();
+        let (count, unit) = period.split_at(digits);
+        let count: u32 = if count.is_empty() {
+            1
+        } else {
+            count
+                .parse()
+                .map_err(|_| bad("has a period count too large"))?
+        };
+        let unit = unit.trim();
+        let length = UNITS
+            .iter()
+            .find(|(name, _)| name.eq_ignore_ascii_case(unit))
+            .map(|(_, d)| *d)
+            .ok_or_else(|| bad("has no known unit (ms, s, min, h, d)"))?;
+        if count == 0 {
+            return Err(bad("has a period of zero"));
+        }
+        let window = length
+            .checked_mul(count)
+            .ok_or_else(|| bad("has a period longer than 366 days"))?;
+        Limit::new(max, window)
+    }
+}
+
+impl std::fmt::Display for Limit {
+    /// The form [`Limit::from_str`](std::str::FromStr) reads: `100/min`, `3/10s`, `5/1500ms`.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let ms = self.window.as_millis();
+        let exact = self.window.subsec_nanos().is_multiple_of(1_000_000);
+        for (name, unit) in [
+            ("d", 86_400_000),
+            ("h", 3_600_000),
+            ("min", 60_000),
+            ("s", 1000),
+        ] {
+            if exact && ms.is_multiple_of(unit) {
+                return match ms / unit {
+                    1 => write!(f, "{}/{name}", self.max),
+                    n => write!(f, "{}/{n}{name}", self.max),
+                };
+            }
+        }
+        if exact {
+            write!(f, "{}/{ms}ms", self.max)
+        } else {
+            write!(f, "{} per {:?}", self.max, self.window)
+        }
+    }
+}
+
 /// The serde form of a [`Limit`]: `{ max = 100, window_ms = 1000 }`.
 #[cfg(feature = "serde")]
 #[derive(serde::Serialize, serde::Deserialize)]
@@ -139,6 +230,51 @@ mod tests {
         let l = Limit::per_minute(7).unwrap();
         assert_eq!((l.max(), l.window()), (7, Duration::from_secs(60)));
         assert_eq!(Limit::per_hour(1).unwrap().window_us(), 3_600_000_000);
+    }
+
+    #[test]
+    fn limits_parse_from_text_and_print_back() {
+        let parse = |t: &str| t.parse::<Limit>();
+        assert_eq!(parse("100/min").unwrap(), Limit::per_minute(100).unwrap());
+        assert_eq!(parse("10/s").unwrap(), Limit::per_second(10).unwrap());
+        assert_eq!(parse("5000/h").unwrap(), Limit::per_hour(5000).unwrap());
+        assert_eq!(
+            parse(" 3 / 10s ").unwrap().window(),
+            Duration::from_secs(10)
+        );
+        assert_eq!(parse("1000/1h").unwrap(), Limit::per_hour(1000).unwrap());
+        assert_eq!(
+            parse("7/2days").unwrap().window(),
+            Duration::from_secs(172_800)
+        );
+        assert_eq!(
+            parse("5/250ms").unwrap().window(),
+            Duration::from_millis(250)
+        );
+        for text in ["100/min", "3/10s", "5/1500ms", "1/d", "2/36h", "4/90s"] {
+            assert_eq!(parse(text).unwrap().to_string(), text);
+        }
+        for (bad, says) in [
+            ("", "no `/`"),
+            ("5", "no `/`"),
+            ("x/s", "whole number"),
+            ("-1/s", "whole number"),
+            ("0/s", "`max`"),
+            ("5/", "no known unit"),
+            ("5/fortnight", "no known unit"),
+            ("5/0s", "period of zero"),
+            ("5/400d", "366 days"),
+            ("5/4294967295d", "366 days"),
+        ] {
+            let e = parse(bad).expect_err(bad).to_string();
+            assert!(e.contains(says), "{bad:?}: {e}");
+        }
+        assert!(
+            parse("5/fortnight")
+                .unwrap_err()
+                .to_string()
+                .contains("100/min")
+        );
     }
 }
 

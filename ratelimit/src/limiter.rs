@@ -20,8 +20,16 @@ const MIN_WAIT: Duration = Duration::from_millis(1);
 /// `acquire_with_deadline` gives up with [`Error::DeadlineExceeded`] as soon as it knows the
 /// deadline cannot be met.
 pub trait RateLimiter: Send + Sync {
-    /// Decides `n` units for `key`. A cost of 0, or larger than the limit's capacity, is an error.
+    /// Decides `n` units for `key`. A cost larger than the limit's capacity is an error. A cost
+    /// of 0 is a peek: it consumes nothing and answers what the key has left (`remaining`,
+    /// `reset_after`); it is `allowed` unless the key is already over its limit (which a lowered
+    /// `max` can cause).
     fn check_n(&self, key: &str, n: u32) -> impl Future<Output = Result<Decision, Error>> + Send;
+
+    /// What `key` has left, without consuming anything (`check_n(key, 0)`).
+    fn peek(&self, key: &str) -> impl Future<Output = Result<Decision, Error>> + Send {
+        self.check_n(key, 0)
+    }
 
     /// Decides one unit for `key`.
     #[inline]

@@ -196,6 +196,26 @@ impl KeyMap {
         f(&entry.get().1)
     }
 
+    /// Runs `f` on the state of `key` if it is stored (never stores it).
+    fn get<R>(&self, key: &str, f: impl FnOnce(&Slot) -> R) -> Option<R> {
+        let hash = self.hasher.hash_one(key);
+        let shard = &self.shards[((hash << 7) >> self.shift) as usize];
+        let table = shard.read().unwrap_or_else(PoisonError::into_inner);
+        table
+            .find(hash, |(k, _)| **k == *key)
+            .map(|(_, slot)| f(slot))
+    }
+
+    /// Forgets `key` (its next decision starts fresh).
+    fn remove(&self, key: &str) {
+        let hash = self.hasher.hash_one(key);
+        let shard = &self.shards[((hash << 7) >> self.shift) as usize];
+        let mut table = shard.write().unwrap_or_else(PoisonError::into_inner);
+        if let Ok(entry) = table.find_entry(hash, |(k, _)| **k == *key) {
+            entry.remove();
+        }
+    }
+
     /// Drops the keys for which `drop` is true; gives memory back when a shard is mostly empty.
     fn retain(&self, drop: impl Fn(&Slot) -> bool) {
         for shard in &self.shards {
@@ -279,10 +299,13 @@ impl<C: Clock> Inner<C> {
             }))
     }
 
-    /// `n` units (any `n`; 0 and more than the burst are errors). Out of line, so that the
-    /// single-unit path stays small where it is inlined.
+    /// `n` units (any `n`; 0 is a peek, more than the burst an error). Out of line, so that
+    /// the single-unit path stays small where it is inlined.
     #[inline(never)]
     fn check_many(&self, key: &str, n: u32) -> Result<Decision, Error> {
+        if n == 0 {
+            return Ok(self.peek(key));
+        }
         let Some(cells) = NonZeroU32::new(n).filter(|_| n <= self.burst) else {
             return Err(self.cost_error(n, self.burst));
         };
@@ -313,10 +336,33 @@ impl<C: Clock> Inner<C> {
     #[cold]
     #[inline(never)]
     fn cost_error(&self, n: u32, capacity: u32) -> Error {
-        if n == 0 {
-            Error::ZeroCost
-        } else {
-            Error::CostExceedsLimit { cost: n, capacity }
+        Error::CostExceedsLimit { cost: n, capacity }
+    }
+
+    /// What `key` has left, without consuming: the units whose intervals have come back since
+    /// its theoretical arrival time (governor's GCRA state), rounded down. A key never seen is
+    /// not stored.
+    fn peek(&self, key: &str) -> Decision {
+        // `start` is read just after governor's own start, so this `now` is never ahead of
+        // governor's: the backlog is never underestimated.
+        let now = self
+            .engine
+            .clock()
+            .now()
+            .duration_since(self.start)
+            .as_u64();
+        let tat = self.keys.get(key, |slot| slot.tat()).flatten();
+        let backlog = tat.map_or(0, |tat| tat.as_u64().saturating_sub(now));
+        let used = backlog.div_ceil(self.per_unit_ns.max(1));
+        let remaining = u64::from(self.burst).saturating_sub(used) as u32;
+        Decision {
+            allowed: true,
+            limit: self.burst,
+            remaining,
+            retry_after: None,
+            reset_after: Duration::from_nanos(backlog),
+            window: self.window,
+            server_time: None,
         }
     }
 
@@ -411,6 +457,17 @@ where
         } else {
             self.inner.check_many(key, n)
         }
+    }
+
+    /// What `key` has left, without consuming (the same as `check_n_now(key, 0)`; the async
+    /// `RateLimiter::peek` calls this).
+    pub fn peek_now(&self, key: &str) -> Decision {
+        self.inner.peek(key)
+    }
+
+    /// Clears `key`: its next decision finds the full burst.
+    pub fn reset(&self, key: &str) {
+        self.inner.keys.remove(key);
     }
 
     /// Forgets keys whose limit is fully replenished, so memory follows the active keys.

@@ -47,7 +47,17 @@ async fn weighted_cost_and_invalid_costs() {
             capacity: 10
         })
     ));
-    assert!(matches!(l.check_n("k", 0).await, Err(Error::ZeroCost)));
+    // A cost of 0 is a peek: what is left, nothing consumed.
+    let peek = l.check_n("k", 0).await.unwrap();
+    assert!(peek.allowed && peek.remaining == 0, "{peek:?}");
+    tokio::time::advance(Duration::from_millis(250)).await;
+    assert_eq!(l.peek("k").await.unwrap().remaining, 2);
+    assert_eq!(l.peek("k").await.unwrap().remaining, 2);
+    assert_eq!(l.peek("never-seen").await.unwrap().remaining, 10);
+    assert_eq!(l.len(), 1, "a peek stores no key");
+    // A reset key starts with the full burst.
+    l.reset("k");
+    assert_eq!(l.check_n("k", 10).await.unwrap().remaining, 0);
 }
 
 #[tokio::test(start_paused = true)]

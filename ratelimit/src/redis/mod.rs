@@ -1,6 +1,8 @@
 //! The distributed engine: one atomic Lua script per decision on Redis or Redis Cluster.
 
 mod cache;
+mod connect;
+mod keys;
 pub(crate) mod scripts;
 #[cfg(test)]
 mod tests;
@@ -9,13 +11,17 @@ use std::future::Future;
 use std::sync::{Arc, LazyLock};
 use std::time::Duration;
 
-use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
-use redis::{ErrorKind, RedisError, Script, ServerErrorKind};
+use redis::Script;
+use redis::aio::{ConnectionLike, ConnectionManager};
 use tokio::time::Instant;
 
 use crate::algorithm::{Params, Verdict};
-use crate::{Algorithm, Decision, Error, Limit, LocalLimiter, RateLimiter};
+use crate::{Algorithm, Decision, Error, Limit, LocalLimiter, RateLimiter, stats};
 use cache::DenialCache;
+use connect::classify_unavailable;
+#[cfg(feature = "tls")]
+pub use connect::connect_with_tls;
+pub use connect::{connect, connect_cluster};
 
 static SLIDING_LOG: LazyLock<Script> =
     LazyLock::new(|| Script::new(&scripts::full(scripts::SLIDING_LOG)));
@@ -42,143 +48,15 @@ pub enum Policy {
     Local(LocalLimiter),
 }
 
-/// Connects to a standalone Redis for a limiter: a [`ConnectionManager`] (one multiplexed
-/// connection that reconnects by itself) whose connection attempts and responses time out after
-/// `timeout`. `url` may carry an ACL user and password (`redis://user:password@host:6379/0`);
-/// `rediss://` needs this crate's `tls` feature.
-///
-/// A TLS connection whose certificate is refused (by either side) fails with [`Error::Tls`]; the
-/// system's roots (webpki) are trusted: for a private CA or a client certificate, use
-/// [`connect_with_tls`].
-pub async fn connect(url: &str, timeout: Duration) -> Result<ConnectionManager, Error> {
-    #[cfg(feature = "tls")]
-    install_crypto_provider();
-    let client = redis::Client::open(url).map_err(Error::Redis)?;
-    manage(client, timeout).await
-}
-
-/// Like [`connect`], for a `rediss://` URL, trusting the CA in `certs.root_cert` (PEM; `None`:
-/// the system's roots) and presenting the client certificate in `certs.client_tls`, if any (for
-/// a server with `tls-auth-clients yes`). A refused certificate fails with [`Error::Tls`], which
-/// says whose. Needs the `tls` feature.
-///
-/// ```no_run
-/// # async fn f() -> Result<(), Box<dyn std::error::Error>> {
-/// use palisade_ratelimit::redis_crate::{ClientTlsConfig, TlsCertificates};
-/// let certs = TlsCertificates {
-///     root_cert: Some(std::fs::read("/etc/redis/ca.pem")?),
-///     client_tls: Some(ClientTlsConfig {
-///         client_cert: std::fs::read("/etc/palisade/client.pem")?,
-///         client_key: std::fs::read("/etc/palisade/client-key.pem")?,
-///     }),
-/// };
-/// let conn = palisade_ratelimit::connect_with_tls(
-///     "rediss://redis.internal:6380/",
-///     certs,
-///     std::time::Duration::from_millis(500),
-/// )
-/// .await?;
-/// # Ok(()) }
-/// ```
-#[cfg(feature = "tls")]
-pub async fn connect_with_tls(
-    url: &str,
-    certs: redis::TlsCertificates,
-    timeout: Duration,
-) -> Result<ConnectionManager, Error> {
-    install_crypto_provider();
-    let client = redis::Client::build_with_tls(url, certs).map_err(|e| Error::InvalidConfig {
-        field: "tls",
-        reason: format!("is unusable: {e} (it needs a rediss:// URL and PEM certificates)"),
-    })?;
-    manage(client, timeout).await
-}
-
-async fn manage(client: redis::Client, timeout: Duration) -> Result<ConnectionManager, Error> {
-    let config = ConnectionManagerConfig::new()
-        .set_connection_timeout(Some(timeout))
-        .set_response_timeout(Some(timeout))
-        .set_number_of_retries(2)
-        .set_max_delay(Duration::from_secs(1));
-    ConnectionManager::new_with_config(client, config)
-        .await
-        .map_err(classify_connect)
-}
-
-/// Connects to a Redis Cluster for a limiter (the cluster's async connection, which follows
-/// slot moves and reconnects by itself). `urls` are some of its nodes.
-pub async fn connect_cluster<I, T>(
-    urls: I,
-) -> Result<redis::cluster_async::ClusterConnection, Error>
-where
-    I: IntoIterator<Item = T>,
-    T: redis::IntoConnectionInfo,
-{
-    #[cfg(feature = "tls")]
-    install_crypto_provider();
-    let client = redis::cluster::ClusterClient::new(urls).map_err(Error::Redis)?;
-    client
-        .get_async_connection()
-        .await
-        .map_err(classify_connect)
-}
-
-/// rustls needs a process-wide crypto provider and the redis crate selects none; use ring
-/// unless the application installed one already.
-#[cfg(feature = "tls")]
-fn install_crypto_provider() {
-    if rustls::crypto::CryptoProvider::get_default().is_none() {
-        // Losing a race with another installer is fine: any provider will do.
-        let _ = rustls::crypto::ring::default_provider().install_default();
-    }
-}
-
-/// A connection error: a refused certificate is [`Error::Tls`], the rest as for a decision.
-fn classify_connect(e: RedisError) -> Error {
-    #[cfg(feature = "tls")]
-    if let Some(problem) = crate::TlsProblem::find(&e) {
-        return Error::Tls { problem, source: e };
-    }
-    classify_unavailable(e)
-}
-
-fn classify_unavailable(e: RedisError) -> Error {
-    if is_unavailable(&e) {
-        Error::Unavailable(e)
-    } else {
-        Error::Redis(e)
-    }
-}
-
-/// Whether an error means "Redis is not there right now" (the policy applies) rather than
-/// "Redis refused" (a typed error, whatever the policy).
-fn is_unavailable(e: &RedisError) -> bool {
-    e.is_io_error()
-        || e.is_connection_dropped()
-        || e.is_connection_refusal()
-        || e.is_timeout()
-        || e.is_cluster_error()
-        || matches!(
-            e.kind(),
-            ErrorKind::Io
-                | ErrorKind::ClusterConnectionNotFound
-                | ErrorKind::Server(
-                    ServerErrorKind::BusyLoading
-                        | ServerErrorKind::TryAgain
-                        | ServerErrorKind::ClusterDown
-                        | ServerErrorKind::MasterDown
-                        | ServerErrorKind::ReadOnly
-                )
-        )
-        || e.code() == Some("BUSY")
-}
-
 /// A rate limiter shared by every process that uses the same Redis and prefix.
 ///
 /// Each decision is one `EVALSHA` of an atomic Lua script (reloaded by itself after `NOSCRIPT`,
-/// e.g. after a restart, failover or `SCRIPT FLUSH`), timed by the server's clock. All keys of
-/// one decision share the hash tag `{prefix:key}`, so several limits are decided together on
-/// Redis Cluster too. Cloning is cheap and shares the connection.
+/// e.g. after a restart, failover or `SCRIPT FLUSH`), timed by the server's clock. The Redis keys
+/// of one user key are `<prefix>{<key>}:<algorithm>:<window µs>` (the user key escaped so that it
+/// holds no brace): they share one hash tag, so several limits are decided together on Redis
+/// Cluster too, and no two (prefix, key) pairs share a Redis key. `max` is not part of the key, so
+/// a changed `max` applies to the history already recorded; a changed window starts an empty
+/// history for that limit. Cloning is cheap and shares the connection.
 ///
 /// `C` is the connection: a [`ConnectionManager`] for standalone Redis (see [`connect`]), a
 /// [`redis::cluster_async::ClusterConnection`] for Redis Cluster (see [`connect_cluster`]), or
@@ -214,9 +92,10 @@ struct Inner<C> {
     algorithm: Algorithm,
     /// `max, window_us, burst` of every limit, as script arguments, in order.
     args: Vec<i64>,
-    /// The key suffix of every limit (algorithm and parameters, so that changing a limit or the
-    /// algorithm starts a fresh key instead of misreading an old one).
+    /// The key suffix of every limit: algorithm and window, not `max` (see [`keys`]).
     suffixes: Vec<String>,
+    /// The window of every limit (µs), for `reset`.
+    windows: Vec<i64>,
     /// What each limit reports in a `Decision`: its capacity and window.
     reported: Vec<(u32, Duration)>,
     capacity: u32,
@@ -307,10 +186,13 @@ where
             });
         }
         for (i, a) in self.limits.iter().enumerate() {
-            if self.limits[..i].contains(a) {
+            if let Some(b) = self.limits[..i].iter().find(|b| b.window() == a.window()) {
                 return Err(Error::InvalidConfig {
                     field: "limits",
-                    reason: format!("contains {a:?} twice"),
+                    reason: format!(
+                        "has two limits with the window {:?} ({b:?} and {a:?}); the stricter alone decides, keep only it",
+                        a.window()
+                    ),
                 });
             }
         }
@@ -326,16 +208,16 @@ where
                 reason: "must be longer than zero".into(),
             });
         }
-        let (script, tag, burst): (&'static Script, String, Option<u32>) = match self.algorithm {
-            Algorithm::SlidingLog => (&SLIDING_LOG, "log".into(), None),
-            Algorithm::SlidingWindowCounter => (&WINDOW_COUNTER, "swc".into(), None),
+        let (script, burst): (&'static Script, Option<u32>) = match self.algorithm {
+            Algorithm::SlidingLog => (&SLIDING_LOG, None),
+            Algorithm::SlidingWindowCounter => (&WINDOW_COUNTER, None),
             Algorithm::Gcra { burst: 0 } => {
                 return Err(Error::InvalidConfig {
                     field: "algorithm",
                     reason: "Gcra { burst: 0 } admits nothing; burst must be at least 1".into(),
                 });
             }
-            Algorithm::Gcra { burst } => (&GCRA, format!("gcra{burst}"), Some(burst)),
+            Algorithm::Gcra { burst } => (&GCRA, Some(burst)),
         };
         let mut args = Vec::new();
         let mut suffixes = Vec::new();
@@ -347,7 +229,7 @@ where
                 burst: burst.unwrap_or(l.max()),
             };
             args.extend([i64::from(p.max), p.window_us, i64::from(p.burst)]);
-            suffixes.push(format!("{tag}:{}:{}", p.max, p.window_us));
+            suffixes.push(keys::suffix(self.algorithm, p.window_us));
             reported.push(match burst {
                 None => (l.max(), l.window()),
                 Some(b) => {
@@ -357,6 +239,7 @@ where
             });
         }
         let capacity = reported.iter().map(|r| r.0).min().unwrap_or(1);
+        let windows = self.limits.iter().map(Limit::window_us).collect();
         Ok(RedisLimiter {
             inner: Arc::new(Inner {
                 conn: self.conn,
@@ -364,6 +247,7 @@ where
                 limits: self.limits,
                 algorithm: self.algorithm,
                 args,
+                windows,
                 suffixes,
                 reported,
                 capacity,
@@ -410,16 +294,47 @@ where
 
     /// The Redis keys of `key`'s limits, in order (all in one Cluster slot).
     pub fn redis_keys(&self, key: &str) -> Vec<String> {
-        let tag = format!("{{{}:{key}}}", self.inner.prefix);
+        let base = keys::base(&self.inner.prefix, key);
         self.inner
             .suffixes
             .iter()
-            .map(|s| format!("{tag}:{s}"))
+            .map(|s| format!("{base}{s}"))
             .collect()
     }
 
+    /// Clears `key`: deletes (`UNLINK`) its Redis keys for every limit of this limiter under
+    /// every algorithm, forgets its remembered denial, and clears it in a [`Policy::Local`]
+    /// fallback limiter. Other processes' denial caches still deny it until their cached
+    /// `retry_after` passes (see `cache_denials`). Not subject to the unavailability policy: an
+    /// unreachable Redis is an error.
+    pub async fn reset(&self, key: &str) -> Result<(), Error> {
+        if let Some(cache) = &self.inner.cache {
+            cache.remove(key);
+        }
+        if let Policy::Local(local) = &self.inner.policy {
+            local.reset(key);
+        }
+        let base = keys::base(&self.inner.prefix, key);
+        let mut cmd = redis::cmd("UNLINK");
+        for w in &self.inner.windows {
+            for a in keys::ALL {
+                cmd.arg(format!("{base}{}", keys::suffix(a, *w)));
+            }
+        }
+        let mut conn = self.inner.conn.clone();
+        let unlinked = tokio::time::timeout(self.inner.timeout, cmd.query_async::<i64>(&mut conn));
+        match unlinked.await {
+            Err(_elapsed) => Err(Error::Timeout(self.inner.timeout)),
+            Ok(Err(e)) => Err(classify_unavailable(e)),
+            Ok(Ok(_)) => {
+                tracing::info!(key, "rate limit: key reset");
+                Ok(())
+            }
+        }
+    }
+
     /// The arguments of one script call (after the keys): time (empty = server `TIME`), cost,
-    /// nonce, then `max, window_us, burst` per limit.
+    /// then `max, window_us, burst` per limit.
     fn invocation(
         &self,
         key: &str,
@@ -434,7 +349,7 @@ where
             Some(t) => inv.arg(t),
             None => inv.arg(""),
         };
-        inv.arg(n).arg(format!("{:016x}", rand::random::<u64>()));
+        inv.arg(n);
         inv.arg(&self.inner.args[..]);
         inv
     }
@@ -483,10 +398,8 @@ where
         ))
     }
 
+    /// Any cost up to the capacity; 0 is a peek.
     fn validate_cost(&self, n: u32) -> Result<(), Error> {
-        if n == 0 {
-            return Err(Error::ZeroCost);
-        }
         if n > self.inner.capacity {
             return Err(Error::CostExceedsLimit {
                 cost: n,
@@ -525,17 +438,20 @@ where
         if let Some(cache) = &self.inner.cache
             && let Some(d) = cache.lookup(key, n, Instant::now())
         {
-            count("cached");
+            stats::decided(&self.inner.prefix, n, &d);
             return Ok(d);
         }
         match self.run_script(key, n, None).await {
             Ok(d) => {
+                if n == 0 {
+                    return Ok(d);
+                }
                 if !d.allowed
                     && let (Some(cache), Some(retry)) = (&self.inner.cache, d.retry_after)
                 {
                     cache.insert(key, n, d, Instant::now() + retry);
                 }
-                count(if d.allowed { "allowed" } else { "denied" });
+                stats::decided(&self.inner.prefix, n, &d);
                 if !d.allowed {
                     tracing::debug!(key, cost = n, retry_after = ?d.retry_after, "rate limit: denied");
                 }
@@ -543,8 +459,7 @@ where
             }
             Err(e @ (Error::Timeout(_) | Error::Unavailable(_))) => {
                 tracing::warn!(key, error = %e, policy = ?self.inner.policy_name(), "rate limit: Redis unavailable, applying policy");
-                count("unavailable");
-                match &self.inner.policy {
+                let answer = match &self.inner.policy {
                     Policy::FailClosed => Err(e),
                     Policy::FailOpen => {
                         let (limit, window) = self.inner.reported[0];
@@ -559,7 +474,10 @@ where
                         })
                     }
                     Policy::Local(local) => local.check_n_now(key, n),
-                }
+                };
+                let admitted = answer.as_ref().ok().map(|d| d.allowed);
+                stats::unavailable(&self.inner.prefix, admitted);
+                answer
             }
             Err(e) => Err(e),
         }
@@ -575,14 +493,6 @@ impl<C> Inner<C> {
         }
     }
 }
-
-#[cfg(feature = "metrics")]
-fn count(outcome: &'static str) {
-    metrics::counter!("palisade_ratelimit_decisions_total", "outcome" => outcome).increment(1);
-}
-
-#[cfg(not(feature = "metrics"))]
-fn count(_outcome: &'static str) {}
 
 impl<C> RateLimiter for RedisLimiter<C>
 where

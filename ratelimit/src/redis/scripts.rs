@@ -6,8 +6,9 @@
 //! - `KEYS[i]`: the key of limit `i`.
 //! - `ARGV[1]`: the time in µs, or the empty string to read the server's `TIME` (production
 //!   always sends the empty string; tests inject times to replay sequences).
-//! - `ARGV[2]`: the cost. `ARGV[3]`: a per-call nonce (sliding log members).
-//! - `ARGV[4 + 3(i-1)..]`: `max`, `window_us`, `burst` of limit `i`.
+//! - `ARGV[2]`: the cost; 0 is a peek, which records nothing (and writes nothing but the
+//!   sliding log's trimming of expired members).
+//! - `ARGV[3 + 3(i-1)..]`: `max`, `window_us`, `burst` of limit `i`.
 //!
 //! Reply: `{allowed, now_us, remaining_1, retry_after_us_1, reset_after_us_1, ...}`, integers.
 //!
@@ -25,22 +26,46 @@ else
 end
 local cost = tonumber(ARGV[2])
 local n = #KEYS
-local function param(i, j) return tonumber(ARGV[4 + 3 * (i - 1) + j]) end
+local function param(i, j) return tonumber(ARGV[3 + 3 * (i - 1) + j]) end
 local function ttl_ms(us) return math.max(1, math.ceil(us / 1000)) end
 local out = {0, now}
 local allowed = 1
 "#;
 
-/// The exact sliding log on sorted sets (score = admission time in µs, member unique per unit).
+/// The exact sliding log on sorted sets, [`crate::algorithm::SlidingLog`]: one member per
+/// admitted decision, score = its time in µs (never below the newest score), member =
+/// `<end>:<cost>` where `end` (zero-padded to 16 digits, so equal scores sort by it) is the running
+/// total of units admitted on the key through that decision. Every step is O(log N) in the
+/// members of the key, whatever the cost and the limit: `ZCOUNT` and `ZRANGE` by rank on the skip
+/// list, a binary search by rank on denial, and at most `TRIM` expired members removed per call.
 pub(crate) const SLIDING_LOG: &str = r#"
-local nonce = ARGV[3]
+local TRIM = 64
+local function parse(member)
+  local e, c = string.match(member, '^(%d+):(%d+)$')
+  return tonumber(e), tonumber(c)
+end
+local newest_at, newest_end = {}, {}
 for i = 1, n do
   local key, max, window = KEYS[i], param(i, 0), param(i, 1)
-  redis.call('ZREMRANGEBYSCORE', key, '-inf', now - window)
-  local count = redis.call('ZCARD', key)
+  local horizon = now - window
+  local expired = redis.call('ZCOUNT', key, '-inf', horizon)
+  if expired > 0 then
+    local drop = math.min(expired, TRIM)
+    redis.call('ZREMRANGEBYRANK', key, 0, drop - 1)
+    expired = expired - drop
+  end
+  local count, reset, start = 0, 0, 0
   local newest = redis.call('ZRANGE', key, -1, -1, 'WITHSCORES')
-  local reset = 0
-  if newest[2] then reset = tonumber(newest[2]) + window - now end
+  if newest[1] then
+    newest_at[i] = tonumber(newest[2])
+    newest_end[i] = parse(newest[1])
+    if newest_at[i] > horizon then
+      local e, c = parse(redis.call('ZRANGE', key, expired, expired)[1])
+      start = e - c
+      count = newest_end[i] - start
+      reset = newest_at[i] + window - now
+    end
+  end
   local base = 3 * i
   if count + cost <= max then
     out[base] = max - count - cost
@@ -48,31 +73,27 @@ for i = 1, n do
   else
     allowed = 0
     out[base] = math.max(0, max - count)
+    -- The first member whose expiry frees k units: binary search by rank on `end`.
     local k = count + cost - max
-    local kth = redis.call('ZRANGE', key, k - 1, k - 1, 'WITHSCORES')
-    out[base + 1] = tonumber(kth[2]) + window - now
+    local lo, hi = expired, redis.call('ZCARD', key) - 1
+    while lo < hi do
+      local mid = math.floor((lo + hi) / 2)
+      local e = parse(redis.call('ZRANGE', key, mid, mid)[1])
+      if e - start >= k then hi = mid else lo = mid + 1 end
+    end
+    local at = redis.call('ZRANGE', key, lo, lo, 'WITHSCORES')[2]
+    out[base + 1] = tonumber(at) + window - now
   end
   out[base + 2] = reset
 end
-if allowed == 1 then
-  local stamp = string.format('%d', now)
+if allowed == 1 and cost > 0 then
   for i = 1, n do
     local key, max, window = KEYS[i], param(i, 0), param(i, 1)
-    local j = 0
-    while j < cost do
-      local args = {}
-      local upto = math.min(cost, j + 500)
-      while j < upto do
-        j = j + 1
-        args[#args + 1] = now
-        args[#args + 1] = stamp .. ':' .. nonce .. ':' .. j
-      end
-      redis.call('ZADD', key, unpack(args))
-    end
-    local newest = redis.call('ZRANGE', key, -1, -1, 'WITHSCORES')
-    local reset = math.max(tonumber(newest[2]), now) + window - now
-    out[3 * i + 2] = reset
-    redis.call('PEXPIRE', key, ttl_ms(reset))
+    local at = math.max(now, newest_at[i] or now)
+    local e = (newest_end[i] or 0) + cost
+    redis.call('ZADD', key, at, string.format('%016d:%d', e, cost))
+    out[3 * i + 2] = at + window - now
+    redis.call('PEXPIRE', key, ttl_ms(at + window - now))
   end
 end
 out[1] = allowed
@@ -125,7 +146,7 @@ for i = 1, n do
   out[base + 2] = reset
   state[i] = {w, c, p, elapsed}
 end
-if allowed == 1 then
+if allowed == 1 and cost > 0 then
   for i = 1, n do
     local key, max, window = KEYS[i], param(i, 0), param(i, 1)
     local w, c, p, elapsed = state[i][1], state[i][2] + cost, state[i][3], state[i][4]
@@ -164,7 +185,7 @@ for i = 1, n do
   end
   tats[i] = new_tat
 end
-if allowed == 1 then
+if allowed == 1 and cost > 0 then
   for i = 1, n do
     redis.call('SET', KEYS[i], string.format('%d', tats[i]), 'PX', ttl_ms(tats[i] - now))
   end

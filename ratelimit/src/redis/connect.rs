@@ -1,0 +1,140 @@
+//! Connections for a limiter (standalone, TLS, Cluster), and how their errors are classified:
+//! unavailable (the policy answers) or refused (a typed error whatever the policy).
+
+use std::time::Duration;
+
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::{ErrorKind, RedisError, ServerErrorKind};
+
+use crate::Error;
+
+/// Connects to a standalone Redis for a limiter: a [`ConnectionManager`] (one multiplexed
+/// connection that reconnects by itself) whose connection attempts and responses time out after
+/// `timeout`. `url` may carry an ACL user and password (`redis://user:password@host:6379/0`);
+/// `rediss://` needs this crate's `tls` feature.
+///
+/// A TLS connection whose certificate is refused (by either side) fails with [`Error::Tls`]; the
+/// system's roots (webpki) are trusted: for a private CA or a client certificate, use
+/// [`connect_with_tls`].
+pub async fn connect(url: &str, timeout: Duration) -> Result<ConnectionManager, Error> {
+    #[cfg(feature = "tls")]
+    install_crypto_provider();
+    let client = redis::Client::open(url).map_err(Error::Redis)?;
+    manage(client, timeout).await
+}
+
+/// Like [`connect`], for a `rediss://` URL, trusting the CA in `certs.root_cert` (PEM; `None`:
+/// the system's roots) and presenting the client certificate in `certs.client_tls`, if any (for
+/// a server with `tls-auth-clients yes`). A refused certificate fails with [`Error::Tls`], which
+/// says whose. Needs the `tls` feature.
+///
+/// ```no_run
+/// # async fn f() -> Result<(), Box<dyn std::error::Error>> {
+/// use palisade_ratelimit::redis_crate::{ClientTlsConfig, TlsCertificates};
+/// let certs = TlsCertificates {
+///     root_cert: Some(std::fs::read("/etc/redis/ca.pem")?),
+///     client_tls: Some(ClientTlsConfig {
+///         client_cert: std::fs::read("/etc/palisade/client.pem")?,
+///         client_key: std::fs::read("/etc/palisade/client-key.pem")?,
+///     }),
+/// };
+/// let conn = palisade_ratelimit::connect_with_tls(
+///     "rediss://redis.internal:6380/",
+///     certs,
+///     std::time::Duration::from_millis(500),
+/// )
+/// .await?;
+/// # Ok(()) }
+/// ```
+#[cfg(feature = "tls")]
+pub async fn connect_with_tls(
+    url: &str,
+    certs: redis::TlsCertificates,
+    timeout: Duration,
+) -> Result<ConnectionManager, Error> {
+    install_crypto_provider();
+    let client = redis::Client::build_with_tls(url, certs).map_err(|e| Error::InvalidConfig {
+        field: "tls",
+        reason: format!("is unusable: {e} (it needs a rediss:// URL and PEM certificates)"),
+    })?;
+    manage(client, timeout).await
+}
+
+async fn manage(client: redis::Client, timeout: Duration) -> Result<ConnectionManager, Error> {
+    let config = ConnectionManagerConfig::new()
+        .set_connection_timeout(Some(timeout))
+        .set_response_timeout(Some(timeout))
+        .set_number_of_retries(2)
+        .set_max_delay(Duration::from_secs(1));
+    ConnectionManager::new_with_config(client, config)
+        .await
+        .map_err(classify_connect)
+}
+
+/// Connects to a Redis Cluster for a limiter (the cluster's async connection, which follows
+/// slot moves and reconnects by itself). `urls` are some of its nodes.
+pub async fn connect_cluster<I, T>(
+    urls: I,
+) -> Result<redis::cluster_async::ClusterConnection, Error>
+where
+    I: IntoIterator<Item = T>,
+    T: redis::IntoConnectionInfo,
+{
+    #[cfg(feature = "tls")]
+    install_crypto_provider();
+    let client = redis::cluster::ClusterClient::new(urls).map_err(Error::Redis)?;
+    client
+        .get_async_connection()
+        .await
+        .map_err(classify_connect)
+}
+
+/// rustls needs a process-wide crypto provider and the redis crate selects none; use ring
+/// unless the application installed one already.
+#[cfg(feature = "tls")]
+fn install_crypto_provider() {
+    if rustls::crypto::CryptoProvider::get_default().is_none() {
+        // Losing a race with another installer is fine: any provider will do.
+        let _ = rustls::crypto::ring::default_provider().install_default();
+    }
+}
+
+/// A connection error: a refused certificate is [`Error::Tls`], the rest as for a decision.
+fn classify_connect(e: RedisError) -> Error {
+    #[cfg(feature = "tls")]
+    if let Some(problem) = crate::TlsProblem::find(&e) {
+        return Error::Tls { problem, source: e };
+    }
+    classify_unavailable(e)
+}
+
+pub(crate) fn classify_unavailable(e: RedisError) -> Error {
+    if is_unavailable(&e) {
+        Error::Unavailable(e)
+    } else {
+        Error::Redis(e)
+    }
+}
+
+/// Whether an error means "Redis is not there right now" (the policy applies) rather than
+/// "Redis refused" (a typed error, whatever the policy).
+fn is_unavailable(e: &RedisError) -> bool {
+    e.is_io_error()
+        || e.is_connection_dropped()
+        || e.is_connection_refusal()
+        || e.is_timeout()
+        || e.is_cluster_error()
+        || matches!(
+            e.kind(),
+            ErrorKind::Io
+                | ErrorKind::ClusterConnectionNotFound
+                | ErrorKind::Server(
+                    ServerErrorKind::BusyLoading
+                        | ServerErrorKind::TryAgain
+                        | ServerErrorKind::ClusterDown
+                        | ServerErrorKind::MasterDown
+                        | ServerErrorKind::ReadOnly
+                )
+        )
+        || e.code() == Some("BUSY")
+}

@@ -1,0 +1,273 @@
+//! Big limits, peek, reset, live limit changes and unambiguous keys, against real redis-server
+//! processes (and a Redis Cluster where keys matter).
+
+use std::time::Duration;
+
+use futures::StreamExt;
+use palisade_ratelimit::redis_crate::{self as redis, aio::ConnectionManager};
+use palisade_ratelimit::{Algorithm, Limit, RateLimiter, RedisLimiter, connect, connect_cluster};
+use palisade_testkit::{Redis, RedisCluster};
+
+async fn conn(url: &str) -> ConnectionManager {
+    connect(url, Duration::from_secs(5))
+        .await
+        .unwrap_or_else(|e| panic!("connect to {url}: {e}"))
+}
+
+/// The longest `EVALSHA` (µs) in the slow log since `SLOWLOG RESET` (which logs every command,
+/// see `slowlog-log-slower-than 0` below), and how many were logged.
+async fn longest_evalsha(c: &mut ConnectionManager) -> (u64, usize) {
+    let entries: Vec<redis::Value> = redis::cmd("SLOWLOG")
+        .arg("GET")
+        .arg(-1)
+        .query_async(c)
+        .await
+        .expect("SLOWLOG GET");
+    let mut longest = 0;
+    let mut count = 0;
+    for e in entries {
+        let redis::Value::Array(fields) = e else {
+            continue;
+        };
+        let (Some(redis::Value::Int(us)), Some(redis::Value::Array(args))) =
+            (fields.get(2), fields.get(3))
+        else {
+            continue;
+        };
+        let is_eval = matches!(args.first(), Some(redis::Value::BulkString(b)) if b.eq_ignore_ascii_case(b"evalsha"));
+        if is_eval {
+            longest = longest.max(*us as u64);
+            count += 1;
+        }
+    }
+    (longest, count)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn big_costs_and_long_logs_do_not_hold_redis() {
+    let server = Redis::start().expect("redis-server");
+    let mut admin = conn(&server.url()).await;
+    let () = redis::cmd("CONFIG")
+        .arg("SET")
+        .arg("slowlog-log-slower-than")
+        .arg(0)
+        .arg("slowlog-max-len")
+        .arg(1_000_000)
+        .query_async(&mut admin)
+        .await
+        .expect("CONFIG SET");
+    let limiter = RedisLimiter::builder(conn(&server.url()).await)
+        .limit(Limit::per_hour(1_000_000).unwrap())
+        .timeout(Duration::from_secs(5))
+        .build()
+        .unwrap();
+    limiter.check("warm-up").await.unwrap(); // loads the script
+    let () = redis::cmd("SLOWLOG")
+        .arg("RESET")
+        .query_async(&mut admin)
+        .await
+        .unwrap();
+    // The case: 100,000 units in one decision, ten times, then a denial.
+    for i in 0..10 {
+        let d = limiter.check_n("big", 100_000).await.unwrap();
+        assert!(d.allowed && d.remaining == 900_000 - i * 100_000, "{d:?}");
+    }
+    assert!(!limiter.check_n("big", 100_000).await.unwrap().allowed);
+    let (big, calls) = longest_evalsha(&mut admin).await;
+    println!("check_n(key, 100_000) held Redis for at most {big} µs ({calls} calls)");
+
+    // A long log: 20,000 decisions on one key, then denials that search it and peeks.
+    futures::stream::iter(0..20_000)
+        .for_each_concurrent(64, |_| async {
+            assert!(limiter.check("long").await.unwrap().allowed);
+        })
+        .await;
+    let () = redis::cmd("SLOWLOG")
+        .arg("RESET")
+        .query_async(&mut admin)
+        .await
+        .unwrap();
+    let d = limiter.check_n("long", 999_000).await.unwrap();
+    assert!(!d.allowed && d.remaining == 980_000, "{d:?}");
+    assert_eq!(limiter.peek("long").await.unwrap().remaining, 980_000);
+    assert!(limiter.check_n("long", 100_000).await.unwrap().allowed);
+    let (long, calls) = longest_evalsha(&mut admin).await;
+    println!("on a 20,000-member log, a decision held Redis for at most {long} µs ({calls} calls)");
+    let members: usize = redis::cmd("ZCARD")
+        .arg(&limiter.redis_keys("long")[0])
+        .query_async(&mut admin)
+        .await
+        .unwrap();
+    assert_eq!(members, 20_001, "one member per admitted decision");
+    // Generous for a busy 2-core machine: the old script took seconds for such costs.
+    for (what, us) in [("a 100,000-unit decision", big), ("a long log", long)] {
+        assert!(us < 50_000, "{what} held Redis for {us} µs");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn peek_answers_without_consuming_for_every_algorithm() {
+    let server = Redis::start().expect("redis-server");
+    let c = conn(&server.url()).await;
+    for algorithm in [
+        Algorithm::SlidingLog,
+        Algorithm::SlidingWindowCounter,
+        Algorithm::Gcra { burst: 10 },
+    ] {
+        let limiter = RedisLimiter::builder(c.clone())
+            .prefix(format!("peek{algorithm:?}").replace(['{', '}', ' '], ""))
+            .algorithm(algorithm)
+            // An hour: a window counter's fixed window does not roll over during the test.
+            .limit(Limit::per_hour(10).unwrap())
+            .cache_denials(true)
+            .build()
+            .unwrap();
+        let fresh = limiter.peek("k").await.unwrap();
+        assert!(
+            fresh.allowed && fresh.remaining == 10,
+            "{algorithm:?}: {fresh:?}"
+        );
+        assert_eq!(fresh.reset_after, Duration::ZERO, "{algorithm:?}");
+        limiter.check_n("k", 3).await.unwrap();
+        for _ in 0..3 {
+            let p = limiter.check_n("k", 0).await.unwrap();
+            assert!(p.allowed && p.server_time.is_some(), "{algorithm:?}: {p:?}");
+            assert_eq!(p.remaining, 7, "{algorithm:?}: a peek consumed");
+            assert!(p.reset_after > Duration::ZERO, "{algorithm:?}: {p:?}");
+        }
+        assert_eq!(limiter.check_n("k", 7).await.unwrap().remaining, 0);
+        assert!(!limiter.check("k").await.unwrap().allowed);
+        // A peek neither reads nor fills the denial cache.
+        let p = limiter.peek("k").await.unwrap();
+        assert!(
+            p.remaining == 0 && p.server_time.is_some(),
+            "{algorithm:?}: {p:?}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn reset_clears_every_limit_algorithm_and_the_denial_cache() {
+    let server = Redis::start().expect("redis-server");
+    let mut c = conn(&server.url()).await;
+    let limits = [
+        // Long windows: the GCRA denial stays cached for the whole test.
+        Limit::per_minute(5).unwrap(),
+        Limit::per_hour(5).unwrap(),
+    ];
+    let build = |algorithm| {
+        RedisLimiter::builder(c.clone())
+            .prefix("reset")
+            .algorithm(algorithm)
+            .limits(limits)
+            .cache_denials(true)
+            .build()
+            .unwrap()
+    };
+    let log = build(Algorithm::SlidingLog);
+    let gcra = build(Algorithm::Gcra { burst: 5 });
+    for l in [&log, &gcra] {
+        assert_eq!(l.check_n("user", 5).await.unwrap().remaining, 0);
+        assert!(!l.check("user").await.unwrap().allowed);
+        assert!(!l.check("user").await.unwrap().allowed, "cached");
+    }
+    log.reset("user").await.unwrap();
+    let d = log.check("user").await.unwrap();
+    assert!(d.allowed && d.remaining == 4, "after reset: {d:?}");
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg("reset{user}*")
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    assert_eq!(
+        keys.len(),
+        2,
+        "only the log's two keys, rewritten: {keys:?}"
+    );
+    // The GCRA keys went too, but the GCRA limiter's own cache still denies until its
+    // retry_after (documented staleness); its own reset forgets it.
+    assert!(!gcra.check("user").await.unwrap().allowed);
+    gcra.reset("user").await.unwrap();
+    assert_eq!(gcra.check("user").await.unwrap().remaining, 4);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_changed_max_applies_to_the_existing_history() {
+    let server = Redis::start().expect("redis-server");
+    let c = conn(&server.url()).await;
+    for algorithm in [Algorithm::SlidingLog, Algorithm::SlidingWindowCounter] {
+        let with = |max| {
+            RedisLimiter::builder(c.clone())
+                .prefix(format!("live{algorithm:?}"))
+                .algorithm(algorithm)
+                .limit(Limit::per_hour(max).unwrap())
+                .build()
+                .unwrap()
+        };
+        let (old, raised, lowered) = (with(100), with(120), with(50));
+        assert_eq!(old.check_n("k", 100).await.unwrap().remaining, 0);
+        // Raised during a rolling deploy: 20 more, not a fresh 120.
+        let d = raised.check_n("k", 20).await.unwrap();
+        assert!(d.allowed && d.remaining == 0, "{algorithm:?}: {d:?}");
+        assert!(!raised.check("k").await.unwrap().allowed, "{algorithm:?}");
+        assert!(!old.check("k").await.unwrap().allowed, "{algorithm:?}");
+        // Lowered: over the limit until enough leaves the window.
+        let p = lowered.peek("k").await.unwrap();
+        assert!(!p.allowed && p.remaining == 0, "{algorithm:?}: {p:?}");
+        assert!(!lowered.check("k").await.unwrap().allowed, "{algorithm:?}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn prefixes_and_keys_never_share_a_redis_key() {
+    let server = Redis::start().expect("redis-server");
+    let c = conn(&server.url()).await;
+    let with = |prefix: &str| {
+        RedisLimiter::builder(c.clone())
+            .prefix(prefix)
+            .limit(Limit::per_minute(1).unwrap())
+            .build()
+            .unwrap()
+    };
+    let (a, ab) = (with("a"), with("a:b"));
+    assert!(a.check("b:c").await.unwrap().allowed);
+    assert!(
+        ab.check("c").await.unwrap().allowed,
+        "prefix `a:b` + key `c` is not prefix `a` + key `b:c`"
+    );
+    assert_ne!(a.redis_keys("b:c"), ab.redis_keys("c"));
+    for (k1, k2) in [("", "%"), ("}", "%7D"), ("x{y", "x%7By")] {
+        assert!(a.check(k1).await.unwrap().allowed);
+        assert!(a.check(k2).await.unwrap().allowed, "{k1:?} vs {k2:?}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn awkward_keys_keep_all_limits_in_one_cluster_slot() {
+    let cluster = RedisCluster::start(3).expect("redis cluster");
+    let c = connect_cluster(cluster.urls()).await.expect("cluster");
+    let limiter = RedisLimiter::builder(c.clone())
+        .prefix("tags")
+        .limits([
+            Limit::per_second(2).unwrap(),
+            Limit::per_minute(3).unwrap(),
+            Limit::per_hour(4).unwrap(),
+        ])
+        .build()
+        .unwrap();
+    for key in ["", "}", "{", "}x{", "a{b}c", "user:42", "%"] {
+        for _ in 0..2 {
+            let d = limiter
+                .check(key)
+                .await
+                .unwrap_or_else(|e| panic!("{key:?}: {e}"));
+            assert!(d.allowed, "{key:?}");
+        }
+        assert!(!limiter.check(key).await.unwrap().allowed, "{key:?}");
+        limiter
+            .reset(key)
+            .await
+            .unwrap_or_else(|e| panic!("{key:?}: {e}"));
+        assert!(limiter.check(key).await.unwrap().allowed, "{key:?}");
+    }
+}
