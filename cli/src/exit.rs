@@ -134,6 +134,20 @@ impl From<palisade_idempotency::Error> for CliError {
     }
 }
 
+impl From<palisade_ratelimit::Error> for CliError {
+    /// The exit code of every palisade-ratelimit error (`palisade limit`).
+    fn from(error: palisade_ratelimit::Error) -> Self {
+        use palisade_ratelimit::Error;
+        let code = match &error {
+            Error::Unavailable(_) | Error::Timeout(_) | Error::Redis(_) => UNAVAILABLE,
+            Error::DeadlineExceeded(_) => HELD,
+            Error::InvalidConfig { .. } | Error::CostExceedsLimit { .. } => CONFIG,
+            _ => INTERNAL,
+        };
+        CliError::new(code, chain(&error))
+    }
+}
+
 /// An error and its sources, as one line.
 pub fn chain(error: &dyn std::error::Error) -> String {
     let mut line = error.to_string();

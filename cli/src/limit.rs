@@ -3,7 +3,7 @@
 
 use crate::backend::default_dir;
 use crate::child::{Child, exit_code};
-use crate::exit::{CONFIG, CliError, HELD, INTERNAL, UNAVAILABLE, chain};
+use crate::exit::{CONFIG, CliError, HELD, chain};
 use crate::progress::Progress;
 use crate::tls::RedisTlsArgs;
 use clap::Args;
@@ -73,7 +73,7 @@ async fn redis_limiter(args: &LimitArgs, url: &str) -> Result<RedisLimiter, CliE
         .timeout(args.timeout)
         .on_unavailable(Policy::FailClosed)
         .build()
-        .map_err(to_cli)
+        .map_err(CliError::from)
 }
 
 /// The limit shared by the processes of this host through files in `--dir`/limits.
@@ -109,7 +109,7 @@ async fn acquire(args: &LimitArgs, limiter: &impl RateLimiter) -> Result<Decisio
                 args.key, args.rate
             ),
         ),
-        other => to_cli(other),
+        other => other.into(),
     })
 }
 
@@ -130,7 +130,7 @@ async fn connect(
                 .files()
                 .refused(problem, crate::tls::Signed::Unknown, &source.to_string())
         }
-        other => to_cli(other),
+        other => other.into(),
     })
 }
 
@@ -142,15 +142,5 @@ async fn connect(
     args.tls.certificates(url)?;
     palisade_ratelimit::connect(url, args.timeout)
         .await
-        .map_err(to_cli)
-}
-
-fn to_cli(error: Error) -> CliError {
-    let code = match &error {
-        Error::Unavailable(_) | Error::Timeout(_) | Error::Redis(_) => UNAVAILABLE,
-        Error::DeadlineExceeded(_) => HELD,
-        Error::InvalidConfig { .. } | Error::CostExceedsLimit { .. } => CONFIG,
-        _ => INTERNAL,
-    };
-    CliError::new(code, chain(&error))
+        .map_err(CliError::from)
 }
