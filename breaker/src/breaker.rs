@@ -51,7 +51,8 @@ pub struct Metrics {
     /// The state when the snapshot was taken.
     pub state: State,
     /// Failed calls / buffered calls in the current window (0 when it is empty). In half-open,
-    /// the window is the probes settled so far.
+    /// the window is the probes settled so far; while open, the window that opened it (the
+    /// probes', when half-open went back to open).
     pub failure_rate: f64,
     /// Slow calls / buffered calls in the current window.
     pub slow_call_rate: f64,
@@ -87,6 +88,9 @@ struct Control {
     consecutive_opens: u32,
     probes: HalfOpenProbes,
     half_open_since: Duration,
+    /// The window that decided the current opening when it was the half-open probes' (`None`:
+    /// the sliding window opened it, and still shows it).
+    opened_by_probes: Option<crate::machine::WindowStats>,
 }
 
 #[derive(Debug)]
@@ -219,6 +223,7 @@ impl CircuitBreaker {
                 consecutive_opens: 0,
                 probes: HalfOpenProbes::default(),
                 half_open_since: Duration::ZERO,
+                opened_by_probes: None,
             }),
             this: this.clone(),
         });
@@ -608,6 +613,9 @@ impl Inner {
     /// Applies a transition from `from` to `to` at `now`. Must hold `control`.
     fn transition(&self, ctl: &mut Control, from: Word, to: State, now: Duration) -> Word {
         let next = from.next(to);
+        // While open, the window that decided is shown: the probes', when half-open reopened it.
+        ctl.opened_by_probes =
+            (to == State::Open && from.state() == State::HalfOpen).then_some(ctl.probes.stats);
         match to {
             State::Closed | State::MetricsOnly => {
                 if to == State::Closed {
@@ -635,9 +643,12 @@ impl Inner {
         #[cfg(feature = "metrics")]
         {
             self.facade.state(to);
-            // While open, the rates that opened it stay visible (as resilience4j's do); any
-            // other state starts an empty window.
-            if !matches!(to, State::Open | State::ForcedOpen) {
+            // While open, the rates that opened it stay visible (as resilience4j's do): the
+            // probes' when half-open reopened it; any other state starts an empty window.
+            if let Some(probes) = ctl.opened_by_probes {
+                self.facade
+                    .window(probes, self.cfg.effective_minimum_calls());
+            } else if !matches!(to, State::Open | State::ForcedOpen) {
                 let stats = crate::machine::WindowStats::default();
                 self.facade
                     .window(stats, self.cfg.effective_minimum_calls());
@@ -732,10 +743,13 @@ impl Inner {
 
     fn metrics(&self) -> Metrics {
         let state = self.refresh();
-        let stats = if state == State::HalfOpen {
-            lock(&self.control).probes.stats
-        } else {
-            self.window.snapshot(self.now())
+        let stats = {
+            let ctl = lock(&self.control);
+            match (state, ctl.opened_by_probes) {
+                (State::HalfOpen, _) => ctl.probes.stats,
+                (State::Open, Some(probes)) => probes,
+                _ => self.window.snapshot(self.now()),
+            }
         };
         #[cfg(feature = "metrics")]
         if !matches!(state, State::Open | State::ForcedOpen) {

@@ -143,6 +143,8 @@ struct Model {
     probes_issued: u32,
     probes: Vec<Rec>,
     half_open_since: Duration,
+    /// The probes' counts when half-open went back to open (shown while open).
+    opened_by_probes: Option<Counts>,
     succeeded: u64,
     failed: u64,
     slow: u64,
@@ -162,6 +164,7 @@ impl Model {
             consecutive_opens: 0,
             probes_issued: 0,
             probes: Vec::new(),
+            opened_by_probes: None,
             half_open_since: Duration::ZERO,
             succeeded: 0,
             failed: 0,
@@ -188,6 +191,8 @@ impl Model {
 
     fn go(&mut self, to: State) {
         self.epoch += 1;
+        self.opened_by_probes =
+            (to == State::Open && self.state == State::HalfOpen).then(|| self.probe_counts());
         self.state = to;
         match to {
             State::Closed => {
@@ -357,16 +362,21 @@ impl Model {
         }
     }
 
-    /// What `metrics()` reports: the probes in half-open, the window otherwise.
+    fn probe_counts(&self) -> Counts {
+        Counts {
+            calls: self.probes.len() as u64,
+            failures: self.probes.iter().filter(|r| r.failed).count() as u64,
+            slow: self.probes.iter().filter(|r| r.slow).count() as u64,
+        }
+    }
+
+    /// What `metrics()` reports: the probes in half-open; while open, the window that decided
+    /// (the probes', when half-open went back to open); the window otherwise.
     fn metric_counts(&mut self) -> Counts {
-        if self.state() == State::HalfOpen {
-            Counts {
-                calls: self.probes.len() as u64,
-                failures: self.probes.iter().filter(|r| r.failed).count() as u64,
-                slow: self.probes.iter().filter(|r| r.slow).count() as u64,
-            }
-        } else {
-            self.counts()
+        match (self.state(), self.opened_by_probes) {
+            (State::HalfOpen, _) => self.probe_counts(),
+            (State::Open, Some(probes)) => probes,
+            _ => self.counts(),
         }
     }
 }

@@ -625,3 +625,46 @@ fn invalid_options_are_rejected_by_name() {
         assert!(err.to_string().contains(option), "{err}");
     }
 }
+
+#[test]
+fn after_half_open_goes_back_to_open_metrics_show_the_probes_that_decided() {
+    let clock = FakeClock::new();
+    let b = CircuitBreaker::builder("probes")
+        .sliding_window(Window::Count(5))
+        .minimum_calls(5)
+        .wait_in_open(secs(10))
+        .half_open_permits(4)
+        .clock(clock.clone())
+        .build()
+        .unwrap();
+    for _ in 0..5 {
+        fail(&b);
+    }
+    assert_eq!(b.state(), State::Open);
+    let m = b.metrics();
+    assert_eq!(
+        (m.failure_rate, m.buffered_calls),
+        (1.0, 5),
+        "the closed window opened it"
+    );
+    clock.advance(secs(10));
+    ok(&b); // the first call after the wait moves it to half-open, as a probe
+    assert_eq!(b.state(), State::HalfOpen);
+    for _ in 0..3 {
+        fail(&b);
+    }
+    assert_eq!(b.state(), State::Open, "3 of 4 probes failed");
+    let m = b.metrics();
+    assert_eq!(
+        (m.failure_rate, m.buffered_calls, m.failed_buffered_calls),
+        (0.75, 4, 3),
+        "while open, the window that decided is shown: the probes' (as resilience4j does)"
+    );
+    // Closing again starts an empty window.
+    clock.advance(secs(30));
+    for _ in 0..4 {
+        ok(&b);
+    }
+    assert_eq!(b.state(), State::Closed);
+    assert_eq!(b.metrics().buffered_calls, 0);
+}
