@@ -434,9 +434,18 @@ fn jobs_watch_reports_a_job_starting_and_finishing() {
                 }
             }
         });
-        // Run jobs until the watcher reports one start and one finish (it may subscribe a
-        // moment after it was spawned, so a job may come and go before it looks).
-        let mut events = Vec::new();
+        // Run jobs until the watcher reports the start and the finish of one of them. It may
+        // subscribe a moment after it was spawned, so it can miss a job's start (or all of it):
+        // only a job seen both starting and finishing counts.
+        let mut events: Vec<serde_json::Value> = Vec::new();
+        let both = |events: &[serde_json::Value]| {
+            events.iter().find_map(|s| {
+                let finished = events.iter().find(|f| {
+                    s["event"] == "started" && f["event"] == "finished" && f["lock"] == s["lock"]
+                })?;
+                Some((s.clone(), finished.clone()))
+            })
+        };
         for attempt in 0..20 {
             let run = p.output(&[
                 "run",
@@ -448,32 +457,20 @@ fn jobs_watch_reports_a_job_starting_and_finishing() {
                 "sleep 0.3",
             ]);
             assert_eq!(run.status.code(), Some(0), "[{label}] {run:?}");
-            while let Ok(line) = rx.recv_timeout(Duration::from_millis(1500)) {
-                let event: serde_json::Value = serde_json::from_str(&line).expect("JSON lines");
-                events.push(event);
-                let kinds: Vec<_> = events
-                    .iter()
-                    .map(|e| e["event"].as_str().unwrap_or("").to_string())
-                    .collect();
-                if kinds.contains(&"started".to_string()) && kinds.contains(&"finished".to_string())
-                {
+            while both(&events).is_none() {
+                let Ok(line) = rx.recv_timeout(Duration::from_millis(1500)) else {
                     break;
-                }
+                };
+                events.push(serde_json::from_str(&line).expect("JSON lines"));
             }
-            if events.iter().any(|e| e["event"] == "finished") {
+            if both(&events).is_some() {
                 break;
             }
         }
         let _ = watcher.kill();
         let _ = watcher.wait();
-        let started = events
-            .iter()
-            .find(|e| e["event"] == "started")
-            .expect("a started event");
-        let finished = events
-            .iter()
-            .find(|e| e["event"] == "finished")
-            .expect("a finished event");
+        let (started, finished) = both(&events)
+            .unwrap_or_else(|| panic!("[{label}] no job seen starting and finishing: {events:?}"));
         assert_eq!(started["lock"], finished["lock"], "[{label}] {events:?}");
         assert_eq!(started["command"][0], "sh", "[{label}] {events:?}");
     }
