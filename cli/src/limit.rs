@@ -58,8 +58,16 @@ pub async fn limit(args: LimitArgs) -> Result<u8, CliError> {
         None => acquire(&args, &file_limiter(&args)?).await,
     };
     drop(progress);
-    admitted?;
-    let env = [("PALISADE_LIMIT_KEY", args.key.clone())];
+    let decision = admitted?;
+    // The admission's time on the limit's own clock (Redis's TIME, or the host's clock for the
+    // file limit), for commands that log it: the window is counted on that clock.
+    let admitted_at = decision
+        .server_time
+        .map_or_else(String::new, |t| t.as_micros().to_string());
+    let env = [
+        ("PALISADE_LIMIT_KEY", args.key.clone()),
+        ("PALISADE_LIMIT_ADMITTED_AT_US", admitted_at),
+    ];
     let child = Child::spawn_forwarding(&args.command, &env)?;
     Ok(exit_code(child.wait().await))
 }

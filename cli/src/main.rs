@@ -65,7 +65,9 @@ enum Command {
     /// The limit is exact (a sliding log): never more than N runs start in any window of
     /// PERIOD. Without --redis it is shared by every process of this host through a file per
     /// key in --dir; with --redis, by every host. A Redis that cannot be reached fails the run
-    /// (exit 69) rather than running it unlimited.
+    /// (exit 69) rather than running it unlimited. COMMAND gets PALISADE_LIMIT_KEY and
+    /// PALISADE_LIMIT_ADMITTED_AT_US (its admission, in microseconds since the Unix epoch on the
+    /// limit's own clock: Redis's TIME, or this host's).
     ///
     /// Example: palisade limit --key partner-api --rate 10/min -- ./sync.sh
     #[command(after_help = exit::TABLE)]
