@@ -375,16 +375,24 @@ struct FileHeld {
     lost: LostSignal,
     /// Watches that the lock file stays in place (see [`watch_lock_file`]).
     watcher: tokio::task::JoinHandle<()>,
+    /// The descriptor was handed out ([`HeldLock::lock_fd`]): release only closes it.
+    fd_shared: std::sync::atomic::AtomicBool,
 }
 
 impl FileHeld {
+    /// Lets the lock go. Unless its descriptor was handed out ([`HeldLock::lock_fd`]), the open
+    /// file description is unlocked (`LOCK_UN`) before it is closed, so that a process forked
+    /// meanwhile (Python's `multiprocessing`, Celery's prefork) that inherited the descriptor
+    /// by accident does not keep the lock after its holder let it go. A descriptor handed out on
+    /// purpose (`palisade run` passes it to its command, as flock(1) does) is only closed: the
+    /// lock stays held until the last process that has it is gone.
     fn release_now(&mut self) {
         self.watcher.abort();
         if let Some(file) = self.file.take() {
             let _ = std::fs::remove_file(&self.holder_path);
-            // Closing, not `LOCK_UN`: a child process that inherited the descriptor (`palisade
-            // run` passes it on, as flock(1) does) shares the open file description, and the
-            // lock must stay held until the last process that has it is gone.
+            if !self.fd_shared.load(std::sync::atomic::Ordering::Acquire) {
+                let _ = flock(&file, FlockOperation::Unlock);
+            }
             drop(file);
         }
         self.local.take();
@@ -416,6 +424,9 @@ impl HeldLock for FileHeld {
     }
     fn lock_fd(&self) -> Option<std::os::fd::RawFd> {
         use std::os::fd::AsRawFd;
+        // Handed out: a process given it keeps the lock (see `release_now`).
+        self.fd_shared
+            .store(true, std::sync::atomic::Ordering::Release);
         self.file.as_ref().map(File::as_raw_fd)
     }
 }
@@ -546,6 +557,7 @@ impl LockBackend for FileBackend {
             token,
             lost: LostSignal(liveness),
             watcher,
+            fd_shared: std::sync::atomic::AtomicBool::new(false),
         }))
     }
 
