@@ -1,0 +1,238 @@
+"""Type stubs of palisade (the Rust extension palisade._palisade and its Python half)."""
+
+from typing import Any, Callable, Dict, List, Literal, Optional, Tuple, Type, TypeVar, Union
+
+from ._errors import (
+    AuthError as AuthError,
+    BreakerOpen as BreakerOpen,
+    ClaimLost as ClaimLost,
+    ConfigError as ConfigError,
+    Conflict as Conflict,
+    Error as Error,
+    Fenced as Fenced,
+    FingerprintMismatch as FingerprintMismatch,
+    InProgress as InProgress,
+    LeaseLost as LeaseLost,
+    LockError as LockError,
+    LockHeld as LockHeld,
+    LockTimeout as LockTimeout,
+    NotRecorded as NotRecorded,
+    OnceError as OnceError,
+    OwnershipLost as OwnershipLost,
+    RateLimited as RateLimited,
+    Unavailable as Unavailable,
+)
+
+_F = TypeVar("_F", bound=Callable[..., Any])
+_ExcClasses = Union[Type[BaseException], Tuple[Type[BaseException], ...], List[Type[BaseException]]]
+BreakerState = Literal["closed", "open", "half_open", "forced_open", "disabled", "metrics_only"]
+
+class CircuitBreaker:
+    """A circuit breaker (palisade-breaker). Durations are seconds; see the Rust builder for
+    each option's meaning and default (resilience4j's)."""
+
+    def __init__(
+        self,
+        name: str,
+        *,
+        failure_rate_threshold: Optional[float] = None,
+        slow_call_rate_threshold: Optional[float] = None,
+        slow_call_duration: Optional[float] = None,
+        slow_call_detection: Optional[bool] = None,
+        sliding_window: Optional[int] = None,
+        sliding_window_time: Optional[float] = None,
+        minimum_calls: Optional[int] = None,
+        wait_in_open: Optional[float] = None,
+        open_backoff_max: Optional[float] = None,
+        open_backoff_multiplier: Optional[float] = None,
+        open_backoff_jitter: Optional[float] = None,
+        half_open_permits: Optional[int] = None,
+        max_wait_in_half_open: Optional[float] = None,
+        automatic_half_open: Optional[bool] = None,
+        record: Optional[_ExcClasses] = None,
+        ignore: Optional[_ExcClasses] = None,
+    ) -> None: ...
+    def call(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:
+        """Calls ``fn`` if permitted (else raises ``BreakerOpen``) and records how it ended."""
+    def __call__(self, fn: _F) -> _F:
+        """Decorator form of ``call``."""
+    @property
+    def name(self) -> str: ...
+    @property
+    def state(self) -> BreakerState: ...
+    @property
+    def metrics(self) -> Dict[str, Any]:
+        """state, failure_rate, slow_call_rate, buffered_calls, failed_buffered_calls,
+        slow_buffered_calls, successful_calls, failed_calls, slow_calls, ignored_calls,
+        not_permitted_calls."""
+    @property
+    def options(self) -> Dict[str, Any]: ...
+    @property
+    def record(self) -> Optional[Tuple[Type[BaseException], ...]]: ...
+    @property
+    def ignore(self) -> Optional[Tuple[Type[BaseException], ...]]: ...
+    def force_open(self) -> None: ...
+    def disable(self) -> None: ...
+    def metrics_only(self) -> None: ...
+    def reset(self) -> None: ...
+
+def breaker(name: str, **options: Any) -> CircuitBreaker:
+    """The process-wide breaker ``name`` (made with ``options`` on first use)."""
+
+class Guard:
+    """A held lock."""
+
+    @property
+    def name(self) -> str: ...
+    @property
+    def fencing_token(self) -> int:
+        """Strictly increasing per lock name: pass it to the storage you write."""
+    @property
+    def lost(self) -> bool:
+        """Whether the lease behind the lock is lost."""
+    def release(self) -> None: ...
+
+class Lock:
+    """``coordinator.lock(name)``: a context manager that takes the lock on enter."""
+
+    def __enter__(self) -> Guard: ...
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> bool: ...
+
+class Ran:
+    """``run_exclusive``: the function ran under the lock."""
+
+    value: Any
+    fencing_token: int
+    @property
+    def ran(self) -> Literal[True]: ...
+
+class Skipped:
+    """``run_exclusive``: the lock was held; ``holder`` is the running job's info, if known."""
+
+    holder: Optional[Dict[str, Any]]
+    @property
+    def ran(self) -> Literal[False]: ...
+
+class JobContext:
+    """What a function running under ``run_exclusive`` sees of its lock."""
+
+    @property
+    def name(self) -> str: ...
+    @property
+    def fencing_token(self) -> int: ...
+    @property
+    def lost(self) -> bool: ...
+    def check(self) -> None:
+        """Raises ``LeaseLost`` if the lease is lost."""
+
+def current_job() -> Optional[JobContext]:
+    """The job ``run_exclusive`` is running on this thread, or ``None``."""
+
+class Coordinator:
+    """Locks and exclusive jobs on etcd (many hosts) or lock files (one host). Pickles as its
+    configuration; connects once per process."""
+
+    @staticmethod
+    def etcd(
+        endpoints: Union[str, List[str]],
+        *,
+        ttl: int = 10,
+        user: Optional[str] = None,
+        password: Optional[str] = None,
+        tls: Union[None, bool, Dict[str, str]] = None,
+        namespace: str = "palisade/",
+    ) -> Coordinator: ...
+    @staticmethod
+    def file(dir: str) -> Coordinator: ...
+    def lock(self, name: str, timeout: Optional[float] = None) -> Lock:
+        """None: wait until free; 0: raise LockHeld if held; seconds: raise LockTimeout."""
+    def run_exclusive(
+        self,
+        name: str,
+        fn: Callable[..., Any],
+        /,
+        *args: Any,
+        wait: Union[None, float, Literal["forever"]] = None,
+        **kwargs: Any,
+    ) -> Union[Ran, Skipped]: ...
+    def running_jobs(self) -> List[Dict[str, Any]]: ...
+
+def once(
+    key: str,
+    fn: Callable[..., Any],
+    /,
+    *args: Any,
+    store: str,
+    ttl: float = 86400.0,
+    in_progress_ttl: float = 300.0,
+    wait: Optional[float] = None,
+    fingerprint: Optional[str] = None,
+    **kwargs: Any,
+) -> Any:
+    """Runs ``fn`` once per ``key`` (store: file:///dir, redis://..., memory://) and returns
+    its JSON result; later calls replay it."""
+
+class Decision:
+    """A limiter's answer (truthy when allowed)."""
+
+    @property
+    def allowed(self) -> bool: ...
+    @property
+    def remaining(self) -> int: ...
+    @property
+    def retry_after(self) -> Optional[float]:
+        """Seconds until the same request would be admitted; None if allowed."""
+    @property
+    def reset_after(self) -> float: ...
+    @property
+    def limit(self) -> int: ...
+    @property
+    def window(self) -> float: ...
+    def headers(self, name: str = "default") -> Dict[str, str]:
+        """RateLimit-Policy, RateLimit and (when denied) Retry-After."""
+    def __bool__(self) -> bool: ...
+
+_Limits = Union[str, List[str]]
+
+class RateLimiter:
+    """A rate limiter on Redis, on files (one host) or in this process. Limits are strings such
+    as "100/min", "10/s", "5000/h", "3/10s". Pickles as its configuration."""
+
+    @staticmethod
+    def redis(
+        url: str,
+        limits: _Limits,
+        *,
+        algorithm: Literal["sliding_log", "sliding_window", "gcra"] = "sliding_log",
+        burst: Optional[int] = None,
+        prefix: str = "palisade:rl:",
+        on_unavailable: Literal["closed", "open", "local"] = "closed",
+        timeout: float = 1.0,
+    ) -> RateLimiter: ...
+    @staticmethod
+    def file(dir: str, limits: _Limits) -> RateLimiter: ...
+    @staticmethod
+    def local(limit: _Limits, *, burst: Optional[int] = None) -> RateLimiter: ...
+    def check(self, key: str, cost: int = 1) -> Decision: ...
+    def acquire(self, key: str, cost: int = 1, timeout: Optional[float] = None) -> Decision:
+        """Waits (GIL released) until admitted; raises RateLimited after timeout."""
+    async def acquire_async(
+        self, key: str, cost: int = 1, timeout: Optional[float] = None
+    ) -> Decision: ...
+    def reset(self, key: str) -> None: ...
+
+def publish(
+    src: str,
+    dest: str,
+    *,
+    content: Literal["bytes", "rows"] = "bytes",
+    fencing_token: Optional[int] = None,
+    remove_missing: bool = False,
+    allow_unfenced: bool = False,
+    allow_empty: bool = False,
+    retain: float = 3600.0,
+    lock_timeout: float = 30.0,
+) -> Dict[str, Any]:
+    """Publishes Hive-style partitions under ``src`` to ``dest``, writing only changed ones;
+    returns the report ``palisade publish --json`` prints. ``content="rows"`` is not available
+    from Python yet."""

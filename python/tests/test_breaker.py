@@ -1,0 +1,121 @@
+import pickle
+import threading
+
+import pytest
+
+import palisade
+
+
+def failing(exc: BaseException):
+    def fn():
+        raise exc
+
+    return fn
+
+
+def test_opens_after_failures_and_reports_retry_after():
+    b = palisade.CircuitBreaker("t-open", sliding_window=4, minimum_calls=4, wait_in_open=30)
+    assert b.call(lambda x, y=0: x + y, 1, y=2) == 3
+    for _ in range(3):
+        with pytest.raises(OSError):
+            b.call(failing(OSError("down")))
+    assert b.state == "open"
+    called = []
+    with pytest.raises(palisade.BreakerOpen) as info:
+        b.call(called.append, 1)
+    assert called == []
+    assert info.value.state == "open"
+    assert 0 < info.value.retry_after <= 30
+    assert isinstance(info.value, palisade.Error)
+    m = b.metrics
+    assert (m["successful_calls"], m["failed_calls"], m["not_permitted_calls"]) == (1, 3, 1)
+
+
+def test_record_and_ignore_classify_exceptions():
+    b = palisade.CircuitBreaker(
+        "t-classify", sliding_window=2, minimum_calls=2, record=ConnectionError, ignore=[KeyError]
+    )
+    for exc in (KeyError("k"), ValueError("v"), KeyError("k")):
+        with pytest.raises(type(exc)):
+            b.call(failing(exc))
+    m = b.metrics
+    assert (m["ignored_calls"], m["successful_calls"], m["failed_calls"]) == (2, 1, 0)
+    # The window now holds one success and one failure: 50 %, the default threshold.
+    with pytest.raises(ConnectionError):
+        b.call(failing(ConnectionError()))
+    assert b.state == "open"
+
+
+def test_decorator_keeps_the_function_and_manual_states():
+    b = palisade.CircuitBreaker("t-deco")
+
+    @b
+    def add(a, b):
+        """adds"""
+        return a + b
+
+    assert add(2, 3) == 5 and add.__name__ == "add" and add.__doc__ == "adds"
+    b.force_open()
+    with pytest.raises(palisade.BreakerOpen) as info:
+        add(1, 1)
+    assert info.value.retry_after is None and info.value.state == "forced_open"
+    b.reset()
+    assert b.state == "closed" and add(1, 1) == 2
+
+
+def test_registry_returns_one_breaker_per_name_and_refuses_other_options():
+    a = palisade.breaker("t-registry", minimum_calls=5)
+    assert palisade.breaker("t-registry", minimum_calls=5) is a
+    with pytest.raises(palisade.ConfigError, match="already exists"):
+        palisade.breaker("t-registry", minimum_calls=6)
+
+
+def test_pickles_as_configuration_into_the_process_registry():
+    a = palisade.breaker("t-pickle", sliding_window=3, wait_in_open=2.5, ignore=KeyError)
+    b = pickle.loads(pickle.dumps(a))
+    assert b is a  # same process: the registered breaker, with its memory of failures
+    plain = palisade.CircuitBreaker("t-pickle-plain", minimum_calls=7, record=(OSError,))
+    c = pickle.loads(pickle.dumps(plain))
+    assert c.options == {"minimum_calls": 7} and c.record == (OSError,)
+    assert c is palisade.breaker("t-pickle-plain", minimum_calls=7, record=(OSError,))
+
+
+@pytest.mark.parametrize(
+    "options, option",
+    [
+        ({"failure_rate_threshold": 1.5}, "failure_rate_threshold"),
+        ({"sliding_window": 0}, "sliding_window"),
+        ({"wait_in_open": -1}, "wait_in_open"),
+        ({"sliding_window": 10, "sliding_window_time": 10}, "sliding_window"),
+        ({"record": "not a class"}, "record"),
+    ],
+)
+def test_bad_options_raise_config_error_naming_the_option(options, option):
+    with pytest.raises(palisade.ConfigError, match=option):
+        palisade.CircuitBreaker("t-bad", **options)
+    with pytest.raises(ValueError):  # ConfigError is a ValueError too
+        palisade.CircuitBreaker("t-bad", **options)
+
+
+def test_sixteen_threads_share_one_breaker_without_losing_counts():
+    b = palisade.CircuitBreaker("t-threads", minimum_calls=10**5, sliding_window=1000)
+    per_thread = 2000
+    barrier = threading.Barrier(16)
+
+    def work(i):
+        barrier.wait()
+        for n in range(per_thread):
+            try:
+                b.call(failing(OSError()) if n % 4 == 0 else (lambda: None))
+            except OSError:
+                pass
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+        assert not t.is_alive()
+    m = b.metrics
+    assert m["successful_calls"] + m["failed_calls"] == 16 * per_thread
+    assert m["failed_calls"] == 16 * per_thread // 4

@@ -1,0 +1,173 @@
+import asyncio
+import multiprocessing
+import os
+import pickle
+import threading
+import time
+import uuid
+
+import pytest
+
+import palisade
+
+
+@pytest.fixture(params=["redis", "file", "local"])
+def make(request, tmp_path):
+    def make_limiter(limits, **kw):
+        if request.param == "redis":
+            url = request.getfixturevalue("redis_url")
+            return palisade.RateLimiter.redis(url, limits, prefix=f"t-{uuid.uuid4().hex}:", **kw)
+        if request.param == "file":
+            return palisade.RateLimiter.file(str(tmp_path / "limits"), limits)
+        return palisade.RateLimiter.local(limits)
+
+    make_limiter.kind = request.param
+    return make_limiter
+
+
+def test_check_admits_up_to_the_limit_then_says_when(make):
+    limiter = make("3/10s")
+    decisions = [limiter.check("user:1") for _ in range(4)]
+    assert [d.allowed for d in decisions] == [True, True, True, False]
+    assert [d.remaining for d in decisions[:3]] == [2, 1, 0]
+    denied = decisions[3]
+    assert not denied and 0 < denied.retry_after <= 10 and denied.reset_after > 0
+    h = denied.headers()
+    assert h["RateLimit-Policy"] == '"default";q=3;w=10' and int(h["Retry-After"]) >= 1
+    assert limiter.check("user:2").allowed  # keys are independent
+
+
+def test_acquire_waits_for_the_window_and_times_out_at_once_when_it_cannot(make):
+    limiter = make("2/s")
+    for _ in range(2):
+        assert limiter.acquire("k").allowed
+    started = time.monotonic()
+    with pytest.raises(palisade.RateLimited) as info:
+        limiter.acquire("k", timeout=0.05)
+    assert time.monotonic() - started < 0.5 and info.value.retry_after > 0.05
+    assert limiter.acquire("k", timeout=5).allowed
+    assert time.monotonic() - started >= 0.2  # it waited for the window to move
+
+
+def test_acquire_async(make):
+    limiter = make("1/s")
+
+    async def main():
+        first = await limiter.acquire_async("a")
+        started = time.monotonic()
+        second = await limiter.acquire_async("a", timeout=5)
+        waited = time.monotonic() - started
+        waiting = asyncio.ensure_future(limiter.acquire_async("a"))
+        await asyncio.sleep(0.05)
+        waiting.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await waiting
+        return first, second, waited
+
+    first, second, waited = asyncio.run(main())
+    assert first.allowed and second.allowed and waited > 0.3
+
+
+def test_sixteen_threads_share_one_limiter_and_never_exceed_it(make):
+    limiter = make("50/min")
+    admitted, lock = [0], threading.Lock()
+    barrier = threading.Barrier(16)
+
+    def work():
+        barrier.wait()
+        for _ in range(10):
+            if limiter.check("shared").allowed:
+                with lock:
+                    admitted[0] += 1
+
+    threads = [threading.Thread(target=work) for _ in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+        assert not t.is_alive()
+    assert admitted[0] == 50
+
+
+def test_pickles_as_configuration(make):
+    limiter = make("2/min")
+    assert limiter.check("p").allowed
+    copy = pickle.loads(pickle.dumps(limiter))
+    assert repr(copy) == repr(limiter)
+    assert copy.check("p").remaining == 0  # the same state (same process, same limiter)
+
+
+def _use(limiter):
+    return limiter.check("forked").allowed
+
+
+def test_use_after_fork(make):
+    limiter = make("5/min")
+    assert limiter.check("forked").allowed  # the parent is connected before the fork
+    # A local limiter lives in each process (a forked worker starts from the parent's state, 4
+    # of 5 left), so at most 4 checks in one worker: which worker gets how many is the pool's
+    # choice. The shared limiters admit 4 more in all, whoever asks.
+    calls = 4 if make.kind == "local" else 6
+    with multiprocessing.get_context("fork").Pool(2) as pool:
+        allowed = pool.map_async(_use, [limiter] * calls).get(timeout=120)
+    if make.kind == "local":
+        assert all(allowed)  # each process has its own in-process limiter
+    else:
+        assert sorted(allowed) == [False, False] + [True] * 4  # shared across processes
+
+
+@pytest.mark.parametrize(
+    "limits, match",
+    [("100/fortnight", "no known unit"), ("lots", "has no `/`"), ([], "at least one"), (5, "limits")],
+)
+def test_a_bad_limit_string_is_a_config_error(tmp_path, limits, match):
+    with pytest.raises(palisade.ConfigError, match=match):
+        palisade.RateLimiter.file(str(tmp_path), limits)
+
+
+def test_bad_options_and_costs(redis_url):
+    with pytest.raises(palisade.ConfigError, match="algorithm"):
+        palisade.RateLimiter.redis(redis_url, "1/s", algorithm="leaky")
+    with pytest.raises(palisade.ConfigError, match="on_unavailable"):
+        palisade.RateLimiter.redis(redis_url, "1/s", on_unavailable="maybe")
+    with pytest.raises(palisade.ConfigError):
+        palisade.RateLimiter.local("5/s").check("k", cost=6)
+
+
+def test_unreachable_redis(tmp_path):
+    with pytest.raises(palisade.Unavailable):
+        palisade.RateLimiter.redis("redis://127.0.0.1:1/0", "1/s")
+
+
+def test_on_unavailable_policies_when_redis_goes_away(workdir):
+    from conftest import Server, find, free_port, redis_ping, start
+
+    binary = find("redis-server")
+
+    def make():
+        port = free_port()
+        server = Server([binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                         "--appendonly", "no", "--dir", workdir],
+                        lambda: redis_ping(port), f"redis-server on port {port}",
+                        os.path.join(workdir, f"redis-gone-{port}.log"))
+        server.url = f"redis://127.0.0.1:{port}/0"
+        return server
+
+    server = start(make)
+    try:
+        limiters = {
+            policy: palisade.RateLimiter.redis(server.url, "2/min", on_unavailable=policy,
+                                               timeout=0.5, prefix=f"gone-{policy}:")
+            for policy in ("closed", "open", "local")
+        }
+        for limiter in limiters.values():
+            assert limiter.check("k").allowed
+    finally:
+        server.stop()
+    started = time.monotonic()
+    with pytest.raises(palisade.Unavailable):
+        limiters["closed"].check("k")
+    assert limiters["open"].check("k").allowed
+    local = [limiters["local"].check("k").allowed for _ in range(3)]
+    assert local == [True, True, False]  # decided in this process, with the same limit
+    assert time.monotonic() - started < 30
