@@ -62,6 +62,13 @@ pub(crate) fn is_multi_file_object_name(name: &str) -> bool {
     b.len() > 17 && b[b.len() - 17] == b'-' && b[b.len() - 16..].iter().all(u8::is_ascii_hexdigit)
 }
 
+/// Whether a file name has the shape of a data object this crate uploads to object stores (a
+/// single-object partition's `part-<hash16>-<run16>`, or a multi-file partition's
+/// `<stem>-<run16><ext>`): only such objects are ever swept as orphans.
+pub(crate) fn is_data_object_name(name: &str) -> bool {
+    crate::partition::is_object_file_name(name) || is_multi_file_object_name(name)
+}
+
 /// The hidden marker a local swap puts in a new version until its commit is finished.
 pub(crate) fn marker_name(run_id: &str) -> String {
     format!(".palisade-{run_id}")

@@ -246,6 +246,16 @@ impl Manifest {
         Ok(m)
     }
 
+    /// Every object this manifest keeps: the live partitions' objects and the retained
+    /// versions' (an orphan sweep must keep them, and a clean-up must not delete them).
+    pub fn kept_objects(&self) -> impl Iterator<Item = &str> {
+        self.partitions.values().flat_map(|e| e.objects()).chain(
+            self.retired
+                .iter()
+                .flat_map(|r| r.objects.iter().map(String::as_str)),
+        )
+    }
+
     /// Whether this manifest was written by a current format, hash and encoding version.
     pub fn is_current_version(&self) -> bool {
         (MANIFEST_FORMAT_SINGLE_FILE..=MANIFEST_FORMAT).contains(&self.format)

@@ -7,7 +7,7 @@ use crate::error::{Error, Result, io, store as store_err};
 use crate::hash::ContentHash;
 use crate::layout::object_key;
 use crate::manifest::{MANIFEST_FILE, Manifest};
-use crate::storage::{Backend, DatasetStore, blocking};
+use crate::storage::{Backend, DatasetStore, blocking, read_object_manifest};
 
 /// A committed version of a dataset, for readers.
 ///
@@ -53,14 +53,9 @@ impl Dataset {
             }
             Backend::Object { store, base } => {
                 let path = object_key(base, &prefix, MANIFEST_FILE)?;
-                match store.get(&path).await {
-                    Ok(got) => {
-                        let bytes = got.bytes().await.map_err(store_err("read", &path))?;
-                        Some(Manifest::decode(&bytes, path.as_ref(), true)?)
-                    }
-                    Err(object_store::Error::NotFound { .. }) => None,
-                    Err(e) => return Err(store_err("read", &path)(e)),
-                }
+                read_object_manifest(store, &path, true)
+                    .await?
+                    .map(|read| read.manifest)
             }
         };
         Ok(Self {

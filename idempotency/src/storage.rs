@@ -378,6 +378,45 @@ pub(crate) fn read_local_manifest(
     }
 }
 
+/// A manifest read from an object store, with what the writer needs for its conditional put.
+pub(crate) struct ObjectManifest {
+    pub manifest: crate::manifest::Manifest,
+    /// Its e-tag/version.
+    pub version: object_store::UpdateVersion,
+    /// Its `last_modified`, on the store's clock (ms since the epoch).
+    pub written_at_ms: i64,
+}
+
+/// Reads and decodes the manifest at `key` (`None` if there is none): the one object-store
+/// manifest read of the writer, the reader and `verify`.
+pub(crate) async fn read_object_manifest(
+    store: &Arc<dyn ObjectStore>,
+    key: &ObjPath,
+    accept_other_versions: bool,
+) -> Result<Option<ObjectManifest>> {
+    use object_store::ObjectStoreExt;
+    let got = match store.get(key).await {
+        Ok(got) => got,
+        Err(object_store::Error::NotFound { .. }) => return Ok(None),
+        Err(e) => return Err(crate::error::store("read", key)(e)),
+    };
+    let version = object_store::UpdateVersion {
+        e_tag: got.meta.e_tag.clone(),
+        version: got.meta.version.clone(),
+    };
+    let written_at_ms = got.meta.last_modified.timestamp_millis();
+    let bytes = got
+        .bytes()
+        .await
+        .map_err(crate::error::store("read", key))?;
+    let manifest = crate::manifest::Manifest::decode(&bytes, key.as_ref(), accept_other_versions)?;
+    Ok(Some(ObjectManifest {
+        manifest,
+        version,
+        written_at_ms,
+    }))
+}
+
 /// Writes `bytes` to a new file without fsync (staged data is fsynced in bulk at commit).
 pub(crate) fn write_unsynced(path: &FsPath, bytes: &[u8]) -> Result<()> {
     let mut f = OpenOptions::new()

@@ -12,12 +12,11 @@ use serde::Serialize;
 use crate::error::{Result, io, store as store_err};
 use crate::hash::ContentHash;
 use crate::layout::{
-    DATASET_MARKERS, MANIFEST_FILE, PENDING_FILE, RETIRED_DIR, STAGING_DIR, is_marker_name,
-    is_multi_file_object_name, object_key, relative_key,
+    DATASET_MARKERS, MANIFEST_FILE, PENDING_FILE, RETIRED_DIR, STAGING_DIR, is_data_object_name,
+    is_marker_name, object_key, relative_key,
 };
 use crate::manifest::Manifest;
-use crate::partition::is_object_file_name;
-use crate::storage::{Backend, DatasetStore, blocking, read_local_manifest};
+use crate::storage::{Backend, DatasetStore, blocking, read_local_manifest, read_object_manifest};
 
 /// What is wrong with one object the manifest names.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -128,14 +127,9 @@ pub async fn verify(
         }
         Backend::Object { store, base } => {
             let mkey = object_key(&base, &prefix, MANIFEST_FILE)?;
-            let manifest = match store.get(&mkey).await {
-                Ok(got) => {
-                    let bytes = got.bytes().await.map_err(store_err("read", &mkey))?;
-                    Some(Manifest::decode(&bytes, mkey.as_ref(), true)?)
-                }
-                Err(object_store::Error::NotFound { .. }) => None,
-                Err(e) => return Err(store_err("read", &mkey)(e)),
-            };
+            let manifest = read_object_manifest(&store, &mkey, true)
+                .await?
+                .map(|read| read.manifest);
             let mut v = start(manifest.as_ref(), hashes);
             let Some(m) = manifest else { return Ok(v) };
             for (object, size, hash) in named(&m) {
@@ -179,16 +173,7 @@ pub async fn verify(
                 })
                 .collect();
             let dir = object_key(&base, &prefix, "")?;
-            let live: BTreeSet<&str> = m
-                .partitions
-                .values()
-                .flat_map(|e| e.objects())
-                .chain(
-                    m.retired
-                        .iter()
-                        .flat_map(|r| r.objects.iter().map(String::as_str)),
-                )
-                .collect();
+            let live: BTreeSet<&str> = m.kept_objects().collect();
             let listed: Vec<object_store::ObjectMeta> = store
                 .list(Some(&dir))
                 .try_collect()
@@ -199,7 +184,7 @@ pub async fn verify(
                     continue;
                 };
                 let file = rel.rsplit('/').next().unwrap_or(rel);
-                let ours = is_object_file_name(file) || is_multi_file_object_name(file);
+                let ours = is_data_object_name(file);
                 if ours && !live.contains(rel) {
                     v.unreferenced.push(rel.to_string());
                 }

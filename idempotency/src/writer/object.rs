@@ -17,11 +17,10 @@ use tracing::{debug, info, warn};
 use crate::error::{Error, Result, io, store as store_err};
 use crate::hash::{ContentHash, READ_CHUNK};
 use crate::layout::{
-    MANIFEST_FILE, STAGING_DIR, is_multi_file_object_name, join_prefix, object_key, relative_key,
+    MANIFEST_FILE, STAGING_DIR, is_data_object_name, join_prefix, object_key, relative_key,
 };
 use crate::manifest::Manifest;
-use crate::partition::is_object_file_name;
-use crate::storage::blocking;
+use crate::storage::{blocking, read_object_manifest};
 
 use super::plan::Plan;
 
@@ -147,20 +146,13 @@ impl ObjectTarget {
         &self,
         accept: bool,
     ) -> Result<(Option<Manifest>, Option<UpdateVersion>, Option<i64>)> {
-        let path = &self.manifest_key;
-        match self.store.get(path).await {
-            Ok(got) => {
-                let version = UpdateVersion {
-                    e_tag: got.meta.e_tag.clone(),
-                    version: got.meta.version.clone(),
-                };
-                let written_at = got.meta.last_modified.timestamp_millis();
-                let bytes = got.bytes().await.map_err(store_err("read", path))?;
-                let m = Manifest::decode(&bytes, path.as_ref(), accept)?;
-                Ok((Some(m), Some(version), Some(written_at)))
-            }
-            Err(object_store::Error::NotFound { .. }) => Ok((None, None, None)),
-            Err(e) => Err(store_err("read", path)(e)),
+        match read_object_manifest(&self.store, &self.manifest_key, accept).await? {
+            Some(read) => Ok((
+                Some(read.manifest),
+                Some(read.version),
+                Some(read.written_at_ms),
+            )),
+            None => Ok((None, None, None)),
         }
     }
 
@@ -189,16 +181,7 @@ impl ObjectTarget {
         grace: Duration,
     ) {
         // Retained versions are not orphans: readers of older manifests may still read them.
-        let live: BTreeSet<&str> = m
-            .partitions
-            .values()
-            .flat_map(|e| e.objects())
-            .chain(
-                m.retired
-                    .iter()
-                    .flat_map(|r| r.objects.iter().map(String::as_str)),
-            )
-            .collect();
+        let live: BTreeSet<&str> = m.kept_objects().collect();
         let candidates: Vec<object_store::ObjectMeta> = listed
             .into_iter()
             .filter(|meta| {
@@ -206,7 +189,7 @@ impl ObjectTarget {
                     return false;
                 };
                 let file = rel.rsplit('/').next().unwrap_or(rel);
-                let ours = is_object_file_name(file) || is_multi_file_object_name(file);
+                let ours = is_data_object_name(file);
                 ours && !live.contains(rel)
             })
             .collect();
@@ -453,16 +436,7 @@ impl ObjectTarget {
                 });
             }
         };
-        let named: BTreeSet<&str> = found
-            .iter()
-            .flat_map(|m| {
-                m.partitions.values().flat_map(|e| e.objects()).chain(
-                    m.retired
-                        .iter()
-                        .flat_map(|r| r.objects.iter().map(String::as_str)),
-                )
-            })
-            .collect();
+        let named: BTreeSet<&str> = found.iter().flat_map(Manifest::kept_objects).collect();
         let landed = found.as_ref().is_some_and(|m| {
             m.commit_id == next.commit_id || ours.iter().any(|o| named.contains(o.as_str()))
         });
