@@ -591,3 +591,67 @@ fn once_kills_the_command_when_its_claim_is_taken_over() {
         std::thread::sleep(Duration::from_millis(20));
     }
 }
+
+#[test]
+fn run_with_slots_admits_n_commands_at_once_and_refuses_the_next() {
+    for (label, etcd) in backends() {
+        let p = Palisade::new(etcd.as_ref());
+        let slots = ["run", "--lock", "pool", "--slots", "2", "--"];
+        let hold = |name: &str| {
+            let script = format!(
+                "echo $PALISADE_FENCING_TOKEN > token.{name}; touch started.{name}; \
+                 while [ ! -e release ]; do sleep 0.05; done"
+            );
+            p.spawn(&[&slots[..], &["sh", "-c", &script]].concat())
+        };
+        let (a, b) = (hold("a"), hold("b"));
+        for name in ["a", "b"] {
+            wait_for_file(
+                &p.dir.path().join(format!("started.{name}")),
+                "both holders' commands to start",
+            );
+        }
+        // Both slots are held: a third run without --wait exits 75 and does not run.
+        let third = p.output(&[&slots[..], &["touch", "third-ran"]].concat());
+        assert_eq!(third.status.code(), Some(75), "[{label}] {third:?}");
+        let stderr = String::from_utf8_lossy(&third.stderr);
+        assert!(
+            stderr.contains("all 2 slots of `pool` are held"),
+            "[{label}] {stderr}"
+        );
+        assert!(!p.dir.path().join("third-ran").exists());
+        // A run that asks for another number of slots is refused as a configuration error.
+        let other = p.output(&["run", "--lock", "pool", "--slots", "3", "--", "true"]);
+        assert_eq!(other.status.code(), Some(78), "[{label}] {other:?}");
+        // `palisade jobs` shows each holder.
+        let jobs = p.output(&["jobs", "--json"]);
+        let holders = String::from_utf8_lossy(&jobs.stdout)
+            .lines()
+            .filter(|l| l.contains("\"permits\":2"))
+            .count();
+        assert_eq!(holders, 2, "[{label}] {jobs:?}");
+        // A waiting run gets a slot once one is freed, with a larger token.
+        let waiting = p.spawn(
+            &[
+                &["run", "--lock", "pool", "--slots", "2", "--wait", "--"][..],
+                &["sh", "-c", "echo $PALISADE_FENCING_TOKEN > token.c"],
+            ]
+            .concat(),
+        );
+        std::fs::write(p.dir.path().join("release"), "").unwrap();
+        for child in [a, b, waiting] {
+            assert_eq!(p.finish(child).code(), Some(0), "[{label}]");
+        }
+        let token = |name: &str| -> u64 {
+            std::fs::read_to_string(p.dir.path().join(format!("token.{name}")))
+                .unwrap()
+                .trim()
+                .parse()
+                .unwrap()
+        };
+        assert!(
+            token("c") > token("a").max(token("b")),
+            "[{label}] tokens grow"
+        );
+    }
+}

@@ -95,7 +95,9 @@ impl From<palisade_lock::LockError> for CliError {
         let code = match &error {
             LockError::Tls { .. } => CONFIG,
             LockError::Backend { .. } => UNAVAILABLE,
-            LockError::Config { .. } | LockError::InvalidName { .. } => CONFIG,
+            LockError::Config { .. }
+            | LockError::InvalidName { .. }
+            | LockError::PermitsMismatch { .. } => CONFIG,
             LockError::Held { .. } | LockError::Timeout { .. } => HELD,
             LockError::Lost => LEASE_LOST,
             _ => INTERNAL,

@@ -38,12 +38,18 @@ pub async fn jobs(args: JobsArgs) -> Result<u8, CliError> {
     let mut waiting: Vec<(String, Vec<JobInfo>)> = Vec::new();
     if args.waiters {
         for job in &running {
-            let contenders = coordinator.contenders(&job.lock).await?;
-            let queue = contenders
-                .iter()
-                .skip(1)
-                .filter_map(|h| h.job_info())
-                .collect();
+            // A lock's contenders are its holder and then its waiters; a semaphore's waiters
+            // are all waiting (its holders are listed as running jobs).
+            let queue = match job.permits {
+                Some(permits) => coordinator.semaphore(&job.lock, permits)?.waiters().await?,
+                None => coordinator
+                    .contenders(&job.lock)
+                    .await?
+                    .into_iter()
+                    .skip(1)
+                    .collect(),
+            };
+            let queue = queue.iter().filter_map(|h| h.job_info()).collect();
             waiting.push((job.lock.clone(), queue));
         }
     }
@@ -63,7 +69,7 @@ pub async fn jobs(args: JobsArgs) -> Result<u8, CliError> {
         print_table(
             &mut out,
             &["NAME", "HOST", "PID", "SINCE", "TOKEN", "COMMAND"],
-            &rows(&running, |j| (j.lock.clone(), token(j))),
+            &rows(&running, |j| (lock_label(j), token(j))),
         )
         .map_err(io)?;
         if args.waiters {
@@ -119,6 +125,14 @@ pub async fn jobs(args: JobsArgs) -> Result<u8, CliError> {
 
 fn io(error: std::io::Error) -> CliError {
     CliError::new(INTERNAL, format!("writing to stdout: {error}"))
+}
+
+/// The lock a job holds, and for a semaphore's holder the number of slots.
+fn lock_label(job: &JobInfo) -> String {
+    match job.permits {
+        Some(n) => format!("{} ({n} slots)", job.lock),
+        None => job.lock.clone(),
+    }
 }
 
 fn token(job: &JobInfo) -> String {

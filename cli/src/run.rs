@@ -18,6 +18,11 @@ pub struct RunArgs {
     #[arg(long, value_name = "NAME")]
     pub lock: String,
 
+    /// Make the lock a semaphore of N slots: at most N commands run at once under this name
+    /// (every run of one name must give the same N). Without it the lock admits one.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+    pub slots: Option<u32>,
+
     /// Wait until the lock is free (in arrival order) instead of exiting with 75.
     #[arg(long, conflicts_with = "wait_for")]
     pub wait: bool,
@@ -89,7 +94,10 @@ pub async fn run(args: RunArgs) -> Result<u8, CliError> {
     };
     let progress = match wait {
         Wait::No => None,
-        _ => Some(Progress::start(format!("waiting for lock `{}`", args.lock))),
+        _ => Some(Progress::start(match args.slots {
+            Some(n) => format!("waiting for one of the {n} slots of `{}`", args.lock),
+            None => format!("waiting for lock `{}`", args.lock),
+        })),
     };
     let progress = Mutex::new(progress);
     // The command, once started. The job future sets it in the same poll that spawns the
@@ -100,7 +108,7 @@ pub async fn run(args: RunArgs) -> Result<u8, CliError> {
     let slot = child.clone();
     let command = args.command.clone();
     let lock = args.lock.clone();
-    let exclusive = coordinator.run_exclusive(&args.lock, job, wait, |ctx| {
+    let run_job = |ctx: palisade_lock::JobContext| {
         drop(progress.lock().map(|mut p| p.take()));
         async move {
             let env = [
@@ -129,7 +137,16 @@ pub async fn run(args: RunArgs) -> Result<u8, CliError> {
             started.signal(Signal::SIGKILL);
             Ok::<_, CliError>(status)
         }
-    });
+    };
+    // With --slots the same job runs under one slot of a semaphore, with the same guarantees.
+    let exclusive = match args.slots {
+        Some(permits) => futures::future::Either::Left(
+            coordinator.run_limited(&args.lock, permits, job, wait, run_job),
+        ),
+        None => futures::future::Either::Right(
+            coordinator.run_exclusive(&args.lock, job, wait, run_job),
+        ),
+    };
     let mut exclusive = Box::pin(exclusive);
     let mut suspend = JobControl::install()?;
     let outcome = loop {
@@ -182,7 +199,14 @@ pub async fn run(args: RunArgs) -> Result<u8, CliError> {
     match outcome {
         Ok(RunOutcome::Ran(status)) => Ok(exit_code(status?)),
         Ok(RunOutcome::Skipped { holder }) => {
-            eprintln!("palisade: {}", held_message(&args.lock, holder.as_ref()));
+            let message = held_message(&args.lock, holder.as_ref());
+            match args.slots {
+                Some(n) => eprintln!(
+                    "palisade: all {n} slots of `{}` are held; the earliest: {message}",
+                    args.lock
+                ),
+                None => eprintln!("palisade: {message}"),
+            }
             Ok(HELD)
         }
         Err(LockError::Lost) => {

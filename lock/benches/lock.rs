@@ -1,7 +1,8 @@
 //! palisade-lock against etcd-client's built-in `lock`/`unlock` (etcd's v3lock service, on a
 //! lease we keep alive), on the same testkit etcd in one run:
 //!
-//! - criterion: uncontended acquire + release (also the file and memory backends, for scale);
+//! - criterion: uncontended acquire + release (also the file and memory backends, for scale),
+//!   of a lock and of a 3-slot semaphore on each backend;
 //! - then, printed as a table: handoff latency (release by one holder to acquisition by the
 //!   next) with 16 contenders, p50 and p99; and etcd requests per handoff with 4 and 64
 //!   contenders.
@@ -173,6 +174,12 @@ fn main() {
                     .unwrap();
             })
         });
+        let semaphore = coordinator.semaphore("uncontended-sem", 3).unwrap();
+        group.bench_function("palisade_etcd_semaphore_3", |b| {
+            b.to_async(&rt).iter(|| async {
+                semaphore.acquire().await.unwrap().release().await.unwrap();
+            })
+        });
         group.bench_function("etcd_client_builtin_lock", |b| {
             b.to_async(&rt).iter(|| {
                 let mut c = builtin.clone();
@@ -191,6 +198,30 @@ fn main() {
         group.bench_function("palisade_file", |b| {
             b.to_async(&rt).iter(|| async {
                 file.lock("uncontended")
+                    .await
+                    .unwrap()
+                    .release()
+                    .await
+                    .unwrap();
+            })
+        });
+        let file_semaphore = file.semaphore("uncontended-sem", 3).unwrap();
+        group.bench_function("palisade_file_semaphore_3", |b| {
+            b.to_async(&rt).iter(|| async {
+                file_semaphore
+                    .acquire()
+                    .await
+                    .unwrap()
+                    .release()
+                    .await
+                    .unwrap();
+            })
+        });
+        let memory_semaphore = memory.semaphore("uncontended-sem", 3).unwrap();
+        group.bench_function("palisade_memory_semaphore_3", |b| {
+            b.to_async(&rt).iter(|| async {
+                memory_semaphore
+                    .acquire()
                     .await
                     .unwrap()
                     .release()

@@ -30,6 +30,23 @@ pub enum Kind {
     Lock,
     /// A leadership taken with `Election::campaign`.
     Election,
+    /// The queue of a semaphore ([`crate::Semaphore`]): its head takes a free slot.
+    Semaphore,
+}
+
+/// What the contender at the head of a semaphore's queue found when it tried to take a slot.
+#[derive(Debug)]
+pub enum SlotTry {
+    /// A slot was free and is now held.
+    Taken(Box<dyn HeldLock>),
+    /// Every slot is held. `seen` marks the state that was read: [`LockBackend::slot_freed`]
+    /// resolves once a slot is freed after it. `holder` is one of the holders.
+    Full {
+        /// The backend's mark of the state read (an etcd revision, a release counter).
+        seen: u64,
+        /// The earliest holder, if the backend can tell.
+        holder: Option<Holder>,
+    },
 }
 
 /// The current holder of a lock or leadership.
@@ -167,6 +184,26 @@ pub trait LockBackend: sealed::Sealed + Send + Sync + 'static {
     /// the file backend it is refused with [`LockError::Held`] while the holder process lives
     /// (the kernel frees the lock when it dies). Returns the holder it broke, `None` if free.
     async fn break_lock(&self, kind: Kind, name: &str) -> Result<Option<Holder>, LockError>;
+
+    /// For the contender at the head of semaphore `name`'s queue (`queue`, held with
+    /// [`Kind::Semaphore`]): takes one of the `permits` slots if one is free, without waiting.
+    /// `token` is the queue's fencing token (the backends that have no ordered store of their
+    /// own use it as the slot's). Fails with [`LockError::PermitsMismatch`] when a current
+    /// holder took its slot with another number of permits.
+    async fn take_slot(
+        &self,
+        name: &str,
+        permits: u32,
+        value: Vec<u8>,
+        queue: &dyn HeldLock,
+    ) -> Result<SlotTry, LockError>;
+
+    /// Resolves once a slot of semaphore `name` may have been freed after the state marked
+    /// `seen` ([`SlotTry::Full`]); the caller then tries again. An error means: look again later.
+    async fn slot_freed(&self, name: &str, seen: u64) -> Result<(), LockError>;
+
+    /// The current holders of semaphore `name`'s slots, earliest first.
+    async fn slot_holders(&self, name: &str) -> Result<Vec<Holder>, LockError>;
 
     /// The holder of `name` now and after every change (`None` while free).
     fn observe(&self, kind: Kind, name: &str) -> BoxStream<'static, Option<Holder>>;

@@ -15,6 +15,7 @@ use crate::error::{LockError, validate_name};
 use crate::guard::LockGuard;
 use crate::job::JobInfo;
 use crate::registry::JobRegistry;
+use crate::semaphore::Semaphore;
 use crate::session::{LostSignal, Session};
 use futures::stream::BoxStream;
 
@@ -282,6 +283,84 @@ impl Coordinator {
             }
             Err(e) => return Err(e),
         };
+        self.run_holding(name, guard, info, job).await
+    }
+
+    /// Takes one of `permits` slots of semaphore `name` and runs `job` while holding it,
+    /// registered in the [`JobRegistry`] as `info` (each holder under its own entry,
+    /// `<name>/<fencing token>`). Outcomes as for [`run_exclusive`](Self::run_exclusive):
+    /// `Skipped` when every slot was held and `wait` ran out, `Err(LockError::Lost)` when the
+    /// lease was lost mid-run (the job's future is dropped at that moment).
+    pub async fn run_limited<F, Fut, T>(
+        &self,
+        name: &str,
+        permits: u32,
+        info: JobInfo,
+        wait: Wait,
+        job: F,
+    ) -> Result<RunOutcome<T>, LockError>
+    where
+        F: FnOnce(JobContext) -> Fut,
+        Fut: Future<Output = T>,
+    {
+        let semaphore = self.semaphore(name, permits)?;
+        let mut info = info;
+        info.lock = name.to_string();
+        info.permits = Some(permits);
+        let guard = match semaphore.acquire_with(info.to_bytes(), wait).await {
+            Ok(guard) => guard,
+            Err(LockError::Held { holder }) => {
+                tracing::info!(semaphore = name, "skipped: every slot held");
+                return Ok(RunOutcome::Skipped {
+                    holder: holder.map(|h| *h),
+                });
+            }
+            Err(LockError::Timeout { .. }) => {
+                let holder = semaphore
+                    .holders()
+                    .await
+                    .ok()
+                    .and_then(|h| h.into_iter().next())
+                    .and_then(|h| h.job())
+                    .map(|h| *h);
+                tracing::info!(semaphore = name, "skipped: wait ran out");
+                return Ok(RunOutcome::Skipped { holder });
+            }
+            Err(e) => return Err(e),
+        };
+        self.run_holding(name, guard, info, job).await
+    }
+
+    /// A semaphore: at most `permits` holders of `name` at once (see [`Semaphore`]). Fails with
+    /// [`LockError::Config`] when `permits` is 0.
+    pub fn semaphore(&self, name: &str, permits: u32) -> Result<Semaphore, LockError> {
+        validate_name(name)?;
+        if permits == 0 {
+            return Err(LockError::Config {
+                field: "permits",
+                reason: "a semaphore needs at least 1 permit".into(),
+            });
+        }
+        Ok(Semaphore {
+            backend: self.backend.clone(),
+            name: name.to_string(),
+            permits,
+        })
+    }
+
+    /// Runs `job` under `guard` (held for `name`), registered as `info`: the part of
+    /// `run_exclusive` and `run_limited` after the acquisition.
+    async fn run_holding<F, Fut, T>(
+        &self,
+        name: &str,
+        guard: LockGuard,
+        mut info: JobInfo,
+        job: F,
+    ) -> Result<RunOutcome<T>, LockError>
+    where
+        F: FnOnce(JobContext) -> Fut,
+        Fut: Future<Output = T>,
+    {
         info.fencing_token = Some(guard.fencing_token());
         let registration = match self.backend.register(info).await {
             Ok(r) => r,

@@ -33,6 +33,20 @@ pub enum LockError {
     )]
     Lost,
 
+    /// Holders of one semaphore disagree about its number of permits: a slot is held by a
+    /// contender that asked for `theirs` permits, and we asked for `ours`. Nothing was taken.
+    #[error(
+        "semaphore {name:?} is held with {theirs} permits, and this contender asked for {ours}; every holder of one semaphore must use the same number (or use another name)"
+    )]
+    PermitsMismatch {
+        /// The semaphore's name.
+        name: String,
+        /// The permits we asked for.
+        ours: u32,
+        /// The permits a current holder asked for.
+        theirs: u32,
+    },
+
     /// A name that the backends cannot store.
     #[error("invalid lock name {name:?}: {reason}")]
     InvalidName {

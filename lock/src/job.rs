@@ -33,6 +33,10 @@ pub struct JobInfo {
     /// The fencing token of the lock the job holds; set by `run_exclusive`.
     #[serde(default)]
     pub fencing_token: Option<u64>,
+    /// When the job holds one slot of a semaphore (`run_limited`): the semaphore's permits.
+    /// `None` under a lock.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub permits: Option<u32>,
 }
 
 impl JobInfo {
@@ -47,6 +51,7 @@ impl JobInfo {
             command: Vec::new(),
             metadata: BTreeMap::new(),
             fencing_token: None,
+            permits: None,
         }
     }
 
@@ -64,6 +69,15 @@ impl JobInfo {
     pub fn meta(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
         self.metadata.insert(key.into(), value.into());
         self
+    }
+
+    /// The job's name in the registry: its lock's name, and for a semaphore's holder (several
+    /// at once) `<name>/<fencing token>` (names cannot contain `/`).
+    pub fn registry_key(&self) -> String {
+        match self.permits {
+            Some(_) => format!("{}/{}", self.lock, self.fencing_token.unwrap_or(0)),
+            None => self.lock.clone(),
+        }
     }
 
     /// When the job started.

@@ -19,7 +19,7 @@
 // Modules from the bottom up, each using only those before it: `session` (a lease's liveness),
 // `job` (what a job says about itself), `error`, `backend` (the sealed `LockBackend` trait and
 // the types it speaks in: `Wait`, `Kind`, `Holder`), `backends/` (memory, file, etcd), `guard`,
-// `election`, `registry`, `coordinator`, and `etcd_builder` (`Coordinator::etcd` and its builder).
+// `election`, `registry`, `semaphore`, `coordinator`, and `etcd_builder` (`Coordinator::etcd` and its builder).
 mod backend;
 mod backends;
 mod coordinator;
@@ -30,9 +30,12 @@ mod etcd_builder;
 mod guard;
 mod job;
 mod registry;
+mod semaphore;
 mod session;
 
-pub use backend::{HeldLock, Holder, Kind, LockBackend, LostSignalHandle, Registration, Wait};
+pub use backend::{
+    HeldLock, Holder, Kind, LockBackend, LostSignalHandle, Registration, SlotTry, Wait,
+};
 #[cfg(feature = "etcd")]
 #[doc(hidden)]
 pub use backends::etcd::stats;
@@ -44,4 +47,5 @@ pub use etcd_builder::EtcdBuilder;
 pub use guard::LockGuard;
 pub use job::{JobEvent, JobInfo};
 pub use registry::JobRegistry;
+pub use semaphore::Semaphore;
 pub use session::Session;

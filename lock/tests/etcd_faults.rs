@@ -95,6 +95,31 @@ fn child_main() {
                     other => println!("OUTCOME {other:?}"),
                 }
             }
+            "sem_holder" => {
+                // One of the two slots of `sem`, writing while it holds it.
+                let c = etcd_coordinator(&[endpoint], 2).await;
+                let log = dir.join("writes.log");
+                let outcome = c
+                    .run_limited(
+                        "sem",
+                        2,
+                        JobInfo::new("sem-holder"),
+                        Wait::Forever,
+                        |ctx| async move {
+                            loop {
+                                let line = format!("child {} {}\n", ctx.fencing_token(), now_ns());
+                                append(&log, &line);
+                                tokio::time::sleep(Duration::from_millis(20)).await;
+                            }
+                        },
+                    )
+                    .await;
+                let outcome: Result<RunOutcome<()>, LockError> = outcome;
+                match outcome {
+                    Err(LockError::Lost) => println!("OUTCOME Lost at {}", now_ns()),
+                    other => println!("OUTCOME {other:?}"),
+                }
+            }
             "sleeper" => {
                 let c = etcd_coordinator(&[endpoint], 2).await;
                 let _ = c
@@ -236,6 +261,83 @@ async fn paused_holder_is_fenced_and_cancelled() {
         );
     }
     guard.release().await.unwrap();
+}
+
+/// Starts the `sem_holder` child beside a holder of the other slot (returned), and waits for
+/// the state the faults need: the child registered (its token) and wrote.
+async fn semaphore_full_with_child(
+    c: &palisade_lock::Coordinator,
+    etcd: &palisade_testkit::Etcd,
+    dir: &Path,
+) -> (palisade_lock::LockGuard, Child, u64) {
+    let sem = c.semaphore("sem", 2).unwrap();
+    let ours = sem.acquire().await.unwrap();
+    let child = spawn_child("sem_holder", &etcd.endpoint(), dir);
+    let reg = c.registry();
+    eventually("the child holds a slot", || async {
+        reg.running().await.map(|r| r.len() == 1).unwrap_or(false)
+    })
+    .await;
+    let job = reg.running().await.unwrap().remove(0);
+    assert_eq!(job.permits, Some(2));
+    let log = dir.join("writes.log");
+    eventually("the child's first write", || async {
+        std::fs::metadata(&log).is_ok_and(|m| m.len() > 0)
+    })
+    .await;
+    assert!(
+        matches!(sem.try_acquire().await, Err(LockError::Held { .. })),
+        "both slots are held"
+    );
+    (ours, child, job.fencing_token.unwrap())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn semaphore_slot_of_a_killed_holder_is_freed_after_its_ttl() {
+    let etcd = etcd_server().await;
+    let dir = tempfile::tempdir().unwrap();
+    let c = etcd_coordinator(&etcd.endpoints(), 3).await;
+    let (_ours, mut child, child_token) = semaphore_full_with_child(&c, &etcd, dir.path()).await;
+    signal(&child, Signal::KILL);
+    let _ = child.wait();
+    // The child's lease (TTL 2 s) runs out and its slot is ours, with a larger token.
+    let sem = c.semaphore("sem", 2).unwrap();
+    let guard = bounded(
+        "the killed holder's slot",
+        sem.acquire_timeout(Duration::from_secs(15)),
+    )
+    .await
+    .expect("slot after the killed holder's lease expired");
+    assert!(guard.fencing_token() > child_token);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn semaphore_paused_holder_loses_its_slot_and_its_job() {
+    let etcd = etcd_server().await;
+    let dir = tempfile::tempdir().unwrap();
+    let c = etcd_coordinator(&etcd.endpoints(), 3).await;
+    let (_ours, child, child_token) = semaphore_full_with_child(&c, &etcd, dir.path()).await;
+    signal(&child, Signal::STOP);
+    let sem = c.semaphore("sem", 2).unwrap();
+    let guard = bounded(
+        "the paused holder's slot",
+        sem.acquire_timeout(Duration::from_secs(15)),
+    )
+    .await
+    .expect("slot after the paused holder's lease expired");
+    let acquired_at = now_ns();
+    assert!(guard.fencing_token() > child_token);
+    signal(&child, Signal::CONT);
+    let out = child_output(child).await;
+    assert!(out.contains("OUTCOME Lost"), "child output: {out}");
+    let writes = std::fs::read_to_string(dir.path().join("writes.log")).unwrap();
+    for line in writes.lines() {
+        let t: u128 = line.split(' ').nth(2).unwrap().parse().unwrap();
+        assert!(
+            t < acquired_at,
+            "the paused holder wrote after losing its slot: {line}"
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -9,8 +9,10 @@ use futures::StreamExt;
 use futures::stream::BoxStream;
 use tokio::sync::{broadcast, oneshot, watch};
 
+use super::memory_sem::MemSlots;
 use crate::backend::{
-    HeldLock, Holder, Kind, LockBackend, LostSignalHandle, Registration, Wait, sealed::Sealed,
+    HeldLock, Holder, Kind, LockBackend, LostSignalHandle, Registration, SlotTry, Wait,
+    sealed::Sealed,
 };
 use crate::error::LockError;
 use crate::job::{JobEvent, JobInfo};
@@ -110,6 +112,7 @@ impl Inner {
 /// is never lost.
 pub(crate) struct MemoryBackend {
     inner: Arc<Inner>,
+    sems: MemSlots,
 }
 
 impl MemoryBackend {
@@ -121,6 +124,7 @@ impl MemoryBackend {
                 jobs: Mutex::new(BTreeMap::new()),
                 events: broadcast::channel(1024).0,
             }),
+            sems: MemSlots::default(),
         }
     }
 }
@@ -306,6 +310,19 @@ impl LockBackend for MemoryBackend {
         }
     }
 
+    async fn contenders(&self, kind: Kind, name: &str) -> Result<Vec<Holder>, LockError> {
+        let slots = self.inner.slots();
+        let Some(slot) = slots.get(&(kind, name.to_string())) else {
+            return Ok(Vec::new());
+        };
+        let holder = slot.holder.iter().map(|(_, h)| h.clone());
+        let waiters = slot.queue.iter().map(|w| Holder {
+            value: w.value.clone(),
+            fencing_token: 0,
+        });
+        Ok(holder.chain(waiters).collect())
+    }
+
     async fn queue_len(&self, kind: Kind, name: &str) -> Result<usize, LockError> {
         let slots = self.inner.slots();
         Ok(slots
@@ -332,9 +349,28 @@ impl LockBackend for MemoryBackend {
         .boxed()
     }
 
+    async fn take_slot(
+        &self,
+        name: &str,
+        permits: u32,
+        value: Vec<u8>,
+        queue: &dyn HeldLock,
+    ) -> Result<SlotTry, LockError> {
+        self.sems.take(name, permits, queue.fencing_token(), value)
+    }
+
+    async fn slot_freed(&self, name: &str, seen: u64) -> Result<(), LockError> {
+        self.sems.freed(name, seen).await;
+        Ok(())
+    }
+
+    async fn slot_holders(&self, name: &str) -> Result<Vec<Holder>, LockError> {
+        Ok(self.sems.holders(name))
+    }
+
     async fn register(&self, job: JobInfo) -> Result<Box<dyn Registration>, LockError> {
         let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
-        let lock = job.lock.clone();
+        let lock = job.registry_key();
         {
             // Sent under the lock, so a watcher's snapshot and its subscription agree.
             let mut jobs = self.inner.jobs();

@@ -6,3 +6,4 @@
 pub(crate) mod etcd;
 pub(crate) mod file;
 pub(crate) mod memory;
+mod memory_sem;

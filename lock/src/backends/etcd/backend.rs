@@ -71,7 +71,14 @@ impl EtcdBackend {
             Kind::Lock if self.etcdctl_layout => return format!("{name}/"),
             Kind::Lock => "lock",
             Kind::Election => "election",
+            Kind::Semaphore => return format!("{}sem/{name}/queue/", self.ns),
         };
         format!("{}{k}/{name}/", self.ns)
+    }
+
+    /// The key prefix under which the holders of semaphore `name` put their slot keys, each
+    /// under `<permits>/` (so holders that disagree about the permits can tell).
+    pub(super) fn slot_prefix(&self, name: &str) -> String {
+        format!("{}sem/{name}/slot/", self.ns)
     }
 }

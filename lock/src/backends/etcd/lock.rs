@@ -70,20 +70,20 @@ const ABANDON_RECHECK: Duration = Duration::from_millis(200);
 /// waiting), so an abandoned acquire never leaves a key that blocks the lock while the session
 /// lives. The clean-up retries for as long as the session lives: once it is lost, the key goes
 /// with the lease anyway.
-struct PendingKey {
+pub(super) struct PendingKey {
     client: Client,
-    key: String,
+    pub(super) key: String,
     lease: i64,
     /// The key's create revision, once the put's answer told it.
-    rev: Option<i64>,
+    pub(super) rev: Option<i64>,
     liveness: Arc<Liveness>,
     rpc_timeout: Duration,
-    /// `Some` while the acquire may still fail.
-    slot: Option<Slot>,
+    /// `Some` while the acquire may still fail; taking it out disarms the clean-up.
+    pub(super) slot: Option<Slot>,
 }
 
 impl PendingKey {
-    fn new(backend: &EtcdBackend, session: &EtcdSession, slot: Slot) -> PendingKey {
+    pub(super) fn new(backend: &EtcdBackend, session: &EtcdSession, slot: Slot) -> PendingKey {
         PendingKey {
             client: backend.client.clone(),
             key: slot.key(),

@@ -8,6 +8,8 @@
 //!   the prefix walks until a compaction, stays as small as the number of sessions.
 //! - `election/<name>/<lease-hex>[-<n>]`: the same recipe for leader election, the value being
 //!   the candidate's.
+//! - `sem/<name>/queue/<lease-hex>[-<n>]`: a semaphore's queue, the lock recipe again; its head
+//!   takes a slot `sem/<name>/slot/<permits>/<lease-hex>[-<n>]` (see `sem`).
 //! - `jobs/run/<lock>`: a running job (`JobInfo` as JSON) on the session's lease.
 //! - `jobs/done/<lock>`: written in the same transaction that deletes `jobs/run/<lock>` when the
 //!   job finishes, so watchers can tell `Finished` from `Expired`.
@@ -15,7 +17,7 @@
 //! Modules, each using only those listed before it: `stats` (request counters), `rpc` (the
 //! retry loop), `slots` (key names), `session` (the lease and its keepalive), `watch` (a watch
 //! that resumes where it left off), `backend` (the client, configuration and current session),
-//! `held` (a held lock), `lock` (the recipe), `registry` (jobs and observers); the
+//! `held` (a held lock), `lock` (the recipe), `sem` (a semaphore's slots), `registry` (jobs and observers); the
 //! `LockBackend` impl below puts them together.
 
 mod backend;
@@ -23,6 +25,7 @@ mod held;
 mod lock;
 mod registry;
 mod rpc;
+mod sem;
 mod session;
 mod slots;
 #[doc(hidden)]
@@ -35,7 +38,9 @@ use futures::stream::BoxStream;
 pub(crate) use self::backend::EtcdBackend;
 use self::rpc::{budget, lease_gone, retry};
 use self::stats::count_request;
-use crate::backend::{HeldLock, Holder, Kind, LockBackend, Registration, Wait, sealed::Sealed};
+use crate::backend::{
+    HeldLock, Holder, Kind, LockBackend, Registration, SlotTry, Wait, sealed::Sealed,
+};
 use crate::error::LockError;
 use crate::job::{JobEvent, JobInfo};
 use crate::session::Session;
@@ -147,6 +152,24 @@ impl LockBackend for EtcdBackend {
         )
         .await?;
         Ok(usize::try_from(resp.count()).unwrap_or(0).saturating_sub(1))
+    }
+
+    async fn take_slot(
+        &self,
+        name: &str,
+        permits: u32,
+        value: Vec<u8>,
+        queue: &dyn HeldLock,
+    ) -> Result<SlotTry, LockError> {
+        sem::take_slot(self, name, permits, value, queue).await
+    }
+
+    async fn slot_freed(&self, name: &str, seen: u64) -> Result<(), LockError> {
+        sem::slot_freed(self, name, seen).await
+    }
+
+    async fn slot_holders(&self, name: &str) -> Result<Vec<Holder>, LockError> {
+        sem::slot_holders(self, name).await
     }
 
     fn observe(&self, kind: Kind, name: &str) -> BoxStream<'static, Option<Holder>> {

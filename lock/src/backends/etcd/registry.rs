@@ -36,8 +36,8 @@ pub(crate) async fn register(
     session: &Arc<EtcdSession>,
     job: JobInfo,
 ) -> Result<Box<dyn Registration>, LockError> {
-    let key = format!("{}{}", run_prefix(&backend.ns), job.lock);
-    let done = format!("{}{}", done_prefix(&backend.ns), job.lock);
+    let key = format!("{}{}", run_prefix(&backend.ns), job.registry_key());
+    let done = format!("{}{}", done_prefix(&backend.ns), job.registry_key());
     let value = job.to_bytes();
     let lease = session.lease;
     let resp = retry(
@@ -185,7 +185,7 @@ async fn read_registry(
         if let etcd_client::TxnOpResponse::Get(g) = op {
             for kv in g.kvs() {
                 if let Some(job) = JobInfo::from_bytes(kv.value()) {
-                    maps[i].insert(job.lock.clone(), job);
+                    maps[i].insert(job.registry_key(), job);
                 }
             }
         }
