@@ -9,6 +9,8 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures::StreamExt;
+use futures::stream::BoxStream;
 use tokio::time::Instant;
 
 use crate::backend::{HeldLock, Holder, Kind, LockBackend, SlotTry, Wait};
@@ -17,6 +19,9 @@ use crate::guard::LockGuard;
 
 /// How long `try_acquire` waits for a head of the queue that is taking a free slot.
 const PASSING_THROUGH: Duration = Duration::from_secs(2);
+
+/// How often [`Semaphore::observe`] reads the holders.
+const OBSERVE_POLL: Duration = Duration::from_millis(100);
 
 /// How long the head of a queue waits before it reads the slots again after a failed wait.
 const RETRY_WAIT: Duration = Duration::from_millis(100);
@@ -96,6 +101,26 @@ impl Semaphore {
     /// [`Holder::job_info`]).
     pub async fn holders(&self) -> Result<Vec<Holder>, LockError> {
         self.backend.slot_holders(&self.name).await
+    }
+
+    /// The holders now and after every change (earliest first), for dashboards: read every
+    /// 100 ms and yielded when they changed. The stream ends at the first
+    /// read that fails.
+    pub fn observe(&self) -> BoxStream<'static, Vec<Holder>> {
+        let (backend, name) = (self.backend.clone(), self.name.clone());
+        futures::stream::unfold(
+            (backend, name, None::<Vec<Holder>>),
+            |(backend, name, last)| async move {
+                loop {
+                    let now = backend.slot_holders(&name).await.ok()?;
+                    if last.as_ref() != Some(&now) {
+                        return Some((now.clone(), (backend, name, Some(now))));
+                    }
+                    tokio::time::sleep(OBSERVE_POLL).await;
+                }
+            },
+        )
+        .boxed()
     }
 
     /// Everyone waiting for a slot, in arrival order (the head of the queue first). On the file

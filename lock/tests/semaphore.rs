@@ -7,6 +7,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::{Fixture, bounded, eventually};
+use futures::StreamExt;
 use palisade_lock::{Coordinator, JobInfo, LockError, RunOutcome, Wait};
 
 /// 24 tasks spread over the fixture's coordinators take a 3-slot semaphore 4 times each. Every
@@ -81,6 +82,11 @@ async fn admits_exactly_n(f: Fixture) {
         other => panic!("a fourth holder: {other:?}"),
     }
     let holders = sem.holders().await.unwrap();
+    let mut observed = sem.observe();
+    let first = bounded("observe's first report", observed.next())
+        .await
+        .unwrap();
+    assert_eq!(first, holders, "observe starts with the holders now");
     let mut tokens: Vec<u64> = guards.iter().map(|g| g.fencing_token()).collect();
     tokens.sort_unstable();
     let listed: Vec<u64> = holders.iter().map(|h| h.fencing_token).collect();
