@@ -221,14 +221,14 @@ def test_unreachable_etcd_is_unavailable():
         palisade.Coordinator.etcd([], ttl=2)
 
 
-@pytest.mark.skip(
-    reason="hung once in a clean-clone CI run: the SIGINT sent 0.3 s into a wait for a held lock "
-    "did not interrupt the wait (to investigate: a signal that arrives before the wait starts "
-    "polling, or on another thread); a hang would block the whole suite"
-)
 def test_ctrl_c_interrupts_a_wait_and_leaves_the_lock_usable(coordinator):
     import signal
 
+    # A process started in the background by a non-interactive shell (CI's `... &`) inherits
+    # SIGINT ignored, and Python then installs no KeyboardInterrupt handler: a SIGINT does
+    # nothing at all (this test hung so). Ctrl-C at a terminal has the default handler; give
+    # this test the same, and a bounded wait, so a failure fails instead of hanging.
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     holder = coordinator.lock("interrupted")
     holder.__enter__()
     interrupt = threading.Timer(0.3, lambda: os.kill(os.getpid(), signal.SIGINT))
@@ -236,10 +236,11 @@ def test_ctrl_c_interrupts_a_wait_and_leaves_the_lock_usable(coordinator):
     started = time.monotonic()
     try:
         with pytest.raises(KeyboardInterrupt):
-            with coordinator.lock("interrupted"):  # waits for ever, GIL released
+            with coordinator.lock("interrupted", timeout=60):  # GIL released while waiting
                 pytest.fail("took a held lock")
     finally:
         interrupt.join()
+        signal.signal(signal.SIGINT, previous)
     assert time.monotonic() - started < 10
     holder.__exit__(None, None, None)
     with coordinator.lock("interrupted", timeout=10) as guard:  # the abandoned wait left nothing
