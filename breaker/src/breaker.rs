@@ -368,6 +368,43 @@ impl CircuitBreaker {
     }
 }
 
+/// What the fleet layer (`fleet/`) needs from its local breaker.
+#[cfg(feature = "fleet")]
+impl CircuitBreaker {
+    pub(crate) fn config(&self) -> &Config {
+        &self.inner.cfg
+    }
+
+    pub(crate) fn now(&self) -> Duration {
+        self.inner.now()
+    }
+
+    #[inline]
+    pub(crate) fn start_timer(&self) -> Option<Duration> {
+        self.inner.start_timer()
+    }
+
+    #[inline]
+    pub(crate) fn elapsed_since(&self, start: Option<Duration>) -> Duration {
+        self.inner.elapsed_since(start)
+    }
+
+    /// Counts a call the fleet rejected, as the breaker counts its own rejections.
+    pub(crate) fn reject_for_fleet(&self, state: State, retry_after: Option<Duration>) -> Rejected {
+        self.inner.reject(state, retry_after)
+    }
+
+    /// Successful, failed and slow calls since creation (no lock; sums the per-thread counters).
+    pub(crate) fn lifetime_outcomes(&self) -> (u64, u64, u64) {
+        let c = &self.inner.counters;
+        (
+            c.get(Counter::Success),
+            c.get(Counter::Failure),
+            c.get(Counter::Slow),
+        )
+    }
+}
+
 impl Inner {
     #[inline]
     fn load_word(&self) -> Word {

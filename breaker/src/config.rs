@@ -245,6 +245,21 @@ impl BreakerBuilder {
         self
     }
 
+    /// Turns this breaker into one shared by a fleet of processes through the Redis at
+    /// `redis_url` (see [`FleetBuilder`](crate::fleet::FleetBuilder)): the options set so far
+    /// configure each process's local breaker and the fleet's decisions.
+    #[cfg(feature = "fleet")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "fleet")))]
+    pub fn fleet(self, redis_url: impl Into<String>) -> crate::fleet::FleetBuilder {
+        crate::fleet::FleetBuilder::new(self, redis_url.into())
+    }
+
+    /// The breaker's name.
+    #[cfg(feature = "fleet")]
+    pub(crate) fn name(&self) -> &Arc<str> {
+        &self.name
+    }
+
     /// Validates the options and builds the breaker, in the closed state.
     pub fn build(mut self) -> Result<CircuitBreaker, ConfigError> {
         self.cfg.slow_call_detection = self

@@ -12,6 +12,9 @@ mod error;
 pub mod events;
 #[cfg(feature = "metrics")]
 mod facade;
+#[cfg(feature = "fleet")]
+#[cfg_attr(docsrs, doc(cfg(feature = "fleet")))]
+pub mod fleet;
 mod machine;
 mod state;
 mod sync;
