@@ -46,6 +46,7 @@ once = _palisade.once
 publish = _palisade.publish
 RateLimiter = _palisade.RateLimiter
 Decision = _palisade.Decision
+BreakerEvents = _palisade.BreakerEvents
 
 
 class CircuitBreaker(_palisade.CircuitBreaker):
@@ -119,6 +120,7 @@ def _restore_breaker(
 
 __all__ = [
     "AuthError",
+    "BreakerEvents",
     "BreakerOpen",
     "CircuitBreaker",
     "Decision",

@@ -1,6 +1,6 @@
 """Type stubs of palisade (the Rust extension palisade._palisade and its Python half)."""
 
-from typing import Any, Callable, Dict, List, Literal, Optional, Tuple, Type, TypeVar, Union
+from typing import Any, Callable, Dict, Iterator, List, Literal, Optional, Tuple, Type, TypeVar, Union
 
 from ._errors import (
     AuthError as AuthError,
@@ -26,6 +26,19 @@ from ._errors import (
 _F = TypeVar("_F", bound=Callable[..., Any])
 _ExcClasses = Union[Type[BaseException], Tuple[Type[BaseException], ...], List[Type[BaseException]]]
 BreakerState = Literal["closed", "open", "half_open", "forced_open", "disabled", "metrics_only"]
+
+class BreakerEvents:
+    """A breaker's events from the moment ``CircuitBreaker.events()`` was called. Each is a
+    dict with a ``type``: ``state_transition`` (``from``, ``to``), ``rejected`` (``state``),
+    ``success`` / ``error`` (``elapsed`` seconds), ``ignored_error``, ``slow_call``
+    (``elapsed``, ``failed``), ``reset``, ``lagged`` (``missed``)."""
+    def get(self, timeout: Optional[float] = None) -> Optional[Dict[str, Any]]:
+        """The next event, waiting at most ``timeout`` seconds (None: for ever); None when
+        the wait ran out. Releases the GIL while waiting."""
+    def drain(self) -> List[Dict[str, Any]]:
+        """Every event waiting now, without blocking."""
+    def __iter__(self) -> Iterator[Dict[str, Any]]: ...
+    def __next__(self) -> Dict[str, Any]: ...
 
 class CircuitBreaker:
     """A circuit breaker (palisade-breaker). Durations are seconds; see the Rust builder for
@@ -56,6 +69,8 @@ class CircuitBreaker:
         """Calls ``fn`` if permitted (else raises ``BreakerOpen``) and records how it ended."""
     def __call__(self, fn: _F) -> _F:
         """Decorator form of ``call``."""
+    def events(self) -> BreakerEvents:
+        """A subscription to this breaker's events from now on."""
     @property
     def name(self) -> str: ...
     @property

@@ -265,6 +265,12 @@ impl CircuitBreaker {
         }
     }
 
+    /// A subscription to this breaker's events from now on (a `BreakerEvents`: iterate it,
+    /// or `get(timeout)` / `drain()`). Events cost the breaker nothing while nobody subscribes.
+    fn events(&self) -> crate::breaker_events::BreakerEvents {
+        crate::breaker_events::BreakerEvents::new(&self.inner)
+    }
+
     /// The breaker's name.
     #[getter]
     fn name(&self) -> &str {

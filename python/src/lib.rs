@@ -10,6 +10,7 @@
 //!   palisade again.
 
 mod breaker;
+mod breaker_events;
 mod coordinator;
 mod errors;
 mod once;
@@ -23,6 +24,7 @@ use pyo3::prelude::*;
 #[pymodule]
 fn _palisade(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<breaker::CircuitBreaker>()?;
+    m.add_class::<breaker_events::BreakerEvents>()?;
     m.add_class::<coordinator::Coordinator>()?;
     m.add_class::<coordinator::Lock>()?;
     m.add_class::<coordinator::Guard>()?;

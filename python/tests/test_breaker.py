@@ -119,3 +119,33 @@ def test_sixteen_threads_share_one_breaker_without_losing_counts():
     m = b.metrics
     assert m["successful_calls"] + m["failed_calls"] == 16 * per_thread
     assert m["failed_calls"] == 16 * per_thread // 4
+
+
+def test_events_report_calls_and_transitions_in_order():
+    b = palisade.CircuitBreaker("t-events", sliding_window=2, minimum_calls=2, wait_in_open=30)
+    events = b.events()
+    assert events.get(timeout=0.05) is None, "nothing happened yet"
+    b.call(lambda: 1)
+    with pytest.raises(OSError):
+        b.call(failing(OSError("down")))
+    with pytest.raises(palisade.BreakerOpen):
+        b.call(lambda: 1)
+    first = events.get(timeout=5)
+    assert first["type"] == "success" and first["elapsed"] >= 0
+    rest = events.drain()
+    kinds = [e["type"] for e in rest]
+    assert kinds == ["error", "state_transition", "rejected"], rest
+    assert rest[1]["from"] == "closed" and rest[1]["to"] == "open"
+    assert rest[2]["state"] == "open"
+    b.reset()
+    assert [e["type"] for e in events.drain()] == ["state_transition", "reset"]
+    with pytest.raises(palisade.ConfigError):
+        events.get(timeout=-1)
+
+
+def test_iterating_events_blocks_until_one_arrives_from_another_thread():
+    b = palisade.CircuitBreaker("t-events-iter")
+    events = b.events()
+    threading.Timer(0.2, lambda: b.force_open()).start()
+    first = next(iter(events))  # waits, the GIL released, for the timer thread's change
+    assert first == {"type": "state_transition", "from": "closed", "to": "forced_open"}
