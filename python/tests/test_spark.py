@@ -3,8 +3,8 @@ Python workers forked by Spark's daemon), a flaky local HTTP API behind one file
 and one breaker per worker process, the job under run_exclusive, its output published with the
 lock's fencing token, and a rerun that publishes 0 bytes.
 
-Skipped when pyspark or Java is missing: scripts/setup does not install pyspark (a large
-download); `pip install pyspark` into .venv to run it."""
+scripts/setup installs pyspark into .venv and Java 17 when they are missing, so it runs in
+scripts/test; run alone, it is skipped when pyspark or Java is missing."""
 
 import importlib.util
 import os
