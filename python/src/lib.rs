@@ -16,6 +16,7 @@ mod errors;
 mod once;
 mod publish;
 mod ratelimit;
+mod ratelimit_thread;
 mod runtime;
 
 use pyo3::prelude::*;

@@ -24,7 +24,7 @@ const DEFAULT_TIMEOUT: f64 = 1.0;
 
 /// What a limiter is, as pickled.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
-enum Config {
+pub(crate) enum Config {
     Redis {
         url: String,
         limits: Vec<String>,
@@ -58,7 +58,7 @@ static CONNECTIONS: PerProcess<
     Arc<Mutex<HashMap<String, palisade_ratelimit::redis_crate::aio::ConnectionManager>>>,
 > = PerProcess::new();
 
-fn limit_error(py: Python<'_>, e: Error) -> PyErr {
+pub(crate) fn limit_error(py: Python<'_>, e: Error) -> PyErr {
     let message = errors::chain(&e);
     match e {
         Error::InvalidConfig { .. } | Error::CostExceedsLimit { .. } => errors::config(py, message),
@@ -152,20 +152,48 @@ impl Config {
                 };
                 let timeout = Duration::from_millis(*timeout_ms);
                 let conn = connection(py, url, timeout)?;
-                Built::Redis(
-                    RedisLimiter::builder(conn)
-                        .limits(limits)
-                        .algorithm(algorithm)
-                        .prefix(prefix.clone())
-                        .on_unavailable(policy)
-                        .timeout(timeout)
-                        .build()
-                        .map_err(|e| limit_error(py, e))?,
-                )
+                let parts = RedisParts {
+                    limits,
+                    algorithm,
+                    prefix: prefix.clone(),
+                    policy,
+                    timeout,
+                };
+                let limiter = parts.build(py, conn)?;
+                crate::ratelimit_thread::remember(self, parts);
+                Built::Redis(limiter)
             }
         };
         let mut map = all.lock().unwrap_or_else(|p| p.into_inner());
         Ok(map.entry(self.clone()).or_insert(built).clone())
+    }
+}
+
+/// What a Redis limiter is made of, besides its connection: kept per process so that the
+/// connections of other threads (`ratelimit_thread`) make the same limiter, with the same
+/// local fallback (its state is shared by clones).
+#[derive(Clone)]
+pub(crate) struct RedisParts {
+    limits: Vec<Limit>,
+    algorithm: Algorithm,
+    prefix: String,
+    policy: Policy,
+    pub(crate) timeout: Duration,
+}
+
+impl RedisParts {
+    pub(crate) fn build<C>(&self, py: Python<'_>, conn: C) -> PyResult<RedisLimiter<C>>
+    where
+        C: palisade_ratelimit::redis_crate::aio::ConnectionLike + Clone + Send + Sync + 'static,
+    {
+        RedisLimiter::builder(conn)
+            .limits(self.limits.clone())
+            .algorithm(self.algorithm)
+            .prefix(self.prefix.clone())
+            .on_unavailable(self.policy.clone())
+            .timeout(self.timeout)
+            .build()
+            .map_err(|e| limit_error(py, e))
     }
 }
 
@@ -189,14 +217,6 @@ fn connection(
 }
 
 impl Built {
-    async fn check(&self, key: &str, cost: u32) -> Result<RustDecision, Error> {
-        match self {
-            Built::Redis(l) => l.check_n(key, cost).await,
-            Built::File(l) => l.check_n(key, cost).await,
-            Built::Local(l) => l.check_n(key, cost).await,
-        }
-    }
-
     async fn acquire(
         &self,
         key: &str,
@@ -336,7 +356,8 @@ impl RateLimiter {
             // In memory: no I/O, no runtime, and too short to be worth releasing the GIL.
             Built::Local(l) => l.check_n_now(&key, cost),
             Built::File(l) => py.detach(|| l.check_n_blocking(&key, cost)),
-            Built::Redis(_) => block_on(py, async move { built.check(&key, cost).await })?,
+            // On this thread's own connection, driven by this thread: no hop to the runtime.
+            Built::Redis(_) => crate::ratelimit_thread::check(py, &self.config, &key, cost)?,
         };
         decided.map(Decision).map_err(|e| limit_error(py, e))
     }
