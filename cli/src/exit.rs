@@ -114,7 +114,9 @@ impl From<palisade_idempotency::Error> for CliError {
         let code = match &error {
             Error::Fenced { .. } | Error::FencingTokenRequired { .. } => FENCED,
             Error::Conflict { .. } | Error::LockTimeout { .. } => CONFLICT,
-            Error::InvalidPartition { .. } | Error::Input { .. } => BAD_INPUT,
+            Error::InvalidPartition { .. } | Error::Input { .. } | Error::Source { .. } => {
+                BAD_INPUT
+            }
             Error::Io { .. } | Error::Store { .. } | Error::Redis { .. } => UNAVAILABLE,
             // The command ran, but the store did not take its result: a later run runs it again.
             Error::NotRecorded { .. } => UNAVAILABLE,

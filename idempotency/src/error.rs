@@ -234,6 +234,14 @@ pub enum Error {
         source: std::io::Error,
     },
 
+    /// A local source directory (the SRC of a publish) cannot be scanned, or one of its files
+    /// cannot be read as the content asked for; the message names the file and what to do.
+    #[error("{message}")]
+    Source {
+        /// What went wrong, naming the file.
+        message: String,
+    },
+
     /// A value could not be encoded canonically.
     #[error("cannot encode {what}: {reason}")]
     Encoding {

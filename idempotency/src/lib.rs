@@ -7,6 +7,8 @@
 //! - `swap` (private; see [`writer`]): partitions on a local directory, swapped in
 //!   whole with `renameat2(RENAME_EXCHANGE)` and rolled forward after a crash.
 //! - [`manifest`]: the [`Manifest`], the dataset's commit point.
+//! - [`source`]: a local directory as a dataset's source: its partitions and their content
+//!   identities (bytes, or rows with the `rows` feature), as `palisade publish` computes them.
 //! - [`verify()`]: a read-only check of a dataset against its manifest.
 //! - [`hash`]: [`ContentHash`] and the canonical row [`ContentHasher`].
 //! - [`keys`]: run-once keys ([`IdempotencyStore`], [`MemoryStore`], [`FileStore`], [`RedisStore`]).
@@ -21,6 +23,7 @@ mod layout;
 pub mod manifest;
 mod partition;
 mod reader;
+pub mod source;
 mod storage;
 mod swap;
 mod verify;

@@ -241,6 +241,12 @@ def publish(
     dest: str,
     *,
     content: Literal["bytes", "rows"] = "bytes",
+    unit: Literal["dir", "file"] = "dir",
+    names: bool = False,
+    format: Literal["auto", "parquet", "csv", "jsonl"] = "auto",
+    include: List[str] = ...,
+    exclude: List[str] = ...,
+    threads: Optional[int] = None,
     fencing_token: Optional[int] = None,
     remove_missing: bool = False,
     allow_unfenced: bool = False,
@@ -248,6 +254,8 @@ def publish(
     retain: float = 3600.0,
     lock_timeout: float = 30.0,
 ) -> Dict[str, Any]:
-    """Publishes Hive-style partitions under ``src`` to ``dest``, writing only changed ones;
-    returns the report ``palisade publish --json`` prints. ``content="rows"`` is not available
-    from Python yet."""
+    """Publishes the partitions under ``src`` to ``dest``, writing only changed ones; returns
+    the report ``palisade publish --json`` prints. The options are the command's flags
+    (``--content``, ``--unit``, ``--names``, ``--format``, ``--include``, ``--exclude``,
+    ``--threads``), and the identities are the command's: a dataset published by either is
+    unchanged when the other publishes the same ``src``."""

@@ -87,9 +87,11 @@ pub fn idempotency(py: Python<'_>, e: palisade_idempotency::Error) -> PyErr {
     use palisade_idempotency::Error as E;
     let message = chain(&e);
     let class = match e {
-        E::MissingKey | E::InvalidKey { .. } | E::Config { .. } | E::UnsupportedUrl { .. } => {
-            "ConfigError"
-        }
+        E::MissingKey
+        | E::InvalidKey { .. }
+        | E::Config { .. }
+        | E::UnsupportedUrl { .. }
+        | E::Source { .. } => "ConfigError",
         E::InProgress { .. } => "InProgress",
         E::FingerprintMismatch { .. } => "FingerprintMismatch",
         E::OwnershipLost { .. } => "OwnershipLost",

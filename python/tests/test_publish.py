@@ -1,5 +1,8 @@
+import json
 import os
 import shutil
+import subprocess
+from pathlib import Path
 
 import pytest
 
@@ -69,10 +72,14 @@ def test_publish_under_run_exclusive_uses_the_lock_token(tmp_path):
     "setup, kwargs, match",
     [
         (lambda src: write_output(src, []), {}, "holds no data files"),
-        (lambda src: write_output(src, [1]), {"content": "rows"}, "not available from Python"),
         (lambda src: write_output(src, [1]), {"content": "lines"}, "expected"),
+        (lambda src: write_output(src, [1]), {"unit": "row"}, "expected"),
+        (lambda src: write_output(src, [1]), {"format": "xml"}, "expected"),
+        (lambda src: write_output(src, [1]), {"include": ["["]}, "include"),
         (lambda src: (write_output(src, [1]), open(os.path.join(src, "top.csv"), "w").close()),
-         {}, "top of SRC"),
+         {}, "not inside a Hive-style"),
+        (lambda src: (write_output(src, [1]), open(os.path.join(src, "bucket=1", "x.txt"), "w").close()),
+         {"content": "rows"}, "x.txt"),
         (lambda src: write_output(src, [1]), {"dest": "ftp://nowhere/x"}, "ftp"),
     ],
 )
@@ -82,3 +89,112 @@ def test_bad_input_raises_a_clear_exception(tmp_path, setup, kwargs, match):
     dest = kwargs.pop("dest", f"file://{tmp_path / 'dest'}")
     with pytest.raises(palisade.ConfigError, match=match):
         palisade.publish(str(src), dest, **kwargs)
+
+
+def write_rows(root, split, reverse=False, changed=None):
+    """Partitions bucket=0..2 of CSV rows, split over `split` part files (named anew each time),
+    in reverse order if asked; `changed` alters one row of that bucket."""
+    shutil.rmtree(root, ignore_errors=True)
+    for b in range(3):
+        d = os.path.join(root, f"bucket={b}")
+        os.makedirs(d)
+        rows = [f"{i},name-{b}-{i}" for i in range(10)]
+        if changed == b:
+            rows[3] = "3,changed"
+        if reverse:
+            rows.reverse()
+        for n in range(split):
+            with open(os.path.join(d, f"part-{n:05}-{split}{reverse}.csv"), "w") as f:
+                f.write("id,name\n" + "".join(r + "\n" for r in rows[n::split]))
+    open(os.path.join(root, "_SUCCESS"), "w").close()
+
+
+def test_rows_mode_publishes_and_a_rerun_over_the_same_rows_writes_nothing(tmp_path):
+    src, url = tmp_path / "out", f"file://{tmp_path / 'dest'}"
+    write_rows(src, split=1)
+    first = palisade.publish(str(src), url, content="rows")
+    assert first["written"] == ["bucket=0", "bucket=1", "bucket=2"] and first["bytes_written"] > 0
+    assert first["bytes_hashed"] > 0
+
+    write_rows(src, split=3, reverse=True)  # the same rows, re-split and reordered
+    again = palisade.publish(str(src), url, content="rows")
+    assert again["written"] == [] and again["bytes_written"] == 0 and again["unchanged"] == 3
+
+    write_rows(src, split=3, reverse=True, changed=1)
+    one = palisade.publish(str(src), url, content="rows", format="csv", threads=1)
+    assert one["written"] == ["bucket=1"] and one["unchanged"] == 2
+
+
+def test_include_exclude_and_file_units_are_the_commands(tmp_path):
+    src, url = tmp_path / "out", f"file://{tmp_path / 'dest'}"
+    write_output(src, range(3))
+    with open(os.path.join(src, "bucket=0", "notes.txt"), "w") as f:
+        f.write("not data")
+    report = palisade.publish(str(src), url, include=["**/*.csv"], exclude=["bucket=2/*"])
+    assert report["written"] == ["bucket=0", "bucket=1"]
+    files = palisade.publish(str(src), f"file://{tmp_path / 'files'}", unit="file",
+                             include=["bucket=1/*"])
+    assert files["written"] == ["bucket=1/part-0000-1.csv"]
+
+
+ROOT = Path(__file__).resolve().parents[2]
+CLI = Path(os.environ.get("PALISADE_BIN", ROOT / "target" / "debug" / "palisade"))
+
+
+def cli_publish(src, url, *flags):
+    if not CLI.exists():
+        pytest.skip(f"{CLI} is not built (cargo build -p palisade-cli)")
+    out = subprocess.run([str(CLI), "publish", str(src), url, "--json", *flags],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout)
+
+
+def write_mixed(root):
+    """CSV part files (one in a subdirectory), JSON lines, and Parquet when pyarrow is there."""
+    write_rows(root, split=2)
+    os.makedirs(os.path.join(root, "bucket=1", "sub"))
+    with open(os.path.join(root, "bucket=1", "sub", "part-9.csv"), "w") as f:
+        f.write("id,name\n99,nested\n")
+    os.makedirs(os.path.join(root, "bucket=3"))
+    with open(os.path.join(root, "bucket=3", "part-0.jsonl"), "w") as f:
+        f.write('{"id": 1, "v": 1.5}\n{"id": 2, "v": 2}\n')
+    try:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+    except ImportError:
+        return
+    os.makedirs(os.path.join(root, "bucket=4"))
+    pq.write_table(pa.table({"id": [1, 2, 3], "name": ["x", "y", None]}),
+                   os.path.join(root, "bucket=4", "part-0.parquet"))
+
+
+MODES = [
+    pytest.param({"content": "bytes"}, [], id="bytes"),
+    pytest.param({"content": "bytes", "names": True}, ["--names"], id="bytes+names"),
+    pytest.param({"content": "rows"}, ["--content", "rows"], id="rows"),
+]
+
+
+@pytest.mark.parametrize("kwargs, flags", MODES)
+def test_the_command_then_python_over_the_same_src_writes_nothing(tmp_path, kwargs, flags):
+    src, url = tmp_path / "out", f"file://{tmp_path / 'dest'}"
+    write_mixed(src)
+    first = cli_publish(src, url, *flags)
+    assert first["written"] and first["bytes_written"] > 0
+    again = palisade.publish(str(src), url, **kwargs)
+    assert again["written"] == [] and again["bytes_written"] == 0
+    assert again["unchanged"] == len(first["written"]) and again["generation"] == first["generation"]
+
+
+@pytest.mark.parametrize("kwargs, flags", MODES)
+def test_python_then_the_command_over_the_same_src_writes_nothing(tmp_path, kwargs, flags):
+    src, url = tmp_path / "out", f"file://{tmp_path / 'dest'}"
+    write_mixed(src)
+    first = palisade.publish(str(src), url, **kwargs)
+    assert first["written"] and first["bytes_written"] > 0
+    again = cli_publish(src, url, *flags)
+    assert again["written"] == [] and again["bytes_written"] == 0
+    assert again["unchanged"] == len(first["written"])
+    # The reports have the same shape.
+    assert set(again) == set(first)

@@ -2,25 +2,24 @@
 //! local directory that any job wrote, writing only the partitions whose content changed,
 //! atomically for readers, fenced against older lock holders.
 //!
-//! The steps: [`scan`] SRC into partitions, compute each partition's [`identity`] (bytes or
-//! rows), compare with the manifest ([`plan`]), then hand every partition to
-//! palisade-idempotency's `PartitionedWriter::put_files` (which writes only those whose identity
-//! changed) and commit. Everything a reader sees changes at the commit, or not at all.
+//! The steps, all palisade-idempotency's: scan SRC into partitions and compute each
+//! partition's identity (bytes or rows) with its `source` module (the one implementation, shared
+//! with the Python package), compare with the manifest ([`plan`]), then hand every partition to
+//! `PartitionedWriter::put_files` (which writes only those whose identity changed) and commit.
+//! Everything a reader sees changes at the commit, or not at all. This module adds the flags,
+//! the progress bars, the exit codes and the output.
 
-pub mod identity;
+pub mod choices;
 pub mod output;
 pub mod plan;
-pub mod rows;
-pub mod scan;
 pub mod verify;
 mod write;
 
 use crate::exit::{BAD_INPUT, CliError, INTERNAL, chain};
+use choices::{Content, Format, Unit};
 use clap::Args;
-use identity::{Content, IdentityOptions};
+use palisade_idempotency::source::{self, IdentityOptions, Partition, ScanOptions};
 use palisade_idempotency::{ContentHash, Dataset, DatasetStore, PartitionedWriter, StoreOptions};
-use rows::Format;
-use scan::{ScanOptions, Unit};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -173,17 +172,17 @@ fn parse_token(token: Option<&str>) -> Result<Option<u64>, CliError> {
     }
 }
 
-async fn scan_src(args: &PublishArgs) -> Result<Vec<scan::Partition>, CliError> {
+async fn scan_src(args: &PublishArgs) -> Result<Vec<Partition>, CliError> {
     let scan_opts = ScanOptions {
-        unit: args.unit,
+        unit: args.unit.into(),
         include: args.include.clone(),
         exclude: args.exclude.clone(),
     };
     let src = args.src.clone();
-    let partitions = tokio::task::spawn_blocking(move || scan::scan(&src, &scan_opts))
+    let partitions = tokio::task::spawn_blocking(move || source::scan(&src, &scan_opts))
         .await
         .map_err(|e| CliError::new(INTERNAL, e.to_string()))?
-        .map_err(|e| CliError::new(BAD_INPUT, e.0))?;
+        .map_err(|e| CliError::new(BAD_INPUT, e.to_string()))?;
     if partitions.is_empty() && !args.allow_empty {
         return Err(CliError::new(
             BAD_INPUT,
@@ -218,17 +217,17 @@ async fn open_writer(
 /// partitions, their identities and the bytes read.
 async fn identities(
     args: &PublishArgs,
-    partitions: Vec<scan::Partition>,
-) -> Result<(Vec<scan::Partition>, Vec<ContentHash>, u64), CliError> {
+    partitions: Vec<Partition>,
+) -> Result<(Vec<Partition>, Vec<ContentHash>, u64), CliError> {
     let id_opts = IdentityOptions {
-        content: args.content,
+        content: args.content.into(),
         names: args.names,
-        format: args.format,
+        format: args.format.into(),
         threads: args.threads.unwrap_or_else(|| {
             std::thread::available_parallelism().map_or(2, std::num::NonZero::get)
         }),
     };
-    let total: u64 = partitions.iter().map(scan::Partition::size).sum();
+    let total: u64 = partitions.iter().map(Partition::size).sum();
     let bar = output::bar(total, "hashing", true);
     let hashed = Arc::new(AtomicU64::new(0));
     let (b, h) = (bar.clone(), hashed.clone());
@@ -237,13 +236,13 @@ async fn identities(
             b.inc(n);
             h.fetch_add(n, Ordering::Relaxed);
         };
-        identity::identities(&partitions, &id_opts, &on_bytes).map(|ids| (partitions, ids))
+        source::identities(&partitions, &id_opts, &on_bytes).map(|ids| (partitions, ids))
     })
     .await;
     bar.finish_and_clear();
     let (parts, ids) = result
         .map_err(|e| CliError::new(INTERNAL, e.to_string()))?
-        .map_err(|e| CliError::new(BAD_INPUT, e))?;
+        .map_err(|e| CliError::new(BAD_INPUT, e.to_string()))?;
     Ok((parts, ids, hashed.load(Ordering::Relaxed)))
 }
 

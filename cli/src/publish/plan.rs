@@ -1,6 +1,6 @@
 //! The plan: which partitions a publish writes, leaves alone, and removes.
 
-use super::scan::Partition;
+use palisade_idempotency::source::Partition;
 use palisade_idempotency::{ContentHash, Manifest, PartitionEntry};
 use serde::Serialize;
 

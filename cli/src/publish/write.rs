@@ -2,8 +2,8 @@
 //! changed ones, then the commit.
 
 use super::output;
-use super::scan::Partition;
-use palisade_idempotency::{ContentHash, PartFile, PartitionedWriter, Report, Result};
+use palisade_idempotency::source::Partition;
+use palisade_idempotency::{ContentHash, PartitionedWriter, Report, Result};
 
 /// Puts every partition and commits; aborts the run on the first error.
 pub async fn write_all(
@@ -14,12 +14,7 @@ pub async fn write_all(
 ) -> Result<Report> {
     let bar = output::bar(expected_writes as u64, "writing", false);
     for (p, id) in parts.iter().zip(ids) {
-        let files = p
-            .files
-            .iter()
-            .map(|f| PartFile::new(f.name.clone(), f.path.clone()))
-            .collect();
-        match writer.put_files(&p.name, files, *id).await {
+        match writer.put_files(&p.name, p.part_files(), *id).await {
             Ok(true) => bar.inc(1),
             Ok(false) => {}
             Err(e) => {

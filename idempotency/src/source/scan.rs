@@ -1,23 +1,44 @@
 //! Scanning SRC into partitions: Hive-style `key=value/` directories (nested keys allowed), or
-//! one partition per file with `--unit file`.
+//! one partition per file ([`Unit::File`], `--unit file`).
 //!
 //! Skipped always: any path segment that starts with `_` or `.` (Hive and Spark readers treat
 //! those as hidden: Spark's `_SUCCESS`, `_temporary/`, `_committed_*`, and Hadoop's `.*.crc`
 //! checksums), and files ending in `.crc`. Then `--include` globs (if any) must match and
 //! `--exclude` globs must not; globs match the path relative to SRC, `*` stays within one path
 //! segment and `**` crosses them.
+//!
+//! Errors are [`Error::Source`](crate::Error::Source), one line naming the file.
 
+use super::source_error;
+use crate::{PartFile, Result};
 use globset::{GlobSet, GlobSetBuilder};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::str::FromStr;
 
 /// What one partition is made of.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub enum Unit {
     /// A Hive-style directory: the leading `key=value` directories of a file's path.
+    #[default]
     Dir,
-    /// Every file on its own.
+    /// Every file on its own (it becomes the partition `<path>/` holding that file).
     File,
+}
+
+impl FromStr for Unit {
+    type Err = crate::Error;
+
+    /// `"dir"` or `"file"`.
+    fn from_str(s: &str) -> Result<Unit> {
+        match s {
+            "dir" => Ok(Unit::Dir),
+            "file" => Ok(Unit::File),
+            other => Err(source_error(format!(
+                "unit {other:?}: expected \"dir\" or \"file\""
+            ))),
+        }
+    }
 }
 
 /// One file of SRC.
@@ -45,15 +66,19 @@ impl Partition {
     pub fn size(&self) -> u64 {
         self.files.iter().map(|f| f.size).sum()
     }
+
+    /// Its files as [`PartitionedWriter::put_files`](crate::PartitionedWriter::put_files) takes them: each file's
+    /// name in the partition directory and its path on disk.
+    pub fn part_files(&self) -> Vec<PartFile> {
+        self.files
+            .iter()
+            .map(|f| PartFile::new(f.name.clone(), f.path.clone()))
+            .collect()
+    }
 }
 
-/// A scan that failed: the message names the file.
-#[derive(Debug, thiserror::Error)]
-#[error("{0}")]
-pub struct ScanError(pub String);
-
-/// The scan's options.
-#[derive(Debug, Clone)]
+/// The scan's options (the default: Hive-style directories, every file).
+#[derive(Debug, Clone, Default)]
 pub struct ScanOptions {
     /// Directory or file partitions.
     pub unit: Unit,
@@ -61,6 +86,15 @@ pub struct ScanOptions {
     pub include: Vec<String>,
     /// Globs that skip a file.
     pub exclude: Vec<String>,
+}
+
+/// A scan error's message, as the crate's error.
+struct ScanError(String);
+
+impl From<ScanError> for crate::Error {
+    fn from(e: ScanError) -> crate::Error {
+        source_error(e.0)
+    }
 }
 
 fn globset(globs: &[String], flag: &str) -> Result<Option<GlobSet>, ScanError> {
@@ -91,8 +125,16 @@ fn is_hive(segment: &str) -> bool {
     matches!(segment.split_once('='), Some((k, _)) if !k.is_empty())
 }
 
-/// Lists the partitions of `src`, sorted by name.
-pub fn scan(src: &Path, opts: &ScanOptions) -> Result<Vec<Partition>, ScanError> {
+/// Lists the partitions of `src`, sorted by name, each with its files sorted by name.
+///
+/// Refused (with the file named): a file outside any `key=value/` directory with
+/// [`Unit::Dir`], a partition holding files beside a nested partition, a symlink that leads
+/// outside `src` or to a directory, a name that is not UTF-8 or not a valid partition path.
+pub fn scan(src: &Path, opts: &ScanOptions) -> Result<Vec<Partition>> {
+    Ok(scan_inner(src, opts)?)
+}
+
+fn scan_inner(src: &Path, opts: &ScanOptions) -> Result<Vec<Partition>, ScanError> {
     let meta = std::fs::metadata(src)
         .map_err(|e| ScanError(format!("cannot read SRC {}: {e}", src.display())))?;
     if !meta.is_dir() {
@@ -137,7 +179,7 @@ pub fn scan(src: &Path, opts: &ScanOptions) -> Result<Vec<Partition>, ScanError>
                 (segments[..depth].join("/"), segments[depth..].join("/"))
             }
         };
-        palisade_idempotency::validate_partition(&partition)
+        crate::validate_partition(&partition)
             .map_err(|e| ScanError(format!("{}: bad partition path: {e}", path.display())))?;
         partitions
             .entry(partition)
@@ -239,136 +281,4 @@ fn walk(
         rel.pop();
     }
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn tree(files: &[&str]) -> tempfile::TempDir {
-        let dir = tempfile::tempdir().unwrap();
-        for f in files {
-            let p = dir.path().join(f);
-            std::fs::create_dir_all(p.parent().unwrap()).unwrap();
-            std::fs::write(p, f.as_bytes()).unwrap();
-        }
-        dir
-    }
-
-    fn opts(unit: Unit) -> ScanOptions {
-        ScanOptions {
-            unit,
-            include: vec![],
-            exclude: vec![],
-        }
-    }
-
-    fn names(parts: &[Partition]) -> Vec<(String, Vec<String>)> {
-        parts
-            .iter()
-            .map(|p| {
-                (
-                    p.name.clone(),
-                    p.files.iter().map(|f| f.name.clone()).collect(),
-                )
-            })
-            .collect()
-    }
-
-    #[test]
-    fn hive_directories_nested_and_spark_leftovers_skipped() {
-        let d = tree(&[
-            "_SUCCESS",
-            "date=1/part-0.csv",
-            "date=1/.part-0.csv.crc",
-            "date=1/sub/part-1.csv",
-            "date=2/region=eu/part-0.csv",
-            "date=2/region=us/part-0.csv",
-            "_temporary/0/date=3/part-9.csv",
-            "date=4/_committed_1",
-        ]);
-        let parts = scan(d.path(), &opts(Unit::Dir)).unwrap();
-        assert_eq!(
-            names(&parts),
-            vec![
-                (
-                    "date=1".into(),
-                    vec!["part-0.csv".into(), "sub/part-1.csv".into()]
-                ),
-                ("date=2/region=eu".into(), vec!["part-0.csv".into()]),
-                ("date=2/region=us".into(), vec!["part-0.csv".into()]),
-            ]
-        );
-        assert_eq!(
-            parts[0].size(),
-            "date=1/part-0.csvdate=1/sub/part-1.csv".len() as u64
-        );
-    }
-
-    #[test]
-    fn file_units() {
-        let d = tree(&["a.csv", "date=1/b.csv", "x.crc"]);
-        let parts = scan(d.path(), &opts(Unit::File)).unwrap();
-        assert_eq!(
-            names(&parts),
-            vec![
-                ("a.csv".into(), vec!["a.csv".into()]),
-                ("date=1/b.csv".into(), vec!["b.csv".into()]),
-            ]
-        );
-    }
-
-    #[test]
-    fn include_and_exclude_globs() {
-        let d = tree(&[
-            "d=1/a.parquet",
-            "d=1/a.json",
-            "d=2/b.parquet",
-            "d=3/c.parquet",
-        ]);
-        let o = ScanOptions {
-            unit: Unit::Dir,
-            include: vec!["**/*.parquet".into()],
-            exclude: vec!["d=3/*".into()],
-        };
-        let parts = scan(d.path(), &o).unwrap();
-        assert_eq!(
-            names(&parts),
-            vec![
-                ("d=1".into(), vec!["a.parquet".into()]),
-                ("d=2".into(), vec!["b.parquet".into()]),
-            ]
-        );
-        let bad = ScanOptions {
-            unit: Unit::Dir,
-            include: vec!["[".into()],
-            exclude: vec![],
-        };
-        assert!(scan(d.path(), &bad).unwrap_err().0.contains("--include"));
-    }
-
-    #[test]
-    fn bad_inputs_name_the_file() {
-        let missing = scan(Path::new("/nonexistent/src"), &opts(Unit::Dir)).unwrap_err();
-        assert!(missing.0.contains("/nonexistent/src"), "{missing}");
-
-        let d = tree(&["loose.csv"]);
-        let e = scan(d.path(), &opts(Unit::Dir)).unwrap_err();
-        assert!(
-            e.0.contains("loose.csv") && e.0.contains("--unit file"),
-            "{e}"
-        );
-
-        let d = tree(&["d=1/a.csv", "d=1/e=2/b.csv"]);
-        let e = scan(d.path(), &opts(Unit::Dir)).unwrap_err();
-        assert!(e.0.contains("nested"), "{e}");
-
-        let d = tree(&["d=1/a.csv"]);
-        let outside = tempfile::tempdir().unwrap();
-        std::fs::write(outside.path().join("secret"), "x").unwrap();
-        std::os::unix::fs::symlink(outside.path().join("secret"), d.path().join("d=1/link"))
-            .unwrap();
-        let e = scan(d.path(), &opts(Unit::Dir)).unwrap_err();
-        assert!(e.0.contains("outside SRC") && e.0.contains("link"), "{e}");
-    }
 }
