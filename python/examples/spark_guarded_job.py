@@ -12,12 +12,11 @@ exclusively under a lock and publishes its output fenced by the lock's token.
   configuration; the breaker unpickles into the process-wide registry of each Python worker,
   so every task of a worker shares one breaker. A failed or rejected call is retried.
 - The driver runs the job under `Coordinator.file(LOCK_DIR).run_exclusive(...)` (a second
-  copy started meanwhile is skipped and told who holds the lock), writes CSV partitioned by
-  `bucket` to WORK_DIR/spark, and publishes it to WORK_DIR/dataset with the lock's fencing
-  token: only partitions whose content changed are written, so a rerun publishes 0 bytes.
-  (CSV, not Parquet: Spark's Parquet files differ in a few metadata bytes from run to run, so
-  comparing bytes rewrites them; the `palisade publish --content rows` command compares rows,
-  and Python gets that once the row readers move from the CLI into a crate.)
+  copy started meanwhile is skipped and told who holds the lock), writes Parquet partitioned
+  by `bucket` to WORK_DIR/spark, and publishes it to WORK_DIR/dataset with the lock's fencing
+  token, comparing rows (`content="rows"`: Spark's Parquet files differ in a few metadata
+  bytes from run to run): only partitions whose rows changed are written, so a rerun
+  publishes 0 bytes.
 
 Prints one JSON line: rows, failed and rejected calls, Python workers, the fencing token, and
 the publish report. Needs pyspark (`pip install pyspark`) and Java 17.
@@ -114,13 +113,13 @@ def main(work_dir: str, lock_dir: str) -> dict:
         scored = spark.createDataFrame(ids.rdd.mapPartitions(score)).cache()
         workers = scored.select("pid").distinct().count()
         staging = os.path.join(work_dir, "spark")
-        # One sorted CSV file per bucket: the same input gives the same bytes, so a rerun of the
-        # job publishes nothing.
-        (scored.drop("pid").repartition("bucket").sortWithinPartitions("id")
-         .write.mode("overwrite").partitionBy("bucket").option("header", True).csv(staging))
+        # Parquet partitioned by bucket, in whatever order and file split Spark chooses.
+        scored.drop("pid").write.mode("overwrite").partitionBy("bucket").parquet(staging)
         palisade.current_job().check()  # still the lock holder: publish under its token
+        # content="rows": a partition is unchanged when its rows are, whatever the files'
+        # bytes (Spark's Parquet metadata differs from run to run), so a rerun publishes nothing.
         report = palisade.publish(staging, "file://" + os.path.join(work_dir, "dataset"),
-                                  fencing_token=token, remove_missing=True)
+                                  content="rows", fencing_token=token, remove_missing=True)
         return {
             "rows": scored.count(),
             "failed": failed.value,

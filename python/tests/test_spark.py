@@ -39,6 +39,6 @@ def test_spark_job_under_lock_with_a_shared_limiter_and_breaker(tmp_path):
     # Nothing written; the commit still records the newer fencing token.
 
     ds = pytest.importorskip("pyarrow.dataset")
-    table = ds.dataset(os.path.join(work, "dataset"), format="csv", partitioning="hive").to_table()
+    table = ds.dataset(os.path.join(work, "dataset"), format="parquet", partitioning="hive").to_table()
     rows = sorted(zip(table.column("id").to_pylist(), table.column("score").to_pylist()))
     assert rows == [(i, 2 * i) for i in range(400)]
