@@ -105,6 +105,13 @@ pub trait HeldLock: sealed::Sealed + Send + Sync + std::fmt::Debug {
     async fn release(self: Box<Self>) -> Result<(), LockError>;
     /// Releases the lock from a background task (used on drop).
     fn release_in_background(self: Box<Self>);
+    /// For a semaphore's queue entry once [`LockBackend::take_slot`] took a slot with it: lets
+    /// it go. On etcd the slot's transaction already deleted it, so nothing is sent; elsewhere
+    /// this is [`release_in_background`](Self::release_in_background).
+    #[doc(hidden)]
+    fn left_with_slot(self: Box<Self>) {
+        self.release_in_background();
+    }
     /// On etcd: the holder's key and its create revision, for fenced transactions.
     fn etcd_ownership(&self) -> Option<(Vec<u8>, i64)> {
         None

@@ -178,7 +178,11 @@ impl Semaphore {
                 .await?;
             let (seen, holder) = match tried {
                 SlotTry::Taken(held) => {
-                    drop(queue); // the next contender becomes the head
+                    // We leave the queue: the next contender becomes the head.
+                    let mut queue = queue;
+                    if let Some(entry) = queue.0.take() {
+                        entry.left_with_slot();
+                    }
                     return Ok(LockGuard::new(&self.name, held));
                 }
                 SlotTry::Full { seen, holder } => (seen, holder),

@@ -223,4 +223,11 @@ impl HeldLock for EtcdHeld {
     fn etcd_ownership(&self) -> Option<(Vec<u8>, i64)> {
         Some((self.key.clone().into_bytes(), self.rev))
     }
+    fn left_with_slot(mut self: Box<Self>) {
+        // The slot's transaction deleted our key (it compared it first): its name is free.
+        self.watcher.abort();
+        if let Some(slot) = self.slot.as_mut() {
+            slot.set_deleted(true);
+        }
+    }
 }
