@@ -104,7 +104,7 @@ impl std::fmt::Debug for RedisStore {
 impl RedisStore {
     /// Connects to `url` with the key prefix `palisade:idem:`. A `rediss://` URL needs the `tls`
     /// feature and trusts the system's roots (webpki); for a private CA or a client certificate
-    /// use [`RedisStore::connect_with_tls`].
+    /// use `RedisStore::connect_with_tls` (with the `tls` feature).
     pub async fn connect(url: &str) -> Result<Self> {
         #[cfg(feature = "tls")]
         install_crypto_provider();
