@@ -263,25 +263,10 @@ impl Coordinator {
         info.lock = name.to_string();
         let guard = match self.acquire(name, info.to_bytes(), wait).await {
             Ok(guard) => guard,
-            Err(LockError::Held { holder }) => {
-                tracing::info!(lock = name, "skipped: lock held");
-                return Ok(RunOutcome::Skipped {
-                    holder: holder.map(|h| *h),
-                });
+            Err(e) => {
+                let current = async { self.backend.holder(Kind::Lock, name).await.ok().flatten() };
+                return skipped(name, e, current).await;
             }
-            Err(LockError::Timeout { .. }) => {
-                let holder = self
-                    .backend
-                    .holder(Kind::Lock, name)
-                    .await
-                    .ok()
-                    .flatten()
-                    .and_then(|h| h.job())
-                    .map(|h| *h);
-                tracing::info!(lock = name, "skipped: wait ran out");
-                return Ok(RunOutcome::Skipped { holder });
-            }
-            Err(e) => return Err(e),
         };
         self.run_holding(name, guard, info, job).await
     }
@@ -309,24 +294,10 @@ impl Coordinator {
         info.permits = Some(permits);
         let guard = match semaphore.acquire_with(info.to_bytes(), wait).await {
             Ok(guard) => guard,
-            Err(LockError::Held { holder }) => {
-                tracing::info!(semaphore = name, "skipped: every slot held");
-                return Ok(RunOutcome::Skipped {
-                    holder: holder.map(|h| *h),
-                });
+            Err(e) => {
+                let current = async { semaphore.holders().await.ok()?.into_iter().next() };
+                return skipped(name, e, current).await;
             }
-            Err(LockError::Timeout { .. }) => {
-                let holder = semaphore
-                    .holders()
-                    .await
-                    .ok()
-                    .and_then(|h| h.into_iter().next())
-                    .and_then(|h| h.job())
-                    .map(|h| *h);
-                tracing::info!(semaphore = name, "skipped: wait ran out");
-                return Ok(RunOutcome::Skipped { holder });
-            }
-            Err(e) => return Err(e),
         };
         self.run_holding(name, guard, info, job).await
     }
@@ -425,4 +396,23 @@ impl Coordinator {
             backend: self.backend.clone(),
         }
     }
+}
+
+/// What `run_exclusive` and `run_limited` make of a failed acquisition: `Held` and `Timeout`
+/// mean the job is skipped (naming the holder's job: the one the refusal named, or for a
+/// timeout the one `current` finds now), anything else is an error.
+async fn skipped<T>(
+    name: &str,
+    error: LockError,
+    current: impl Future<Output = Option<Holder>>,
+) -> Result<RunOutcome<T>, LockError> {
+    let holder = match error {
+        LockError::Held { holder } => holder,
+        LockError::Timeout { .. } => current.await.and_then(|h| h.job()),
+        other => return Err(other),
+    };
+    tracing::info!(lock = name, "skipped: held by another job");
+    Ok(RunOutcome::Skipped {
+        holder: holder.map(|h| *h),
+    })
 }

@@ -74,51 +74,20 @@ fn child_main() {
             "contender" => contend(&[endpoint], &dir, 16, 16).await,
             "holder" => {
                 let c = etcd_coordinator(&[endpoint], 2).await;
-                let log = dir.join("writes.log");
-                let out = c
-                    .run_exclusive(
-                        "paused",
-                        JobInfo::new("paused-holder"),
-                        Wait::Forever,
-                        |ctx| async move {
-                            loop {
-                                let line = format!("child {} {}\n", ctx.fencing_token(), now_ns());
-                                append(&log, &line);
-                                tokio::time::sleep(Duration::from_millis(20)).await;
-                            }
-                        },
-                    )
+                let job = |ctx| write_until_cancelled(dir.join("writes.log"), ctx);
+                let outcome = c
+                    .run_exclusive("paused", JobInfo::new("paused-holder"), Wait::Forever, job)
                     .await;
-                let outcome: Result<RunOutcome<()>, LockError> = out;
-                match outcome {
-                    Err(LockError::Lost) => println!("OUTCOME Lost at {}", now_ns()),
-                    other => println!("OUTCOME {other:?}"),
-                }
+                report(outcome);
             }
             "sem_holder" => {
                 // One of the two slots of `sem`, writing while it holds it.
                 let c = etcd_coordinator(&[endpoint], 2).await;
-                let log = dir.join("writes.log");
+                let job = |ctx| write_until_cancelled(dir.join("writes.log"), ctx);
                 let outcome = c
-                    .run_limited(
-                        "sem",
-                        2,
-                        JobInfo::new("sem-holder"),
-                        Wait::Forever,
-                        |ctx| async move {
-                            loop {
-                                let line = format!("child {} {}\n", ctx.fencing_token(), now_ns());
-                                append(&log, &line);
-                                tokio::time::sleep(Duration::from_millis(20)).await;
-                            }
-                        },
-                    )
+                    .run_limited("sem", 2, JobInfo::new("sem-holder"), Wait::Forever, job)
                     .await;
-                let outcome: Result<RunOutcome<()>, LockError> = outcome;
-                match outcome {
-                    Err(LockError::Lost) => println!("OUTCOME Lost at {}", now_ns()),
-                    other => println!("OUTCOME {other:?}"),
-                }
+                report(outcome);
             }
             "sleeper" => {
                 let c = etcd_coordinator(&[endpoint], 2).await;
@@ -131,6 +100,23 @@ fn child_main() {
             other => panic!("unknown child role {other}"),
         }
     });
+}
+
+/// A child's job: appends `child <token> <time>` to `log` every 20 ms until it is cancelled.
+async fn write_until_cancelled(log: PathBuf, ctx: palisade_lock::JobContext) {
+    loop {
+        let line = format!("child {} {}\n", ctx.fencing_token(), now_ns());
+        append(&log, &line);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Prints a child's outcome for the test to read.
+fn report(outcome: Result<RunOutcome<()>, LockError>) {
+    match outcome {
+        Err(LockError::Lost) => println!("OUTCOME Lost at {}", now_ns()),
+        other => println!("OUTCOME {other:?}"),
+    }
 }
 
 fn append(path: &Path, line: &str) {
