@@ -161,6 +161,9 @@ class Coordinator:
     def file(dir: str) -> Coordinator: ...
     def lock(self, name: str, timeout: Optional[float] = None) -> Lock:
         """None: wait until free; 0: raise LockHeld if held; seconds: raise LockTimeout."""
+    def semaphore(self, name: str, permits: int, timeout: Optional[float] = None) -> Lock:
+        """One of ``permits`` slots of ``name`` (at most ``permits`` holders at once); the
+        same context manager as ``lock``. Another ``permits`` than a holder's: ConfigError."""
     def run_exclusive(
         self,
         name: str,

@@ -382,6 +382,33 @@ impl Coordinator {
         Ok(Lock {
             config: self.config.clone(),
             name,
+            permits: None,
+            timeout,
+            guard: Mutex::new(None),
+        })
+    }
+
+    /// A semaphore: at most `permits` holders of `name` at once, across every process on this
+    /// coordinator's backend. A context manager like `lock`: `with coordinator.semaphore(
+    /// "partner-api", 8) as slot: ... slot.fencing_token ...` (tokens strictly increase across
+    /// acquisitions). `timeout` as for `lock` (`0`: `LockHeld` when every slot is held). Every
+    /// holder of one name must give the same `permits`: another number raises `ConfigError`.
+    #[pyo3(signature = (name, permits, timeout=None))]
+    fn semaphore(
+        &self,
+        py: Python<'_>,
+        name: String,
+        permits: u32,
+        timeout: Option<f64>,
+    ) -> PyResult<Lock> {
+        if permits == 0 {
+            return Err(errors::config(py, "permits: a semaphore needs at least 1"));
+        }
+        let timeout = timeout.map(|t| seconds(py, "timeout", t)).transpose()?;
+        Ok(Lock {
+            config: self.config.clone(),
+            name,
+            permits: Some(permits),
             timeout,
             guard: Mutex::new(None),
         })
@@ -653,11 +680,14 @@ impl JobContext {
     }
 }
 
-/// `coordinator.lock(name)`: a context manager whose `__enter__` takes the lock.
+/// `coordinator.lock(name)` (or `.semaphore(name, permits)`): a context manager whose
+/// `__enter__` takes the lock (one slot of the semaphore).
 #[pyclass(module = "palisade._palisade")]
 pub struct Lock {
     config: Config,
     name: String,
+    /// `Some(n)`: one of the `n` slots of a semaphore.
+    permits: Option<u32>,
     timeout: Option<Duration>,
     guard: Mutex<Option<Py<Guard>>>,
 }
@@ -667,11 +697,22 @@ impl Lock {
     fn __enter__(&self, py: Python<'_>) -> PyResult<Py<Guard>> {
         let coordinator = self.config.connect(py)?;
         let (name, timeout) = (self.name.clone(), self.timeout);
+        let semaphore = match self.permits {
+            Some(n) => Some(
+                coordinator
+                    .semaphore(&name, n)
+                    .map_err(|e| errors::lock(py, e))?,
+            ),
+            None => None,
+        };
         let taken = block_on(py, async move {
-            match timeout {
-                None => coordinator.lock(&name).await,
-                Some(t) if t.is_zero() => coordinator.try_lock(&name).await,
-                Some(t) => coordinator.lock_timeout(&name, t).await,
+            match (semaphore, timeout) {
+                (Some(s), None) => s.acquire().await,
+                (Some(s), Some(t)) if t.is_zero() => s.try_acquire().await,
+                (Some(s), Some(t)) => s.acquire_timeout(t).await,
+                (None, None) => coordinator.lock(&name).await,
+                (None, Some(t)) if t.is_zero() => coordinator.try_lock(&name).await,
+                (None, Some(t)) => coordinator.lock_timeout(&name, t).await,
             }
         })?
         .map_err(|e| errors::lock(py, e))?;

@@ -64,7 +64,9 @@ pub fn lock(py: Python<'_>, e: LockError) -> PyErr {
         }
         LockError::Timeout { .. } => raise(py, "LockTimeout", message),
         LockError::Lost => raise(py, "LeaseLost", message),
-        LockError::InvalidName { .. } | LockError::Config { .. } => config(py, message),
+        LockError::InvalidName { .. }
+        | LockError::Config { .. }
+        | LockError::PermitsMismatch { .. } => config(py, message),
         LockError::Backend { .. } if refused(&message) => raise(py, "AuthError", message),
         LockError::Backend { .. } | LockError::Tls { .. } => raise(py, "Unavailable", message),
         _ => raise(py, "LockError", message),

@@ -260,3 +260,44 @@ def test_a_forked_child_does_not_keep_a_released_file_lock(tmp_path):
     finally:
         stop.set()
         child.join(30)
+
+
+def test_semaphore_admits_permits_holders_with_growing_tokens(coordinator):
+    slots = [coordinator.semaphore("partner-api", 3, timeout=10) for _ in range(3)]
+    guards = [s.__enter__() for s in slots]
+    tokens = [g.fencing_token for g in guards]
+    assert tokens == sorted(tokens) and len(set(tokens)) == 3
+    with pytest.raises(palisade.LockHeld):
+        with coordinator.semaphore("partner-api", 3, timeout=0):
+            pytest.fail("a fourth holder")
+    with pytest.raises(palisade.ConfigError, match="3 permits"):
+        with coordinator.semaphore("partner-api", 2, timeout=0):
+            pytest.fail("a holder with other permits")
+    slots[0].__exit__(None, None, None)
+    with coordinator.semaphore("partner-api", 3, timeout=10) as again:
+        assert again.fencing_token > max(tokens)
+    for s in slots[1:]:
+        s.__exit__(None, None, None)
+    with pytest.raises(palisade.ConfigError):
+        coordinator.semaphore("partner-api", 0)
+
+
+def test_semaphore_never_lets_more_than_permits_threads_in(coordinator):
+    inside, most, lock = [0], [0], threading.Lock()
+
+    def work():
+        with coordinator.semaphore("pool", 2, timeout=60):
+            with lock:
+                inside[0] += 1
+                most[0] = max(most[0], inside[0])
+            time.sleep(0.02)
+            with lock:
+                inside[0] -= 1
+
+    threads = [threading.Thread(target=work) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert not any(t.is_alive() for t in threads)
+    assert most[0] <= 2, f"{most[0]} threads inside a 2-slot semaphore"
