@@ -218,7 +218,7 @@ class RateLimiter:
 
     @staticmethod
     def redis(
-        url: str,
+        url: Union[str, List[str]],
         limits: _Limits,
         *,
         algorithm: Literal["sliding_log", "sliding_window", "gcra"] = "sliding_log",
@@ -226,7 +226,11 @@ class RateLimiter:
         prefix: str = "palisade:rl:",
         on_unavailable: Literal["closed", "open", "local"] = "closed",
         timeout: float = 1.0,
-    ) -> RateLimiter: ...
+        cluster: bool = False,
+        tls_ca: Optional[str] = None,
+    ) -> RateLimiter:
+        """``url``: redis:// or rediss:// (``tls_ca``: a PEM CA file to trust instead of the
+        system's roots); with ``cluster=True``, one node's URL or a list of them."""
     @staticmethod
     def file(dir: str, limits: _Limits) -> RateLimiter: ...
     @staticmethod

@@ -26,7 +26,13 @@ const DEFAULT_TIMEOUT: f64 = 1.0;
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub(crate) enum Config {
     Redis {
+        /// The URL, or a cluster's node URLs joined by `,`.
         url: String,
+        /// `url` names nodes of a Redis Cluster.
+        cluster: bool,
+        /// The CA (a PEM file) that a `rediss://` server's certificate must be signed by;
+        /// `None`: the system's roots.
+        tls_ca: Option<String>,
         limits: Vec<String>,
         algorithm: String,
         burst: Option<u32>,
@@ -49,13 +55,16 @@ pub(crate) enum Config {
 #[derive(Clone)]
 enum Built {
     Redis(RedisLimiter),
+    RedisCluster(RedisLimiter<palisade_ratelimit::redis_crate::cluster_async::ClusterConnection>),
     File(FileLimiter),
     Local(LocalLimiter),
 }
 
 static BUILT: PerProcess<Arc<Mutex<HashMap<Config, Built>>>> = PerProcess::new();
+/// A standalone connection's identity: its URL and CA.
+type ConnectionId = (String, Option<Vec<u8>>);
 static CONNECTIONS: PerProcess<
-    Arc<Mutex<HashMap<String, palisade_ratelimit::redis_crate::aio::ConnectionManager>>>,
+    Arc<Mutex<HashMap<ConnectionId, palisade_ratelimit::redis_crate::aio::ConnectionManager>>>,
 > = PerProcess::new();
 
 pub(crate) fn limit_error(py: Python<'_>, e: Error) -> PyErr {
@@ -110,6 +119,8 @@ impl Config {
             ),
             Config::Redis {
                 url,
+                cluster,
+                tls_ca,
                 limits,
                 algorithm,
                 burst,
@@ -151,17 +162,23 @@ impl Config {
                     }
                 };
                 let timeout = Duration::from_millis(*timeout_ms);
-                let conn = connection(py, url, timeout)?;
                 let parts = RedisParts {
                     limits,
                     algorithm,
                     prefix: prefix.clone(),
                     policy,
                     timeout,
+                    tls_ca: read_ca(py, tls_ca.as_deref())?,
                 };
-                let limiter = parts.build(py, conn)?;
-                crate::ratelimit_thread::remember(self, parts);
-                Built::Redis(limiter)
+                if *cluster {
+                    let conn = cluster_connection(py, url, parts.tls_ca.is_some())?;
+                    Built::RedisCluster(parts.build(py, conn)?)
+                } else {
+                    let conn = connection(py, url, &parts)?;
+                    let limiter = parts.build(py, conn)?;
+                    crate::ratelimit_thread::remember(self, parts);
+                    Built::Redis(limiter)
+                }
             }
         };
         let mut map = all.lock().unwrap_or_else(|p| p.into_inner());
@@ -179,9 +196,29 @@ pub(crate) struct RedisParts {
     prefix: String,
     policy: Policy,
     pub(crate) timeout: Duration,
+    /// The CA's PEM, read once per process.
+    tls_ca: Option<Vec<u8>>,
 }
 
 impl RedisParts {
+    /// A connection to the standalone Redis at `url` for this limiter (its CA, if any).
+    pub(crate) async fn connect(
+        &self,
+        url: &str,
+    ) -> Result<palisade_ratelimit::redis_crate::aio::ConnectionManager, Error> {
+        let timeout = self.timeout.max(Duration::from_secs(5));
+        match &self.tls_ca {
+            Some(ca) => {
+                let certs = palisade_ratelimit::redis_crate::TlsCertificates {
+                    client_tls: None,
+                    root_cert: Some(ca.clone()),
+                };
+                palisade_ratelimit::connect_with_tls(url, certs, timeout).await
+            }
+            None => palisade_ratelimit::connect(url, timeout).await,
+        }
+    }
+
     pub(crate) fn build<C>(&self, py: Python<'_>, conn: C) -> PyResult<RedisLimiter<C>>
     where
         C: palisade_ratelimit::redis_crate::aio::ConnectionLike + Clone + Send + Sync + 'static,
@@ -197,23 +234,50 @@ impl RedisParts {
     }
 }
 
-/// This process's connection to `url`.
+/// The PEM at `path`, read now (a missing file is a configuration error here, not a TLS error
+/// at the first decision).
+fn read_ca(py: Python<'_>, path: Option<&str>) -> PyResult<Option<Vec<u8>>> {
+    path.map(|p| {
+        std::fs::read(p).map_err(|e| errors::config(py, format!("tls_ca: cannot read {p:?}: {e}")))
+    })
+    .transpose()
+}
+
+/// This process's connection to the standalone Redis at `url` (one per URL and CA).
 fn connection(
     py: Python<'_>,
     url: &str,
-    timeout: Duration,
+    parts: &RedisParts,
 ) -> PyResult<palisade_ratelimit::redis_crate::aio::ConnectionManager> {
     let all = CONNECTIONS.get_or_try_init(|| Ok::<_, PyErr>(Arc::default()))?;
-    if let Some(c) = all.lock().unwrap_or_else(|p| p.into_inner()).get(url) {
+    let id = (url.to_string(), parts.tls_ca.clone());
+    if let Some(c) = all.lock().unwrap_or_else(|p| p.into_inner()).get(&id) {
         return Ok(c.clone());
     }
-    let owned = url.to_string();
-    let conn = block_on(py, async move {
-        palisade_ratelimit::connect(&owned, timeout.max(Duration::from_secs(5))).await
-    })?
-    .map_err(|e| limit_error(py, e))?;
+    let (owned, parts_owned) = (url.to_string(), parts.clone());
+    let conn = block_on(py, async move { parts_owned.connect(&owned).await })?
+        .map_err(|e| limit_error(py, e))?;
     let mut map = all.lock().unwrap_or_else(|p| p.into_inner());
-    Ok(map.entry(url.to_string()).or_insert(conn).clone())
+    Ok(map.entry(id).or_insert(conn).clone())
+}
+
+/// A connection to the Redis Cluster whose nodes (some of them) are `urls`, joined by `,`.
+fn cluster_connection(
+    py: Python<'_>,
+    urls: &str,
+    with_ca: bool,
+) -> PyResult<palisade_ratelimit::redis_crate::cluster_async::ClusterConnection> {
+    if with_ca {
+        return Err(errors::config(
+            py,
+            "tls_ca: not supported with cluster=True yet; rediss:// node URLs trust the system's roots",
+        ));
+    }
+    let nodes: Vec<String> = urls.split(',').map(str::to_string).collect();
+    block_on(py, async move {
+        palisade_ratelimit::connect_cluster(nodes).await
+    })?
+    .map_err(|e| limit_error(py, e))
 }
 
 impl Built {
@@ -226,6 +290,8 @@ impl Built {
         match (self, deadline) {
             (Built::Redis(l), Some(d)) => l.acquire_with_deadline(key, cost, d).await,
             (Built::Redis(l), None) => l.acquire_n(key, cost).await,
+            (Built::RedisCluster(l), Some(d)) => l.acquire_with_deadline(key, cost, d).await,
+            (Built::RedisCluster(l), None) => l.acquire_n(key, cost).await,
             (Built::File(l), Some(d)) => l.acquire_with_deadline(key, cost, d).await,
             (Built::File(l), None) => l.acquire_n(key, cost).await,
             (Built::Local(l), Some(d)) => l.acquire_with_deadline(key, cost, d).await,
@@ -293,21 +359,37 @@ impl RateLimiter {
     /// `algorithm`: "sliding_log" (exact), "sliding_window" (approximate, O(1) memory) or
     /// "gcra" (`burst` units back to back). `on_unavailable`: "closed" (raise `Unavailable`),
     /// "open" (admit) or "local" (decide in this process until Redis is back). Connects now.
+    /// `url`: `redis://` or `rediss://` (TLS; `tls_ca`: a PEM file with the CA to trust instead
+    /// of the system's roots, read by each process that uses the limiter); with `cluster=True`,
+    /// one node's URL or a list of them (a Redis Cluster; every key's state is in one slot).
     #[staticmethod]
-    #[pyo3(signature = (url, limits, *, algorithm="sliding_log", burst=None, prefix="palisade:rl:", on_unavailable="closed", timeout=DEFAULT_TIMEOUT))]
+    #[pyo3(signature = (url, limits, *, algorithm="sliding_log", burst=None, prefix="palisade:rl:", on_unavailable="closed", timeout=DEFAULT_TIMEOUT, cluster=false, tls_ca=None))]
     #[allow(clippy::too_many_arguments)]
     fn redis(
         py: Python<'_>,
-        url: String,
+        url: Urls,
         limits: Limits,
         algorithm: &str,
         burst: Option<u32>,
         prefix: &str,
         on_unavailable: &str,
         timeout: f64,
+        cluster: bool,
+        tls_ca: Option<String>,
     ) -> PyResult<Self> {
+        if url.0.len() != 1 && !cluster {
+            return Err(errors::config(
+                py,
+                "url: several URLs name the nodes of a Redis Cluster: pass cluster=True",
+            ));
+        }
+        if let Some(bad) = url.0.iter().find(|u| u.contains(',')) {
+            return Err(errors::config(py, format!("url: {bad:?} contains ','")));
+        }
         let l = RateLimiter::new(Config::Redis {
-            url,
+            url: url.0.join(","),
+            cluster,
+            tls_ca,
             limits: limits.0,
             algorithm: algorithm.to_string(),
             burst,
@@ -358,6 +440,7 @@ impl RateLimiter {
             Built::File(l) => py.detach(|| l.check_n_blocking(&key, cost)),
             // On this thread's own connection, driven by this thread: no hop to the runtime.
             Built::Redis(_) => crate::ratelimit_thread::check(py, &self.config, &key, cost)?,
+            Built::RedisCluster(l) => block_on(py, async move { l.check_n(&key, cost).await })?,
         };
         decided.map(Decision).map_err(|e| limit_error(py, e))
     }
@@ -444,6 +527,9 @@ impl RateLimiter {
             Built::Redis(l) => {
                 block_on(py, async move { l.reset(&key).await })?.map_err(|e| limit_error(py, e))
             }
+            Built::RedisCluster(l) => {
+                block_on(py, async move { l.reset(&key).await })?.map_err(|e| limit_error(py, e))
+            }
         }
     }
 
@@ -460,6 +546,8 @@ impl RateLimiter {
                 prefix: state.get_item(5)?.extract()?,
                 on_unavailable: state.get_item(6)?.extract()?,
                 timeout_ms: state.get_item(7)?.extract()?,
+                cluster: state.get_item(8)?.extract()?,
+                tls_ca: state.get_item(9)?.extract()?,
             },
             "file" => Config::File {
                 dir: state.get_item(1)?.extract()?,
@@ -479,6 +567,8 @@ impl RateLimiter {
         let state = match &slf.get().config {
             Config::Redis {
                 url,
+                cluster,
+                tls_ca,
                 limits,
                 algorithm,
                 burst,
@@ -494,6 +584,8 @@ impl RateLimiter {
                 prefix.clone(),
                 on_unavailable.clone(),
                 *timeout_ms,
+                *cluster,
+                tls_ca.clone(),
             )
                 .into_pyobject(py)?
                 .into_any(),
@@ -534,6 +626,26 @@ fn rand_id() -> u64 {
             .unwrap_or(0),
     );
     h.finish()
+}
+
+/// URLs given as one string or a list of strings (a cluster's nodes).
+struct Urls(Vec<String>);
+
+impl<'a, 'py> FromPyObject<'a, 'py> for Urls {
+    type Error = PyErr;
+
+    fn extract(ob: pyo3::Borrowed<'a, 'py, PyAny>) -> PyResult<Self> {
+        if let Ok(one) = ob.extract::<String>() {
+            return Ok(Urls(vec![one]));
+        }
+        match ob.extract::<Vec<String>>() {
+            Ok(urls) if !urls.is_empty() => Ok(Urls(urls)),
+            _ => Err(errors::config(
+                ob.py(),
+                "url: expected a redis:// or rediss:// URL, or a list of a cluster's node URLs",
+            )),
+        }
+    }
 }
 
 /// Limits given as one string or a list of strings.

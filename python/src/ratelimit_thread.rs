@@ -93,9 +93,8 @@ pub(crate) fn check(
                     })
                     .ok_or_else(|| errors::error("internal: a Redis limiter without its parts"))?;
                 let runtime = &this.runtime;
-                let timeout = parts.timeout.max(std::time::Duration::from_secs(5));
                 let conn = py
-                    .detach(|| runtime.block_on(palisade_ratelimit::connect(url, timeout)))
+                    .detach(|| runtime.block_on(parts.connect(url)))
                     .map_err(|e| limit_error(py, e))?;
                 let limiter = {
                     let _entered = runtime.enter();

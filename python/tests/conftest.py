@@ -141,3 +141,100 @@ def wait_until(check: Callable[[], bool], what: str, timeout: float = 20.0) -> N
         if time.monotonic() > deadline:
             pytest.fail(f"timed out after {timeout}s waiting for {what}")
         time.sleep(0.02)
+
+
+def free_port_pair(offset: int) -> int:
+    """A free port whose port + `offset` is free too (a cluster node's bus port)."""
+    for _ in range(50):
+        port = free_port()
+        if port + offset < 65536:
+            with socket.socket() as s:
+                try:
+                    s.bind(("127.0.0.1", port + offset))
+                    return port
+                except OSError:
+                    continue
+    raise RuntimeError("no free port pair")
+
+
+def redis_cluster_ok(port: int) -> bool:
+    with socket.create_connection(("127.0.0.1", port), timeout=1) as s:
+        s.sendall(b"CLUSTER INFO\r\n")
+        return b"cluster_state:ok" in s.recv(4096)
+
+
+@pytest.fixture(scope="session")
+def redis_cluster(workdir: str) -> Iterator[List[str]]:
+    """Three cluster-enabled redis-servers joined by `redis-cli --cluster create`; their URLs."""
+    binary, cli = find("redis-server"), find("redis-cli")
+    servers: List[Server] = []
+
+    def node() -> Server:
+        port = free_port_pair(10000)
+        d = os.path.join(workdir, f"cluster-{port}")
+        os.makedirs(d, exist_ok=True)
+        argv = [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                "--appendonly", "no", "--protected-mode", "no", "--dir", d,
+                "--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
+                "--cluster-node-timeout", "2000"]
+        server = Server(argv, lambda: redis_ping(port), f"cluster node on port {port}",
+                        os.path.join(d, "redis.log"))
+        server.port = port  # type: ignore[attr-defined]
+        return server
+
+    try:
+        for _ in range(3):
+            servers.append(start(node))
+        ports = [s.port for s in servers]  # type: ignore[attr-defined]
+        subprocess.run([cli, "--cluster", "create", *[f"127.0.0.1:{p}" for p in ports],
+                        "--cluster-replicas", "0", "--cluster-yes"],
+                       check=True, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
+                       timeout=60)
+        wait_until(lambda: all(redis_cluster_ok(p) for p in ports), "cluster_state:ok", 60)
+        yield [f"redis://127.0.0.1:{p}/" for p in ports]
+    finally:
+        for s in servers:
+            s.stop()
+
+
+@pytest.fixture(scope="session")
+def redis_tls(workdir: str) -> Iterator[dict]:
+    """A redis-server on a TLS port with a certificate from a CA made here (openssl)."""
+    openssl = find("openssl")
+    d = os.path.join(workdir, "tls")
+    os.makedirs(d, exist_ok=True)
+
+    def run(*args: str) -> None:
+        subprocess.run([openssl, *args], check=True, cwd=d, stdout=subprocess.DEVNULL,
+                       stderr=subprocess.DEVNULL, timeout=60)
+
+    run("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=palisade test CA",
+        "-keyout", "ca.key", "-out", "ca.pem")
+    run("req", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=127.0.0.1", "-keyout", "server.key",
+        "-out", "server.csr")
+    with open(os.path.join(d, "san.ext"), "w") as f:
+        f.write("subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\n")
+    run("x509", "-req", "-in", "server.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
+        "-days", "2", "-extfile", "san.ext", "-out", "server.pem")
+    binary = find("redis-server")
+
+    def make() -> Server:
+        port = free_port()
+        argv = [binary, "--port", "0", "--tls-port", str(port), "--bind", "127.0.0.1",
+                "--save", "", "--appendonly", "no", "--protected-mode", "no", "--dir", d,
+                "--tls-cert-file", os.path.join(d, "server.pem"),
+                "--tls-key-file", os.path.join(d, "server.key"),
+                "--tls-ca-cert-file", os.path.join(d, "ca.pem"), "--tls-auth-clients", "no"]
+
+        def ready() -> bool:
+            with socket.create_connection(("127.0.0.1", port), timeout=1):
+                return True
+
+        server = Server(argv, ready, f"TLS redis-server on port {port}",
+                        os.path.join(d, f"redis-{port}.log"))
+        server.url = f"rediss://127.0.0.1:{port}/0"  # type: ignore[attr-defined]
+        return server
+
+    server = start(make)
+    yield {"url": server.url, "ca": os.path.join(d, "ca.pem")}  # type: ignore[attr-defined]
+    server.stop()

@@ -171,3 +171,29 @@ def test_on_unavailable_policies_when_redis_goes_away(workdir):
     local = [limiters["local"].check("k").allowed for _ in range(3)]
     assert local == [True, True, False]  # decided in this process, with the same limit
     assert time.monotonic() - started < 30
+
+
+def test_redis_cluster_limits_each_key_exactly_and_pickles(redis_cluster):
+    lim = palisade.RateLimiter.redis(redis_cluster, "5/min", cluster=True,
+                                     prefix=f"c-{uuid.uuid4().hex}:")
+    for key in ("alpha", "beta", "gamma", "delta"):  # keys in different slots
+        assert [lim.check(key).allowed for _ in range(6)] == [True] * 5 + [False]
+    again = pickle.loads(pickle.dumps(lim))
+    assert again.check("alpha").allowed is False, "the copy decides on the same cluster state"
+    one_node = palisade.RateLimiter.redis(redis_cluster[0], "5/min", cluster=True,
+                                          prefix=f"c-{uuid.uuid4().hex}:")
+    assert one_node.check("k").allowed, "one node's URL is enough to find the cluster"
+    with pytest.raises(palisade.ConfigError, match="cluster=True"):
+        palisade.RateLimiter.redis(redis_cluster, "5/min")
+
+
+def test_rediss_with_a_private_ca(redis_tls):
+    lim = palisade.RateLimiter.redis(redis_tls["url"], "3/min", tls_ca=redis_tls["ca"],
+                                     prefix=f"t-{uuid.uuid4().hex}:")
+    assert [lim.check("k").allowed for _ in range(4)] == [True, True, True, False]
+    assert pickle.loads(pickle.dumps(lim)).check("k").allowed is False
+    # The system's roots do not know the test CA: refused, saying why.
+    with pytest.raises(palisade.Unavailable, match="(?i)certificate"):
+        palisade.RateLimiter.redis(redis_tls["url"], "3/min", timeout=2)
+    with pytest.raises(palisade.ConfigError, match="tls_ca"):
+        palisade.RateLimiter.redis(redis_tls["url"], "3/min", tls_ca="/nonexistent/ca.pem")
