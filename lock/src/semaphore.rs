@@ -59,6 +59,15 @@ impl QueueTurn {
     fn held(&self) -> &dyn HeldLock {
         self.0.as_deref().expect("held until dropped")
     }
+
+    /// Leaves the queue now (not in the background), so that the next acquisition of this
+    /// process does not find our entry still there; returns `error`, why we leave.
+    async fn leave(mut self, error: LockError) -> LockError {
+        if let Some(entry) = self.0.take() {
+            let _ = entry.release().await;
+        }
+        error
+    }
 }
 
 impl Drop for QueueTurn {
@@ -188,11 +197,11 @@ impl Semaphore {
                 SlotTry::Full { seen, holder } => (seen, holder),
             };
             let left = match wait {
-                Wait::No => return Err(Self::held_error(holder)),
+                Wait::No => return Err(queue.leave(Self::held_error(holder)).await),
                 Wait::Forever => Duration::MAX,
                 Wait::Up(d) => match d.checked_sub(started.elapsed()) {
                     Some(left) if !left.is_zero() => left,
-                    _ => return Err(timeout(d)),
+                    _ => return Err(queue.leave(timeout(d)).await),
                 },
             };
             let give_up = tokio::time::sleep(left.min(Duration::from_secs(86_400 * 365)));
@@ -206,7 +215,7 @@ impl Semaphore {
                 _ = lost.0.lost() => return Err(LockError::Lost),
                 _ = give_up => {
                     if let Wait::Up(d) = wait {
-                        return Err(timeout(d));
+                        return Err(queue.leave(timeout(d)).await);
                     }
                 }
             }

@@ -131,6 +131,27 @@ async fn disagreeing_permits_fail(f: Fixture) {
             ..
         })
     ));
+    // Right after a refused try: the refused contender left the queue before it returned, so
+    // the next contender reaches the slots and learns of the mismatch.
+    let full = f.clients[0].semaphore("full", 2).unwrap();
+    let _held = [full.acquire().await.unwrap(), full.acquire().await.unwrap()];
+    assert!(matches!(
+        full.try_acquire().await,
+        Err(LockError::Held { .. })
+    ));
+    let other = f.clients[0].semaphore("full", 1).unwrap();
+    let got = other.try_acquire().await;
+    assert!(
+        matches!(
+            got,
+            Err(LockError::PermitsMismatch {
+                ours: 1,
+                theirs: 2,
+                ..
+            })
+        ),
+        "a mismatch, not Held because of the refused contender's queue entry: {got:?}"
+    );
 }
 
 /// Waiters are served in arrival order: each queues only after the previous one is queued.

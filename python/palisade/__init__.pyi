@@ -173,6 +173,17 @@ class Coordinator:
         wait: Union[None, float, Literal["forever"]] = None,
         **kwargs: Any,
     ) -> Union[Ran, Skipped]: ...
+    def run_limited(
+        self,
+        name: str,
+        permits: int,
+        fn: Callable[..., Any],
+        /,
+        *args: Any,
+        wait: Union[None, float, Literal["forever"]] = None,
+        **kwargs: Any,
+    ) -> Union[Ran, Skipped]:
+        """``run_exclusive`` on one of ``permits`` slots of the semaphore ``name``."""
     def running_jobs(self) -> List[Dict[str, Any]]: ...
 
 def once(

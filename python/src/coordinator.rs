@@ -433,69 +433,25 @@ impl Coordinator {
         wait: Option<&Bound<'py, PyAny>>,
         kwargs: Option<&Bound<'py, PyDict>>,
     ) -> PyResult<Py<PyAny>> {
-        let wait = parse_wait(py, wait)?;
-        let coordinator = self.config.connect(py)?;
-        let rt = runtime()?;
-        let qualname = fn_
-            .getattr("__qualname__")
-            .and_then(|q| q.extract::<String>())
-            .unwrap_or_else(|_| "<callable>".to_string());
-        let info = JobInfo::new(name.clone()).meta("python", qualname);
-        let (ctx_tx, mut ctx_rx) = oneshot::channel::<Ctx>();
-        let (done_tx, done_rx) = oneshot::channel::<()>();
-        let lock_name = name.clone();
-        let mut task = rt.spawn(async move {
-            coordinator
-                .run_exclusive(&lock_name, info, wait, move |ctx| async move {
-                    let _ = ctx_tx.send(ctx);
-                    // The Python function runs on the caller's thread; this job ends when it
-                    // returns (or is dropped when the lease is lost).
-                    let _ = done_rx.await;
-                })
-                .await
-        });
-        enum First {
-            Running(Option<Ctx>),
-            Finished(
-                Result<Result<RunOutcome<()>, palisade_lock::LockError>, tokio::task::JoinError>,
-            ),
-        }
-        let first = block_on(py, async {
-            tokio::select! {
-                ctx = &mut ctx_rx => First::Running(ctx.ok()),
-                done = &mut task => First::Finished(done),
-            }
-        });
-        let first = match first {
-            Ok(f) => f,
-            Err(interrupted) => {
-                task.abort();
-                return Err(interrupted);
-            }
-        };
-        let (ctx, value) = match first {
-            First::Finished(done) => return outcome(py, &name, done, None),
-            First::Running(None) => {
-                let done = block_on(py, &mut task)?;
-                return outcome(py, &name, done, None);
-            }
-            First::Running(Some(ctx)) => {
-                let job = Py::new(py, JobContext { ctx: ctx.clone() })?;
-                CURRENT.with(|c| c.borrow_mut().push(job.clone_ref(py)));
-                let value = fn_.call(args.clone(), kwargs).map(Bound::unbind);
-                CURRENT.with(|c| c.borrow_mut().pop());
-                (ctx, value)
-            }
-        };
-        drop(done_tx);
-        let done = match block_on(py, &mut task) {
-            Ok(done) => done,
-            Err(interrupted) => {
-                task.abort();
-                return Err(interrupted);
-            }
-        };
-        outcome(py, &name, done, Some((ctx.fencing_token(), value)))
+        self.run_job(py, name, None, fn_, args, wait, kwargs)
+    }
+
+    /// `run_exclusive` on one of `permits` slots of the semaphore `name`: at most `permits`
+    /// such jobs run at once (every holder registered as a running job). Returns `Ran` or
+    /// `Skipped` (every slot held and `wait` ran out), raises `LeaseLost` as `run_exclusive`.
+    #[pyo3(signature = (name, permits, fn_, /, *args, wait=None, **kwargs))]
+    #[allow(clippy::too_many_arguments)]
+    fn run_limited<'py>(
+        &self,
+        py: Python<'py>,
+        name: String,
+        permits: u32,
+        fn_: &Bound<'py, PyAny>,
+        args: &Bound<'py, PyTuple>,
+        wait: Option<&Bound<'py, PyAny>>,
+        kwargs: Option<&Bound<'py, PyDict>>,
+    ) -> PyResult<Py<PyAny>> {
+        self.run_job(py, name, Some(permits), fn_, args, wait, kwargs)
     }
 
     /// The jobs running under `run_exclusive` (this coordinator's backend; on files: this
@@ -813,5 +769,90 @@ impl Drop for Guard {
         if let Some((pid, guard)) = taken {
             drop_in_runtime(guard, pid);
         }
+    }
+}
+
+impl Coordinator {
+    /// `run_exclusive` (`permits: None`) and `run_limited`.
+    #[allow(clippy::too_many_arguments)]
+    fn run_job<'py>(
+        &self,
+        py: Python<'py>,
+        name: String,
+        permits: Option<u32>,
+        fn_: &Bound<'py, PyAny>,
+        args: &Bound<'py, PyTuple>,
+        wait: Option<&Bound<'py, PyAny>>,
+        kwargs: Option<&Bound<'py, PyDict>>,
+    ) -> PyResult<Py<PyAny>> {
+        let wait = parse_wait(py, wait)?;
+        let coordinator = self.config.connect(py)?;
+        let rt = runtime()?;
+        let qualname = fn_
+            .getattr("__qualname__")
+            .and_then(|q| q.extract::<String>())
+            .unwrap_or_else(|_| "<callable>".to_string());
+        let info = JobInfo::new(name.clone()).meta("python", qualname);
+        let (ctx_tx, mut ctx_rx) = oneshot::channel::<Ctx>();
+        let (done_tx, done_rx) = oneshot::channel::<()>();
+        let lock_name = name.clone();
+        let mut task = rt.spawn(async move {
+            let job = move |ctx| async move {
+                let _ = ctx_tx.send(ctx);
+                // The Python function runs on the caller's thread; this job ends when it
+                // returns (or is dropped when the lease is lost).
+                let _ = done_rx.await;
+            };
+            match permits {
+                Some(n) => {
+                    coordinator
+                        .run_limited(&lock_name, n, info, wait, job)
+                        .await
+                }
+                None => coordinator.run_exclusive(&lock_name, info, wait, job).await,
+            }
+        });
+        enum First {
+            Running(Option<Ctx>),
+            Finished(
+                Result<Result<RunOutcome<()>, palisade_lock::LockError>, tokio::task::JoinError>,
+            ),
+        }
+        let first = block_on(py, async {
+            tokio::select! {
+                ctx = &mut ctx_rx => First::Running(ctx.ok()),
+                done = &mut task => First::Finished(done),
+            }
+        });
+        let first = match first {
+            Ok(f) => f,
+            Err(interrupted) => {
+                task.abort();
+                return Err(interrupted);
+            }
+        };
+        let (ctx, value) = match first {
+            First::Finished(done) => return outcome(py, &name, done, None),
+            First::Running(None) => {
+                let done = block_on(py, &mut task)?;
+                return outcome(py, &name, done, None);
+            }
+            First::Running(Some(ctx)) => {
+                let job = Py::new(py, JobContext { ctx: ctx.clone() })?;
+                CURRENT.with(|c| c.borrow_mut().push(job.clone_ref(py)));
+                let value = fn_.call(args.clone(), kwargs).map(Bound::unbind);
+                CURRENT.with(|c| c.borrow_mut().pop());
+                (ctx, value)
+            }
+        };
+        drop(done_tx);
+        let done = match block_on(py, &mut task) {
+            Ok(done) => done,
+            Err(interrupted) => {
+                task.abort();
+                return Err(interrupted);
+            }
+        };
+        outcome(py, &name, done, Some((ctx.fencing_token(), value)))
     }
 }

@@ -301,3 +301,30 @@ def test_semaphore_never_lets_more_than_permits_threads_in(coordinator):
         t.join(timeout=120)
     assert not any(t.is_alive() for t in threads)
     assert most[0] <= 2, f"{most[0]} threads inside a 2-slot semaphore"
+
+
+def test_run_limited_runs_at_most_permits_jobs_and_skips_the_rest(coordinator):
+    started, release = threading.Barrier(3), threading.Event()
+    results = []
+
+    def job(i):
+        started.wait(timeout=30)
+        jobs = coordinator.running_jobs()
+        assert len([j for j in jobs if j["lock"] == "nightly"]) == 2, jobs
+        release.wait(timeout=30)
+        return i
+
+    def run(i):
+        results.append(coordinator.run_limited("nightly", 2, job, i, wait="forever"))
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    started.wait(timeout=30)  # both jobs run at once
+    skipped = coordinator.run_limited("nightly", 2, job, 9, wait=None)
+    assert isinstance(skipped, palisade.Skipped)
+    release.set()
+    for t in threads:
+        t.join(timeout=60)
+    assert sorted(r.value for r in results) == [0, 1]
+    assert len({r.fencing_token for r in results}) == 2
