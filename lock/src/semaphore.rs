@@ -157,7 +157,7 @@ impl Semaphore {
             if holders.len() >= self.permits as usize || started.elapsed() >= PASSING_THROUGH {
                 return Err(Self::held_error(holders.into_iter().next()));
             }
-            tokio::time::sleep(Duration::from_millis(5)).await;
+            tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
 
