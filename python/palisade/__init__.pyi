@@ -271,9 +271,11 @@ def publish(
     allow_empty: bool = False,
     retain: float = 3600.0,
     lock_timeout: float = 30.0,
+    dry_run: bool = False,
 ) -> Dict[str, Any]:
     """Publishes the partitions under ``src`` to ``dest``, writing only changed ones; returns
     the report ``palisade publish --json`` prints. The options are the command's flags
     (``--content``, ``--unit``, ``--names``, ``--format``, ``--include``, ``--exclude``,
-    ``--threads``), and the identities are the command's: a dataset published by either is
-    unchanged when the other publishes the same ``src``."""
+    ``--threads``, ``--dry-run``), and the identities are the command's: a dataset published by
+    either is unchanged when the other publishes the same ``src``. With ``dry_run=True``
+    nothing is written and the report (with its ``plan``) is what would be done."""

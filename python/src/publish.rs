@@ -2,17 +2,19 @@
 //! partitions whose content changed, atomically for readers, fenced against older lock holders.
 //!
 //! A thin user of palisade-idempotency, like the `palisade publish` command: the crate's
-//! `source` module finds the partitions in SRC and computes their identities (bytes or rows),
-//! and its `PartitionedWriter` writes (content-hash skip, atomic manifest, fencing, retention).
+//! `source` module finds the partitions in SRC, computes their identities (bytes or rows),
+//! plans (`source::plan`) and writes them (`source::write_all`) through its `PartitionedWriter`
+//! (content-hash skip, atomic manifest, fencing, retention).
 //! Both use the same code, so a dataset published by the command and then by Python from the
 //! same SRC (or the reverse) is unchanged the second time.
 
-use std::collections::BTreeSet;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use palisade_idempotency::source::{self, Content, Format, IdentityOptions, ScanOptions, Unit};
+use palisade_idempotency::source::{
+    self, Content, Format, IdentityOptions, Plan, ScanOptions, Unit,
+};
 use palisade_idempotency::{PartitionedWriter, StoreOptions};
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
@@ -34,9 +36,11 @@ use crate::runtime::block_on;
 /// `guard.fencing_token`); the commit is refused with `Fenced` if a higher token has committed.
 /// `remove_missing`: remove committed partitions SRC no longer has. `retain`: seconds that
 /// replaced versions are kept for readers still reading them. Names starting with `_` or `.`
-/// and `*.crc` files are skipped.
+/// and `*.crc` files are skipped. `dry_run`: write nothing and return what would be done, as
+/// `palisade publish --dry-run --json` does (the counts of the plan, the base generation, and
+/// `plan`: `items` with partition, action, files, bytes; `removed`; `kept`).
 #[pyfunction]
-#[pyo3(signature = (src, dest, *, content="bytes", unit="dir", names=false, format="auto", include=Vec::new(), exclude=Vec::new(), threads=None, fencing_token=None, remove_missing=false, allow_unfenced=false, allow_empty=false, retain=3600.0, lock_timeout=30.0))]
+#[pyo3(signature = (src, dest, *, content="bytes", unit="dir", names=false, format="auto", include=Vec::new(), exclude=Vec::new(), threads=None, fencing_token=None, remove_missing=false, allow_unfenced=false, allow_empty=false, retain=3600.0, lock_timeout=30.0, dry_run=false))]
 #[allow(clippy::too_many_arguments)]
 pub fn publish<'py>(
     py: Python<'py>,
@@ -55,6 +59,7 @@ pub fn publish<'py>(
     allow_empty: bool,
     retain: f64,
     lock_timeout: f64,
+    dry_run: bool,
 ) -> PyResult<Bound<'py, PyDict>> {
     let started = Instant::now();
     let bad = |e| errors::idempotency(py, e);
@@ -100,8 +105,7 @@ pub fn publish<'py>(
             ),
         ));
     }
-    let ours: BTreeSet<String> = parts.iter().map(|p| p.name.clone()).collect();
-    let committed = block_on(py, async move {
+    let (plan, report, base_generation) = block_on(py, async move {
         let mut builder = PartitionedWriter::builder(&store, "")
             .allow_unfenced(allow_unfenced)
             .remove_missing(remove_missing)
@@ -110,42 +114,66 @@ pub fn publish<'py>(
         if let Some(token) = fencing_token {
             builder = builder.fencing_token(token);
         }
-        let mut writer = builder.open().await?;
-        let kept: Vec<String> = if remove_missing {
-            Vec::new()
-        } else {
-            writer
-                .manifest()
-                .partitions
-                .keys()
-                .filter(|p| !ours.contains(*p))
-                .cloned()
-                .collect()
-        };
-        for (partition, id) in parts.iter().zip(ids) {
-            if let Err(e) = writer
-                .put_files(&partition.name, partition.part_files(), id)
-                .await
-            {
-                let _ = writer.abort().await;
-                return Err(e);
-            }
+        let writer = builder.open().await?;
+        let plan = source::plan(&parts, &ids, writer.manifest(), remove_missing);
+        let base_generation = writer.manifest().generation;
+        if dry_run {
+            writer.abort().await?;
+            return Ok((plan, None, base_generation));
         }
-        Ok((writer.commit().await?, kept))
-    })?;
-    let (report, kept) = committed.map_err(bad)?;
+        let report = source::write_all(writer, &parts, &ids, &mut |_| {}).await?;
+        Ok::<_, palisade_idempotency::Error>((plan, Some(report), base_generation))
+    })?
+    .map_err(bad)?;
     let d = PyDict::new(py);
     d.set_item("src", src.display().to_string())?;
     d.set_item("dest", &dest)?;
-    d.set_item("dry_run", false)?;
-    d.set_item("written", report.written)?;
-    d.set_item("unchanged", report.unchanged.len())?;
-    d.set_item("removed", report.removed)?;
-    d.set_item("kept", kept)?;
-    d.set_item("bytes_written", report.bytes_written)?;
+    d.set_item("dry_run", dry_run)?;
+    match report {
+        Some(report) => {
+            d.set_item("written", report.written)?;
+            d.set_item("unchanged", report.unchanged.len())?;
+            d.set_item("removed", report.removed)?;
+            d.set_item("kept", &plan.kept)?;
+            d.set_item("bytes_written", report.bytes_written)?;
+            d.set_item("generation", report.generation)?;
+        }
+        None => {
+            d.set_item("written", plan.written())?;
+            d.set_item("unchanged", plan.unchanged())?;
+            d.set_item("removed", &plan.removed)?;
+            d.set_item("kept", &plan.kept)?;
+            d.set_item("bytes_written", plan.bytes_to_write())?;
+            d.set_item("generation", base_generation)?;
+        }
+    }
     d.set_item("bytes_hashed", bytes_hashed)?;
-    d.set_item("generation", report.generation)?;
     d.set_item("fencing_token", fencing_token)?;
     d.set_item("seconds", started.elapsed().as_secs_f64())?;
+    if dry_run {
+        d.set_item("plan", plan_dict(py, &plan)?)?;
+    }
+    Ok(d)
+}
+
+/// The plan as `palisade publish --dry-run --json` prints it: `items` (partition, action,
+/// files, bytes), `removed`, `kept`.
+fn plan_dict<'py>(py: Python<'py>, plan: &Plan) -> PyResult<Bound<'py, PyDict>> {
+    let items = plan
+        .items
+        .iter()
+        .map(|item| {
+            let i = PyDict::new(py);
+            i.set_item("partition", &item.partition)?;
+            i.set_item("action", item.action.as_str())?;
+            i.set_item("files", item.files)?;
+            i.set_item("bytes", item.bytes)?;
+            Ok(i)
+        })
+        .collect::<PyResult<Vec<_>>>()?;
+    let d = PyDict::new(py);
+    d.set_item("items", items)?;
+    d.set_item("removed", &plan.removed)?;
+    d.set_item("kept", &plan.kept)?;
     Ok(d)
 }

@@ -198,3 +198,43 @@ def test_python_then_the_command_over_the_same_src_writes_nothing(tmp_path, kwar
     assert again["unchanged"] == len(first["written"])
     # The reports have the same shape.
     assert set(again) == set(first)
+
+
+def tree(root):
+    """Every file under `root` with its bytes."""
+    return {str(p.relative_to(root)): p.read_bytes() for p in Path(root).rglob("*") if p.is_file()}
+
+
+def test_dry_run_reports_what_would_be_written_and_writes_nothing(tmp_path):
+    src, dest = tmp_path / "out", tmp_path / "dest"
+    url = f"file://{dest}"
+    write_output(src, [0, 1])
+    palisade.publish(str(src), url)
+    write_output(src, [1, 2, 3])
+    with open(os.path.join(src, "bucket=1", "part-0000-1.csv"), "a") as f:
+        f.write("10\n")
+    before = tree(dest)
+
+    dry = palisade.publish(str(src), url, dry_run=True)
+    assert tree(dest) == before
+    assert dry["dry_run"] is True and dry["generation"] == 1
+    assert dry["written"] == ["bucket=1", "bucket=2", "bucket=3"] and dry["unchanged"] == 0
+    assert dry["kept"] == ["bucket=0"] and dry["removed"] == [] and dry["bytes_written"] > 0
+    assert [(i["partition"], i["action"]) for i in dry["plan"]["items"]] == [
+        ("bucket=1", "changed"), ("bucket=2", "new"), ("bucket=3", "new")]
+    assert dry["plan"]["kept"] == ["bucket=0"] and dry["plan"]["removed"] == []
+    assert set(dry) - {"plan"} == {"src", "dest", "dry_run", "written", "unchanged", "removed",
+                                   "kept", "bytes_written", "bytes_hashed", "generation",
+                                   "fencing_token", "seconds"}
+    removing = palisade.publish(str(src), url, dry_run=True, remove_missing=True)
+    assert removing["removed"] == ["bucket=0"] and removing["kept"] == []
+    if CLI.exists():  # the command's --dry-run --json has the same shape and plan
+        cli = cli_publish(src, url, "--dry-run")
+        assert set(cli) == set(dry) and cli["plan"] == dry["plan"]
+        assert cli["written"] == dry["written"] and cli["bytes_written"] == dry["bytes_written"]
+    assert tree(dest) == before
+
+    real = palisade.publish(str(src), url)
+    assert real["dry_run"] is False and "plan" not in real
+    assert real["written"] == dry["written"] and real["kept"] == dry["kept"]
+    assert real["bytes_written"] == dry["bytes_written"] and real["generation"] == 2

@@ -2,18 +2,17 @@
 //! local directory that any job wrote, writing only the partitions whose content changed,
 //! atomically for readers, fenced against older lock holders.
 //!
-//! The steps, all palisade-idempotency's: scan SRC into partitions and compute each
-//! partition's identity (bytes or rows) with its `source` module (the one implementation, shared
-//! with the Python package), compare with the manifest ([`plan`]), then hand every partition to
-//! `PartitionedWriter::put_files` (which writes only those whose identity changed) and commit.
+//! The steps, all palisade-idempotency's `source` module (the one implementation, shared with
+//! the Python package): scan SRC into partitions and compute each partition's identity (bytes
+//! or rows), compare with the manifest (`source::plan`), then `source::write_all` hands every
+//! partition to `PartitionedWriter::put_files` (which writes only those whose identity changed)
+//! and commits.
 //! Everything a reader sees changes at the commit, or not at all. This module adds the flags,
 //! the progress bars, the exit codes and the output.
 
 pub mod choices;
 pub mod output;
-pub mod plan;
 pub mod verify;
-mod write;
 
 use crate::exit::{BAD_INPUT, CliError, INTERNAL, chain};
 use choices::{Content, Format, Unit};
@@ -147,15 +146,21 @@ pub async fn publish(args: PublishArgs) -> Result<u8, CliError> {
             return Err(e);
         }
     };
-    let the_plan = plan::plan(&parts, &ids, writer.manifest(), args.remove_missing);
+    let the_plan = source::plan(&parts, &ids, writer.manifest(), args.remove_missing);
     let mut summary = output::Summary::planned(&args, &the_plan, writer.manifest(), bytes_hashed);
     summary.fencing_token = fencing_token;
     if args.dry_run {
         writer.abort().await?;
         summary.plan = Some(the_plan);
     } else {
-        let report = write::write_all(writer, &parts, &ids, the_plan.writes().count()).await?;
-        summary.record(report);
+        let bar = output::bar(the_plan.writes().count() as u64, "writing", false);
+        let report = source::write_all(writer, &parts, &ids, &mut |step| match step {
+            source::Progress::Written(_) => bar.inc(1),
+            source::Progress::Committing => bar.set_message("committing"),
+        })
+        .await;
+        bar.finish_and_clear();
+        summary.record(report?);
     }
     summary.seconds = started.elapsed().as_secs_f64();
     output::print(&summary, args.json)

@@ -1,8 +1,8 @@
 //! What `publish` shows: a progress bar on a terminal (nothing otherwise), then a summary table
 //! or one JSON object.
 
-use super::plan::{Action, Plan};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use palisade_idempotency::source::{Action, Plan};
 use serde::Serialize;
 use std::io::IsTerminal;
 use std::time::Duration;
@@ -86,11 +86,11 @@ impl Summary {
             src: args.src.display().to_string(),
             dest: args.dest.clone(),
             dry_run: args.dry_run,
-            written: plan.writes().map(|i| i.partition.clone()).collect(),
-            unchanged: plan.items.len() - plan.writes().count(),
+            written: plan.written(),
+            unchanged: plan.unchanged(),
             removed: plan.removed.clone(),
             kept: plan.kept.clone(),
-            bytes_written: plan.writes().map(|i| i.bytes).sum(),
+            bytes_written: plan.bytes_to_write(),
             bytes_hashed,
             generation: base.generation,
             fencing_token: None,

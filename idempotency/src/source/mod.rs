@@ -12,17 +12,19 @@
 //!   ([`Content::Bytes`]) or from its rows ([`Content::Rows`]), on several threads.
 //! - [`rows`]: the Parquet, CSV and JSON-lines row readers behind [`Content::Rows`] (feature
 //!   `rows`).
+//! - [`plan`](mod@plan): the partitions a publish writes (new, changed), leaves alone
+//!   (unchanged), keeps or removes, compared with the manifest (`--dry-run` prints it).
+//! - [`write`](mod@write): [`write_all`], every partition to `put_files`, then the commit.
 //!
 //! ```no_run
 //! use palisade_idempotency::source::{self, IdentityOptions, ScanOptions};
 //! # async fn run(store: &palisade_idempotency::DatasetStore) -> palisade_idempotency::Result<()> {
 //! let partitions = source::scan(std::path::Path::new("/scratch/sales"), &ScanOptions::default())?;
 //! let ids = source::identities(&partitions, &IdentityOptions::default(), &|_bytes| {})?;
-//! let mut writer = palisade_idempotency::PartitionedWriter::builder(store, "").open().await?;
-//! for (partition, id) in partitions.iter().zip(ids) {
-//!     writer.put_files(&partition.name, partition.part_files(), id).await?;
-//! }
-//! writer.commit().await?;
+//! let writer = palisade_idempotency::PartitionedWriter::builder(store, "").open().await?;
+//! let plan = source::plan(&partitions, &ids, writer.manifest(), false);
+//! println!("{} partitions to write", plan.writes().count());
+//! source::write_all(writer, &partitions, &ids, &mut |_progress| {}).await?;
 //! # Ok(()) }
 //! ```
 //!
@@ -31,12 +33,16 @@
 //! partition of every dataset published before.
 
 pub mod identity;
+pub mod plan;
 pub mod rows;
 pub mod scan;
+pub mod write;
 
 pub use identity::{Content, IdentityOptions, identities, identity};
+pub use plan::{Action, Item, Plan, plan};
 pub use rows::Format;
 pub use scan::{Partition, ScanOptions, SrcFile, Unit, scan};
+pub use write::{Progress, write_all};
 
 /// An [`Error::Source`](crate::Error::Source) with this message.
 fn source_error(message: impl Into<String>) -> crate::Error {

@@ -1,10 +1,17 @@
-//! The plan: which partitions a publish writes, leaves alone, and removes.
+//! The publish plan: which of SRC's partitions a publish writes (new or changed), which it
+//! leaves alone (unchanged), and what becomes of the committed partitions SRC no longer has
+//! (kept, or removed with `remove_missing`).
+//!
+//! The plan compares the [identities](super::identities) with the manifest exactly as
+//! [`PartitionedWriter::put_files`](crate::PartitionedWriter::put_files) does, so what it
+//! announces is what [`write_all`](super::write_all) then writes. `palisade publish --dry-run`
+//! and the Python package's `publish(dry_run=True)` print it instead of writing.
 
-use palisade_idempotency::source::Partition;
-use palisade_idempotency::{ContentHash, Manifest, PartitionEntry};
+use super::Partition;
+use crate::{ContentHash, Manifest, PartitionEntry};
 use serde::Serialize;
 
-/// What happens to one partition.
+/// What happens to one partition of SRC.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Action {
@@ -14,6 +21,17 @@ pub enum Action {
     Changed,
     /// Its identity is the committed one: nothing is written.
     Unchanged,
+}
+
+impl Action {
+    /// The action's name as serialized: `new`, `changed` or `unchanged`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Action::New => "new",
+            Action::Changed => "changed",
+            Action::Unchanged => "unchanged",
+        }
+    }
 }
 
 /// One partition of SRC and what happens to it.
@@ -34,26 +52,42 @@ pub struct Item {
 pub struct Plan {
     /// SRC's partitions, sorted by name.
     pub items: Vec<Item>,
-    /// Committed partitions that SRC no longer has, removed with `--remove-missing`.
+    /// Committed partitions that SRC no longer has, removed (`remove_missing`).
     pub removed: Vec<String>,
-    /// Committed partitions that SRC no longer has, kept (no `--remove-missing`).
+    /// Committed partitions that SRC no longer has, kept (no `remove_missing`).
     pub kept: Vec<String>,
 }
 
 impl Plan {
-    /// The items that are written.
+    /// The items that are written (new or changed).
     pub fn writes(&self) -> impl Iterator<Item = &Item> {
         self.items.iter().filter(|i| i.action != Action::Unchanged)
+    }
+
+    /// The names of the partitions that are written, in name order.
+    pub fn written(&self) -> Vec<String> {
+        self.writes().map(|i| i.partition.clone()).collect()
+    }
+
+    /// How many of SRC's partitions are left as they are.
+    pub fn unchanged(&self) -> usize {
+        self.items.len() - self.writes().count()
+    }
+
+    /// The total size of the partitions that are written.
+    pub fn bytes_to_write(&self) -> u64 {
+        self.writes().map(|i| i.bytes).sum()
     }
 }
 
 /// The identity the manifest records for a partition, as `put_files` compares it (`None` for
 /// a partition written otherwise, which `put_files` always rewrites).
-pub fn committed_identity(entry: &PartitionEntry) -> Option<ContentHash> {
+fn committed_identity(entry: &PartitionEntry) -> Option<ContentHash> {
     entry.identity
 }
 
-/// Compares SRC's partitions (with their identities, in the same order) with the manifest.
+/// Compares SRC's partitions (sorted by name, as [`scan`](super::scan()) returns them) and
+/// their identities (in the same order) with the committed manifest.
 pub fn plan(
     partitions: &[Partition],
     identities: &[ContentHash],
@@ -127,7 +161,19 @@ mod tests {
         assert_eq!(p.kept, ["d=9"]);
         assert!(p.removed.is_empty());
         assert_eq!(p.writes().count(), 2);
+        assert_eq!(p.written(), ["d=2", "d=3"]);
+        assert_eq!(p.unchanged(), 1);
+        assert_eq!(p.bytes_to_write(), 0);
         let p = plan(&parts, &[a, b, b], &m, true);
         assert_eq!(p.removed, ["d=9"]);
+        assert!(p.kept.is_empty());
+    }
+
+    #[test]
+    fn actions_serialize_lowercase() {
+        for action in [Action::New, Action::Changed, Action::Unchanged] {
+            let json = serde_json::to_string(&action).unwrap();
+            assert_eq!(json, format!("\"{}\"", action.as_str()));
+        }
     }
 }
