@@ -19,7 +19,7 @@ use pyo3::types::{PyDict, PyList, PyTuple};
 use tokio::sync::oneshot;
 
 use crate::errors;
-use crate::runtime::{PerProcess, block_on, drop_in_runtime, runtime};
+use crate::runtime::{FirstOf, PerProcess, block_on, drop_in_runtime, first_of, join, runtime};
 
 /// How long connecting to etcd (client and session lease) may take before it is reported as
 /// unavailable.
@@ -812,32 +812,10 @@ impl Coordinator {
                 None => coordinator.run_exclusive(&lock_name, info, wait, job).await,
             }
         });
-        enum First {
-            Running(Option<Ctx>),
-            Finished(
-                Result<Result<RunOutcome<()>, palisade_lock::LockError>, tokio::task::JoinError>,
-            ),
-        }
-        let first = block_on(py, async {
-            tokio::select! {
-                ctx = &mut ctx_rx => First::Running(ctx.ok()),
-                done = &mut task => First::Finished(done),
-            }
-        });
-        let first = match first {
-            Ok(f) => f,
-            Err(interrupted) => {
-                task.abort();
-                return Err(interrupted);
-            }
-        };
-        let (ctx, value) = match first {
-            First::Finished(done) => return outcome(py, &name, done, None),
-            First::Running(None) => {
-                let done = block_on(py, &mut task)?;
-                return outcome(py, &name, done, None);
-            }
-            First::Running(Some(ctx)) => {
+        let (ctx, value) = match first_of(py, &mut ctx_rx, &mut task)? {
+            FirstOf::Finished(done) => return outcome(py, &name, done, None),
+            FirstOf::Sent(None) => return outcome(py, &name, join(py, &mut task)?, None),
+            FirstOf::Sent(Some(ctx)) => {
                 let job = Py::new(py, JobContext { ctx: ctx.clone() })?;
                 CURRENT.with(|c| c.borrow_mut().push(job.clone_ref(py)));
                 let value = fn_.call(args.clone(), kwargs).map(Bound::unbind);
@@ -846,13 +824,7 @@ impl Coordinator {
             }
         };
         drop(done_tx);
-        let done = match block_on(py, &mut task) {
-            Ok(done) => done,
-            Err(interrupted) => {
-                task.abort();
-                return Err(interrupted);
-            }
-        };
+        let done = join(py, &mut task)?;
         outcome(py, &name, done, Some((ctx.fencing_token(), value)))
     }
 }

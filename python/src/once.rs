@@ -12,7 +12,7 @@ use pyo3::types::{PyDict, PyTuple};
 use tokio::sync::oneshot;
 
 use crate::errors;
-use crate::runtime::{PerProcess, block_on, drop_in_runtime, runtime};
+use crate::runtime::{FirstOf, PerProcess, block_on, drop_in_runtime, first_of, join, runtime};
 
 /// How long connecting to Redis may take before it is reported as unavailable (the connection
 /// manager retries a refused connection; this bounds it).
@@ -174,28 +174,11 @@ pub fn once<'py>(
             Store::Memory(s) => run(s, key, fingerprint, options, claimed_tx, finished_rx).await,
         }
     });
-    enum First<T> {
-        Claimed(Option<ClaimContext>),
-        /// The task ended without running the job (replayed, in progress, an error).
-        Finished(T),
-    }
-    let first = block_on(py, async {
-        tokio::select! {
-            c = &mut claimed_rx => First::Claimed(c.ok()),
-            done = &mut task => First::Finished(done),
-        }
-    });
-    let first = match first {
-        Ok(f) => f,
-        Err(interrupted) => {
-            task.abort();
-            return Err(interrupted);
-        }
-    };
     let mut raised = None;
-    let done = match first {
-        First::Finished(done) => done,
-        First::Claimed(claimed) => {
+    // Finished first: the task ended without running the job (replayed, in progress, an error).
+    let done = match first_of(py, &mut claimed_rx, &mut task)? {
+        FirstOf::Finished(done) => done,
+        FirstOf::Sent(claimed) => {
             if claimed.is_some() {
                 let json = py.import("json")?;
                 let result = fn_
@@ -218,13 +201,7 @@ pub fn once<'py>(
             } else {
                 drop(finished_tx);
             }
-            match block_on(py, &mut task) {
-                Ok(done) => done,
-                Err(interrupted) => {
-                    task.abort();
-                    return Err(interrupted);
-                }
-            }
+            join(py, &mut task)?
         }
     };
     let done = done.map_err(|e| errors::error(format!("once: {e}")))?;

@@ -110,6 +110,46 @@ where
     }
 }
 
+/// What a call that runs its Python function beside a task (`run_exclusive`, `once`) learns
+/// first: the task's go-ahead (`None`: the task let go of its sender without one), or the
+/// task's end.
+pub enum FirstOf<C, T> {
+    /// The task sent its go-ahead (or dropped the sender).
+    Sent(Option<C>),
+    /// The task ended first.
+    Finished(Result<T, tokio::task::JoinError>),
+}
+
+/// Waits (the GIL released) for whichever comes first, `rx` or the end of `task`. If a signal
+/// handler raises meanwhile (Ctrl-C), `task` is aborted and the exception returned.
+pub fn first_of<C, T>(
+    py: Python<'_>,
+    rx: &mut tokio::sync::oneshot::Receiver<C>,
+    task: &mut tokio::task::JoinHandle<T>,
+) -> PyResult<FirstOf<C, T>>
+where
+    C: Send,
+    T: Send,
+{
+    let first = block_on(py, async {
+        tokio::select! {
+            sent = &mut *rx => FirstOf::Sent(sent.ok()),
+            done = &mut *task => FirstOf::Finished(done),
+        }
+    });
+    first.inspect_err(|_| task.abort())
+}
+
+/// Waits (the GIL released) for the end of `task`; aborted if a signal handler raises
+/// meanwhile, as in [`first_of`].
+pub fn join<T: Send>(
+    py: Python<'_>,
+    task: &mut tokio::task::JoinHandle<T>,
+) -> PyResult<Result<T, tokio::task::JoinError>> {
+    let done = block_on(py, &mut *task);
+    done.inspect_err(|_| task.abort())
+}
+
 /// Drops `value` inside this process's runtime (a drop that spawns a cleanup task needs one),
 /// or leaks it if it was made in another process (after a fork).
 pub fn drop_in_runtime<T>(value: T, made_by: u32) {
