@@ -5,41 +5,18 @@
 //! cargo bench -p palisade-breaker --features fleet --bench fleet -- --warm-up-time 1 --measurement-time 3
 
 use std::hint::black_box;
-use std::sync::Barrier;
 use std::time::{Duration, Instant};
 
 use criterion::Criterion;
 use palisade_breaker::CircuitBreaker;
 use palisade_breaker::fleet::{FleetBreaker, FleetState};
 
+mod common;
+use common::threaded;
+
 #[inline(never)]
 fn work() -> Result<u64, ()> {
     Ok(black_box(42))
-}
-
-/// Runs `op` `iters` times on each of `threads` threads started together; the longest time one
-/// thread took.
-fn threaded<F: Fn() + Sync>(threads: usize, iters: u64, op: F) -> Duration {
-    let barrier = Barrier::new(threads);
-    std::thread::scope(|s| {
-        let handles: Vec<_> = (0..threads)
-            .map(|_| {
-                s.spawn(|| {
-                    barrier.wait();
-                    let start = Instant::now();
-                    for _ in 0..iters {
-                        op();
-                    }
-                    start.elapsed()
-                })
-            })
-            .collect();
-        handles
-            .into_iter()
-            .map(|h| h.join().expect("bench thread"))
-            .max()
-            .unwrap_or_default()
-    })
 }
 
 struct Setup {

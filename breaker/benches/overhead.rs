@@ -14,6 +14,9 @@ use std::sync::Barrier;
 use std::time::{Duration, Instant};
 
 use criterion::{Criterion, criterion_group};
+
+mod common;
+use common::threaded;
 use failsafe::CircuitBreaker as _;
 use palisade_breaker::{CircuitBreaker, Window};
 
@@ -25,40 +28,6 @@ fn work() -> Result<u64, ()> {
 #[inline(never)]
 fn failing() -> Result<u64, u64> {
     Err(black_box(7))
-}
-
-/// Runs `op` `iters` times on each of `threads` threads started together and returns the
-/// longest time one thread took: the time per call each thread experiences (× iters). Each
-/// thread times itself, so a thread descheduled before it starts inflates (never deflates) the
-/// result.
-fn threaded<F: Fn() + Sync>(threads: usize, iters: u64, op: F) -> Duration {
-    if threads == 1 {
-        let start = Instant::now();
-        for _ in 0..iters {
-            op();
-        }
-        return start.elapsed();
-    }
-    let barrier = Barrier::new(threads);
-    std::thread::scope(|s| {
-        let handles: Vec<_> = (0..threads)
-            .map(|_| {
-                s.spawn(|| {
-                    barrier.wait();
-                    let start = Instant::now();
-                    for _ in 0..iters {
-                        op();
-                    }
-                    start.elapsed()
-                })
-            })
-            .collect();
-        handles
-            .into_iter()
-            .map(|h| h.join().expect("bench thread"))
-            .max()
-            .unwrap_or_default()
-    })
 }
 
 /// Like [`threaded`], but `None` unless the threads really ran side by side (their timed
