@@ -475,20 +475,27 @@ pub(crate) async fn contenders(
     prefix: &str,
     rpc_timeout: Duration,
 ) -> Result<Vec<Holder>, LockError> {
-    let resp = retry(
-        "read lock contenders",
-        rpc_timeout,
-        budget(rpc_timeout * 3),
-        || {
-            let mut c = client.clone();
-            let options = GetOptions::new()
-                .with_prefix()
-                .with_sort(SortTarget::Create, SortOrder::Ascend);
-            async move { c.get(prefix, Some(options)).await }
-        },
-    )
+    let (kvs, _) = arrivals("read lock contenders", client, prefix, rpc_timeout).await?;
+    Ok(kvs.iter().map(holder_of).collect())
+}
+
+/// Every key under `prefix` in arrival (create revision) order, and the revision of the read.
+pub(super) async fn arrivals(
+    op: &'static str,
+    client: &Client,
+    prefix: &str,
+    rpc_timeout: Duration,
+) -> Result<(Vec<KeyValue>, i64), LockError> {
+    let resp = retry(op, rpc_timeout, budget(rpc_timeout * 3), || {
+        let mut c = client.clone();
+        let options = GetOptions::new()
+            .with_prefix()
+            .with_sort(SortTarget::Create, SortOrder::Ascend);
+        async move { c.get(prefix, Some(options)).await }
+    })
     .await?;
-    Ok(resp.kvs().iter().map(holder_of).collect())
+    let rev = resp.header().map_or(0, |h| h.revision());
+    Ok((resp.kvs().to_vec(), rev))
 }
 
 /// Revokes the lease of the holder under `prefix` (an operator breaking the lock): every key of

@@ -7,14 +7,12 @@
 //! step. Its create revision is the fencing token. While every slot is
 //! held, the head alone watches the slot prefix for a deletion: one release wakes one waiter.
 
-use etcd_client::{
-    Compare, CompareOp, EventType, GetOptions, PutOptions, Txn, TxnOp, WatchOptions,
-};
+use etcd_client::{Compare, CompareOp, EventType, PutOptions, Txn, TxnOp, WatchOptions};
 
 use super::backend::EtcdBackend;
 use super::held::EtcdHeld;
-use super::lock::{PendingKey, holder_of};
-use super::rpc::{budget, retry, while_alive};
+use super::lock::{PendingKey, arrivals, contenders, holder_of};
+use super::rpc::{retry, while_alive};
 use super::stats::{count_request, count_slot_wakeup};
 use crate::backend::{HeldLock, Holder, SlotTry};
 use crate::error::LockError;
@@ -24,30 +22,6 @@ fn permits_of(key: &[u8], prefix: &str) -> Option<u32> {
     let rest = key.strip_prefix(prefix.as_bytes())?;
     let end = rest.iter().position(|b| *b == b'/')?;
     std::str::from_utf8(&rest[..end]).ok()?.parse().ok()
-}
-
-/// The slot keys under `prefix`, earliest first, and the revision of the read.
-async fn read_slots(
-    backend: &EtcdBackend,
-    prefix: &str,
-) -> Result<(Vec<etcd_client::KeyValue>, i64), LockError> {
-    let rpc_timeout = backend.rpc_timeout();
-    let resp = retry(
-        "read semaphore slots",
-        rpc_timeout,
-        budget(rpc_timeout * 3),
-        || {
-            let mut c = backend.client.clone();
-            let options = GetOptions::new().with_prefix().with_sort(
-                etcd_client::SortTarget::Create,
-                etcd_client::SortOrder::Ascend,
-            );
-            async move { c.get(prefix, Some(options)).await }
-        },
-    )
-    .await?;
-    let rev = resp.header().map_or(0, |h| h.revision());
-    Ok((resp.kvs().to_vec(), rev))
 }
 
 pub(super) async fn take_slot(
@@ -61,7 +35,13 @@ pub(super) async fn take_slot(
         return Err(LockError::Lost);
     };
     let prefix = backend.slot_prefix(name);
-    let (slots, seen) = read_slots(backend, &prefix).await?;
+    let (slots, seen) = arrivals(
+        "read semaphore slots",
+        &backend.client,
+        &prefix,
+        backend.rpc_timeout(),
+    )
+    .await?;
     if let Some(theirs) = slots
         .iter()
         .filter_map(|kv| permits_of(kv.key(), &prefix))
@@ -195,8 +175,8 @@ pub(super) async fn slot_holders(
     backend: &EtcdBackend,
     name: &str,
 ) -> Result<Vec<Holder>, LockError> {
-    let (slots, _) = read_slots(backend, &backend.slot_prefix(name)).await?;
-    Ok(slots.iter().map(holder_of).collect())
+    let prefix = backend.slot_prefix(name);
+    contenders(&backend.client, &prefix, backend.rpc_timeout()).await
 }
 
 #[cfg(test)]
