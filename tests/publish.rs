@@ -488,10 +488,10 @@ fn two_concurrent_publishes_one_commits_the_other_exits_with_the_conflict_code()
         );
         std::thread::sleep(Duration::from_millis(1));
     }
-    signal(first.id(), nix::sys::signal::Signal::SIGSTOP);
+    palisade_testkit::pause_process(first.id()).expect("pause");
     let second = f.publish(&[b.to_str().unwrap(), &f.dest()]);
     assert_eq!(written(&second).len(), 4);
-    signal(first.id(), nix::sys::signal::Signal::SIGCONT);
+    palisade_testkit::resume_process(first.id()).expect("resume");
     let deadline = Instant::now() + Duration::from_secs(60);
     while first.try_wait().unwrap().is_none() {
         assert!(Instant::now() < deadline, "A did not exit");
@@ -552,10 +552,10 @@ fn a_publish_paused_after_staging_with_an_older_token_is_fenced_at_commit() {
         std::thread::sleep(Duration::from_millis(1));
     }
     // ...and freezes; holder B (token 6) publishes meanwhile.
-    signal(first.id(), nix::sys::signal::Signal::SIGSTOP);
+    palisade_testkit::pause_process(first.id()).expect("pause");
     let second = f.publish(&["--fencing-token", "6", b.to_str().unwrap(), &f.dest()]);
     assert_eq!(written(&second).len(), 4);
-    signal(first.id(), nix::sys::signal::Signal::SIGCONT);
+    palisade_testkit::resume_process(first.id()).expect("resume");
     let out = wait_bounded(first, Duration::from_secs(60));
     assert_eq!(out.status.code(), Some(FENCED), "{out:?}");
     for files in read_dir_dataset(&f.path("dest")).values() {
@@ -718,7 +718,7 @@ fn a_paused_lock_holder_cannot_publish_over_the_newer_holder() {
         "run", "--lock", "etl", "--ttl", "2s", "--", "sh", "-c", &script_a,
     ]);
     wait_for_file(&dir.join("started"), "A's job to start");
-    signal(a.id(), nix::sys::signal::Signal::SIGSTOP);
+    palisade_testkit::pause_process(a.id()).expect("pause");
 
     // B gets the lock once A's lease ran out, and publishes with its higher token.
     let script_b = format!("{} publish b {dest}", bin.display());
@@ -745,7 +745,7 @@ fn a_paused_lock_holder_cannot_publish_over_the_newer_holder() {
             assert!(content.starts_with(b"v2 "), "the dataset is B's");
         }
     }
-    signal(a.id(), nix::sys::signal::Signal::SIGCONT);
+    palisade_testkit::resume_process(a.id()).expect("resume");
     // Its job has ended by now, so A reports either the lost lease (76) or the job's own exit.
     let status = p.finish(a);
     assert!(matches!(status.code(), Some(76) | Some(0)), "{status:?}");
@@ -849,9 +849,9 @@ fn paused_while(
         );
         std::thread::sleep(Duration::from_millis(1));
     }
-    signal(child.id(), nix::sys::signal::Signal::SIGSTOP);
+    palisade_testkit::pause_process(child.id()).expect("pause");
     meanwhile();
-    signal(child.id(), nix::sys::signal::Signal::SIGCONT);
+    palisade_testkit::resume_process(child.id()).expect("resume");
     wait_bounded(child, Duration::from_secs(60))
 }
 

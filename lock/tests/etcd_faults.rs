@@ -223,7 +223,7 @@ async fn paused_holder_is_fenced_and_cancelled() {
     })
     .await;
     let proc = child.take().unwrap();
-    signal(&proc, Signal::STOP);
+    palisade_testkit::pause_process(proc.id()).expect("pause the child");
     // The child's lease runs out (TTL 2 s) and we get the lock with a larger token.
     let guard = bounded(
         "lock after the holder's lease expired",
@@ -233,7 +233,7 @@ async fn paused_holder_is_fenced_and_cancelled() {
     .expect("acquire after the paused holder's lease expired");
     let acquired_at = now_ns();
     assert!(guard.fencing_token() > child_token);
-    signal(&proc, Signal::CONT);
+    palisade_testkit::resume_process(proc.id()).expect("resume the child");
     let out = child_output(proc).await;
     assert!(out.contains("OUTCOME Lost"), "child output: {out}");
     // Not one write of the child happened after we acquired: it saw the loss first.
@@ -303,7 +303,7 @@ async fn semaphore_paused_holder_loses_its_slot_and_its_job() {
     let dir = tempfile::tempdir().unwrap();
     let c = etcd_coordinator(&etcd.endpoints(), 3).await;
     let (_ours, child, child_token) = semaphore_full_with_child(&c, &etcd, dir.path()).await;
-    signal(&child, Signal::STOP);
+    palisade_testkit::pause_process(child.id()).expect("pause the child");
     let sem = c.semaphore("sem", 2).unwrap();
     let guard = bounded(
         "the paused holder's slot",
@@ -313,7 +313,7 @@ async fn semaphore_paused_holder_loses_its_slot_and_its_job() {
     .expect("slot after the paused holder's lease expired");
     let acquired_at = now_ns();
     assert!(guard.fencing_token() > child_token);
-    signal(&child, Signal::CONT);
+    palisade_testkit::resume_process(child.id()).expect("resume the child");
     let out = child_output(child).await;
     assert!(out.contains("OUTCOME Lost"), "child output: {out}");
     let writes = std::fs::read_to_string(dir.path().join("writes.log")).unwrap();

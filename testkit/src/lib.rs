@@ -53,6 +53,7 @@ mod s3;
 mod tls;
 
 pub use etcd::{Etcd, EtcdCluster};
+pub use process::{pause_process, resume_process};
 pub use proxy::{Direction, FaultProxy, Mode, ProxyStats};
 pub use redis::{Redis, RedisCluster, RedisOptions};
 pub use s3::S3;

@@ -169,37 +169,12 @@ impl Server {
     }
 
     /// Sends `signal`. For `SIGSTOP` and `SIGCONT` it returns only once the process is stopped
-    /// (state `T` in `/proc/<pid>/stat`) or runs again: the kernel delivers the signal later,
-    /// when the process is next scheduled, and a test that injects a pause must not race it.
+    /// or runs again ([`pause_process`], [`resume_process`]).
     pub(crate) fn signal(&self, signal: Signal) -> Result<(), Error> {
         let pid = self.pid().ok_or_else(|| Error::NotRunning {
             server: self.label.clone(),
         })?;
-        kill(Pid::from_raw(pid as i32), signal).map_err(|errno| Error::Io {
-            context: format!("sending {signal} to {}", self.label),
-            source: errno.into(),
-        })?;
-        let stopped = match signal {
-            Signal::SIGSTOP => true,
-            Signal::SIGCONT => false,
-            _ => return Ok(()),
-        };
-        let deadline = Instant::now() + STARTUP_TIMEOUT;
-        loop {
-            match process_state(pid) {
-                Some(state) if (state == 'T') == stopped => return Ok(()),
-                None => return Ok(()), // exited: nothing left to wait for
-                Some(state) if Instant::now() >= deadline => {
-                    return Err(Error::Io {
-                        context: format!("waiting for {} to take {signal}", self.label),
-                        source: std::io::Error::other(format!(
-                            "still in state {state} after {STARTUP_TIMEOUT:?}"
-                        )),
-                    });
-                }
-                Some(_) => std::thread::sleep(Duration::from_millis(1)),
-            }
-        }
+        signal_and_wait(pid, signal, &self.label)
     }
 
     /// Polls `ready` until it says yes, the process exits, or [`STARTUP_TIMEOUT`] passes.
@@ -250,10 +225,80 @@ impl Drop for Server {
     }
 }
 
+/// Stops process `pid` (any process, e.g. a child a test spawned) with `SIGSTOP` and returns
+/// only once every one of its threads is stopped (state `T` in `/proc/<pid>/task/*/stat`). The
+/// kernel stops each thread when it is next scheduled, so on a busy machine a thread can still
+/// answer a request for a while after the signal is sent, and after the main thread has stopped:
+/// a test that injects a pause must not race it. Returns at once if the process has exited.
+pub fn pause_process(pid: u32) -> Result<(), Error> {
+    signal_and_wait(pid, Signal::SIGSTOP, &format!("process {pid}"))
+}
+
+/// Continues process `pid` with `SIGCONT` and returns only once none of its threads is stopped.
+pub fn resume_process(pid: u32) -> Result<(), Error> {
+    signal_and_wait(pid, Signal::SIGCONT, &format!("process {pid}"))
+}
+
+fn signal_and_wait(pid: u32, signal: Signal, label: &str) -> Result<(), Error> {
+    let io = |context: String, source: std::io::Error| Error::Io { context, source };
+    let target = Pid::from_raw(i32::try_from(pid).map_err(|_| {
+        io(
+            format!("sending {signal} to {label}"),
+            std::io::Error::other("pid out of range"),
+        )
+    })?);
+    kill(target, signal)
+        .map_err(|errno| io(format!("sending {signal} to {label}"), errno.into()))?;
+    let stopped = match signal {
+        Signal::SIGSTOP => true,
+        Signal::SIGCONT => false,
+        _ => return Ok(()),
+    };
+    let deadline = Instant::now() + STARTUP_TIMEOUT;
+    loop {
+        let states = thread_states(pid);
+        let done = if stopped {
+            states.iter().all(|&state| state == 'T')
+        } else {
+            !states.contains(&'T')
+        };
+        // No threads left (or only zombies): the process exited, nothing to wait for.
+        if done || states.iter().all(|&state| state == 'Z') {
+            return Ok(());
+        }
+        if Instant::now() >= deadline {
+            return Err(io(
+                format!("waiting for {label} to take {signal}"),
+                std::io::Error::other(format!(
+                    "thread states {states:?} after {STARTUP_TIMEOUT:?}"
+                )),
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+/// The one-letter states (`R`, `S`, `T`, `Z`, ...) of every thread of process `pid`; empty when
+/// there is no such process.
+fn thread_states(pid: u32) -> Vec<char> {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return Vec::new();
+    };
+    tasks
+        .filter_map(Result::ok)
+        .filter_map(|task| state_of(&task.path().join("stat")))
+        .collect()
+}
+
 /// The one-letter state of a process (`R`, `S`, `T`, `Z`, ...) from `/proc/<pid>/stat`, or
 /// `None` when there is no such process.
-pub(crate) fn process_state(pid: u32) -> Option<char> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+#[cfg(test)]
+fn process_state(pid: u32) -> Option<char> {
+    state_of(Path::new(&format!("/proc/{pid}/stat")))
+}
+
+fn state_of(stat: &Path) -> Option<char> {
+    let stat = std::fs::read_to_string(stat).ok()?;
     // "pid (comm) S ...": comm may hold spaces and parentheses, so look after the last ')'.
     stat[stat.rfind(')')? + 1..].trim_start().chars().next()
 }
@@ -289,32 +334,67 @@ mod tests {
         assert!(message.contains("scripts/setup"), "{message}");
     }
 
+    /// The child of the test below: four threads that never stop computing.
     #[test]
-    fn pause_returns_once_the_process_is_stopped_and_resume_once_it_runs() {
-        let dir = tempfile::tempdir().expect("temp dir");
-        // A busy process, so that it is often running (or queued) when SIGSTOP is sent.
-        let server = Server::new(
-            "busy".into(),
-            PathBuf::from("/bin/sh"),
-            vec!["-c".into(), "while :; do :; done".into()],
-            dir.path().join("log"),
-        );
-        server.spawn().expect("spawn");
-        let pid = server.pid().expect("running");
-        for round in 0..200 {
-            server.signal(Signal::SIGSTOP).expect("pause");
-            let state = process_state(pid);
-            assert_eq!(
-                state,
-                Some('T'),
-                "round {round}: pause returned in state {state:?}"
+    fn busy_threads_child() {
+        if std::env::var_os("PALISADE_TESTKIT_BUSY_CHILD").is_none() {
+            return;
+        }
+        let spin = || loop {
+            std::hint::black_box(0u64.wrapping_add(1));
+        };
+        let threads: Vec<_> = (0..4).map(|_| std::thread::spawn(spin)).collect();
+        for thread in threads {
+            let _ = thread.join();
+        }
+    }
+
+    #[test]
+    fn pause_returns_once_every_thread_is_stopped_and_resume_once_none_is() {
+        // Busy threads on other cores keep running until their next trip into the kernel, after
+        // the main thread (blocked in join) has already stopped.
+        struct KillOnDrop(Child);
+        impl Drop for KillOnDrop {
+            fn drop(&mut self) {
+                let _ = self.0.kill();
+                let _ = self.0.wait();
+            }
+        }
+        let child = Command::new(std::env::current_exe().expect("test binary"))
+            .args([
+                "process::tests::busy_threads_child",
+                "--exact",
+                "--nocapture",
+            ])
+            .env("PALISADE_TESTKIT_BUSY_CHILD", "1")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .map(KillOnDrop)
+            .expect("spawn the busy child");
+        let pid = child.0.id();
+        let deadline = Instant::now() + STARTUP_TIMEOUT;
+        while thread_states(pid).iter().filter(|&&s| s == 'R').count() < 2 {
+            assert!(
+                Instant::now() < deadline,
+                "the child never ran its threads: {:?}",
+                thread_states(pid)
             );
-            server.signal(Signal::SIGCONT).expect("resume");
-            let state = process_state(pid);
-            assert_ne!(
-                state,
-                Some('T'),
-                "round {round}: resume returned while stopped"
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        for round in 0..200 {
+            pause_process(pid).expect("pause");
+            let states = thread_states(pid);
+            assert!(
+                states.len() >= 5 && states.iter().all(|&state| state == 'T'),
+                "round {round}: pause returned with thread states {states:?}"
+            );
+            assert_eq!(process_state(pid), Some('T'));
+            resume_process(pid).expect("resume");
+            let states = thread_states(pid);
+            assert!(
+                !states.contains(&'T'),
+                "round {round}: resume returned with thread states {states:?}"
             );
         }
     }
