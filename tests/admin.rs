@@ -32,6 +32,25 @@ fn wait_for_waiters(p: &Palisade, lock: &str, n: usize) -> serde_json::Value {
     }
 }
 
+/// Whether process `pid` is gone (or a zombie: dead, not yet reaped by whoever inherited it).
+fn gone(pid: u32) -> bool {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        let state = stat
+            .rsplit(')')
+            .next()
+            .and_then(|s| s.trim_start().chars().next());
+        if matches!(state, None | Some('Z')) {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 #[test]
 fn unlock_on_etcd_revokes_the_holder_its_command_stops_and_the_waiter_runs() {
     let etcd = Etcd::start().expect("etcd starts");
@@ -45,12 +64,14 @@ fn unlock_on_etcd_revokes_the_holder_its_command_stops_and_the_waiter_runs() {
         "--",
         "sh",
         "-c",
-        "touch holding; exec sleep 600",
+        "echo $$ > command; touch holding; exec sleep 600",
     ]);
     wait_for_file(
         &p.dir.path().join("holding"),
         "the holder's command to start",
     );
+    let command = std::fs::read_to_string(p.dir.path().join("command")).expect("command's pid");
+    let command: u32 = command.trim().parse().expect("a pid");
     let waiter = p.spawn(&[
         "run",
         "--lock",
@@ -92,6 +113,10 @@ fn unlock_on_etcd_revokes_the_holder_its_command_stops_and_the_waiter_runs() {
         out.status.code(),
         Some(LEASE_LOST),
         "the holder saw its lease revoked: {out:?}"
+    );
+    assert!(
+        gone(command),
+        "the holder's command (sleep 600, pid {command}) still runs after its lease was revoked"
     );
     let out = wait_bounded(waiter, Duration::from_secs(30));
     assert_eq!(
@@ -160,4 +185,66 @@ fn unlock_on_the_file_backend_refuses_while_the_holder_lives_and_names_it() {
         );
         std::thread::sleep(Duration::from_millis(50));
     }
+}
+
+/// A semaphore's waiters are listed once, however many holders it has.
+#[test]
+fn jobs_waiters_lists_a_semaphores_queue_once() {
+    let etcd = Etcd::start().expect("etcd starts");
+    let p = Palisade::new(Some(&etcd));
+    let mut holders = Vec::new();
+    for i in 0..2 {
+        let script = format!("touch holding-{i}; exec sleep 600");
+        holders.push(p.spawn(&[
+            "run", "--lock", "pool", "--slots", "2", "--ttl", "30s", "--", "sh", "-c", &script,
+        ]));
+        wait_for_file(
+            &p.dir.path().join(format!("holding-{i}")),
+            "a holder's command to start",
+        );
+    }
+    let waiter = p.spawn(&[
+        "run",
+        "--lock",
+        "pool",
+        "--slots",
+        "2",
+        "--wait-for",
+        "60s",
+        "--",
+        "touch",
+        "third",
+    ]);
+    let job = wait_for_waiters(&p, "pool", 1);
+    assert_eq!(job["waiters"][0]["pid"], waiter.id(), "{job}");
+    let out = p.output(&["jobs", "--waiters", "--json"]);
+    let lines: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("one JSON per line"))
+        .collect();
+    assert_eq!(lines.len(), 2, "two holders: {lines:?}");
+    assert!(
+        lines
+            .iter()
+            .all(|j| j["waiters"].as_array().map(Vec::len) == Some(1)),
+        "each holder's line shows the one waiter: {lines:?}"
+    );
+    let out = p.output(&["jobs", "--waiters"]);
+    let table = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert_eq!(
+        table.matches("touch third").count(),
+        1,
+        "the waiter is listed once:\n{table}"
+    );
+    for holder in holders {
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(holder.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        )
+        .expect("SIGTERM");
+        wait_bounded(holder, Duration::from_secs(30));
+    }
+    let out = wait_bounded(waiter, Duration::from_secs(30));
+    assert_eq!(out.status.code(), Some(0), "the waiter got a slot: {out:?}");
+    assert!(p.dir.path().join("third").exists());
 }

@@ -152,31 +152,39 @@ fn jobs_lists_a_running_job_and_not_a_finished_one() {
 
 #[test]
 fn a_paused_holder_loses_its_lease_and_its_command_is_terminated() {
+    paused_holder(&["--lock", "x"]);
+}
+
+/// The same for a semaphore's holder (`--slots`): one slot, so that B needs A's.
+#[test]
+fn a_paused_slot_holder_loses_its_slot_and_its_command_is_terminated() {
+    paused_holder(&["--lock", "pool", "--slots", "1"]);
+}
+
+fn paused_holder(lock: &[&str]) {
     let etcd = Etcd::start().expect("etcd starts");
     let p = Palisade::new(Some(&etcd));
     let script = "echo $$ > command; touch started; while true; do sleep 0.05; done";
-    let a = p.spawn(&[
-        "run", "--lock", "x", "--ttl", "2s", "--grace", "1s", "--", "sh", "-c", script,
-    ]);
+    let a = p.spawn(
+        &[
+            &["run"][..],
+            lock,
+            &["--ttl", "2s", "--grace", "1s", "--", "sh", "-c", script],
+        ]
+        .concat(),
+    );
     wait_for_file(&p.dir.path().join("started"), "A's command to start");
 
     // A stops answering (as a process stuck in swap or on a frozen VM would) past its TTL.
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(a.id() as i32),
-        nix::sys::signal::Signal::SIGSTOP,
-    )
-    .unwrap();
-    let b = p.output(&[
-        "run",
-        "--lock",
-        "x",
-        "--wait-for",
-        "20s",
-        "--",
-        "sh",
-        "-c",
-        "touch b-ran",
-    ]);
+    palisade_testkit::pause_process(a.id()).expect("pause A");
+    let b = p.output(
+        &[
+            &["run"][..],
+            lock,
+            &["--wait-for", "20s", "--", "sh", "-c", "touch b-ran"],
+        ]
+        .concat(),
+    );
     assert_eq!(
         b.status.code(),
         Some(0),
@@ -184,11 +192,7 @@ fn a_paused_holder_loses_its_lease_and_its_command_is_terminated() {
     );
     assert!(p.dir.path().join("b-ran").exists());
 
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(a.id() as i32),
-        nix::sys::signal::Signal::SIGCONT,
-    )
-    .unwrap();
+    palisade_testkit::resume_process(a.id()).expect("resume A");
     let output = a.wait_with_output().expect("A exits");
     assert_eq!(
         output.status.code(),
@@ -274,7 +278,12 @@ fn once_runs_a_command_once_across_eight_concurrent_invocations() {
             args.extend(["--store", url]);
         }
         // The run takes a while, so the other invocations find it in progress and wait.
-        args.extend(["--", "sh", "-c", "echo ran >> runs; sleep 0.5"]);
+        args.extend([
+            "--",
+            "sh",
+            "-c",
+            "echo \"$PALISADE_ONCE_KEY $PALISADE_ONCE_TOKEN\" >> runs; sleep 0.5",
+        ]);
         let children: Vec<_> = (0..8).map(|_| p.spawn(&args)).collect();
         let outputs: Vec<_> = children
             .into_iter()
@@ -288,6 +297,12 @@ fn once_runs_a_command_once_across_eight_concurrent_invocations() {
             runs.lines().count(),
             1,
             "[{label}] exactly one run: {runs:?}"
+        );
+        let (key, token) = runs.trim().split_once(' ').expect("key and token");
+        assert_eq!(key, "load-2024-01-31", "[{label}] PALISADE_ONCE_KEY");
+        assert!(
+            token.len() == 32 && token.chars().all(|c| c.is_ascii_hexdigit()),
+            "[{label}] PALISADE_ONCE_TOKEN is the claim's token: {token:?}"
         );
         let replayed = outputs
             .iter()
@@ -620,6 +635,27 @@ fn run_with_slots_admits_n_commands_at_once_and_refuses_the_next() {
             "[{label}] {stderr}"
         );
         assert!(!p.dir.path().join("third-ran").exists());
+        // With a bounded wait that runs out: 75 too, after the wait, and the command never ran.
+        let started = std::time::Instant::now();
+        let bounded = p.output(&[
+            "run",
+            "--lock",
+            "pool",
+            "--slots",
+            "2",
+            "--wait-for",
+            "1s",
+            "--",
+            "touch",
+            "late-ran",
+        ]);
+        assert_eq!(bounded.status.code(), Some(75), "[{label}] {bounded:?}");
+        assert!(
+            started.elapsed() >= std::time::Duration::from_secs(1),
+            "[{label}] gave up after {:?}, before its --wait-for",
+            started.elapsed()
+        );
+        assert!(!p.dir.path().join("late-ran").exists());
         // A run that asks for another number of slots is refused as a configuration error.
         let other = p.output(&["run", "--lock", "pool", "--slots", "3", "--", "true"]);
         assert_eq!(other.status.code(), Some(78), "[{label}] {other:?}");

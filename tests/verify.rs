@@ -70,6 +70,22 @@ fn verify_says_sound_then_names_a_missing_file_and_exits_65() {
     assert_eq!(v["sound"], false, "{v}");
     assert_eq!(v["problems"][0]["problem"], "missing", "{v}");
     assert_eq!(v["problems"][0]["object"], "city=Zürich/part-0.csv", "{v}");
+
+    // A DEST where nothing was ever published (a typo in a nightly check) is not "sound".
+    let nothing = format!("file://{}", p.dir.path().join("dset").display());
+    std::fs::create_dir_all(p.dir.path().join("dset")).unwrap();
+    let out = run(p.command(&["verify", &nothing]));
+    assert_eq!(out.status.code(), Some(66), "{out:?}");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("NO DATASET"), "{text}");
+    let out = run(p.command(&["verify", "--json", &nothing]));
+    assert_eq!(out.status.code(), Some(66), "{out:?}");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("one JSON object");
+    assert_eq!(
+        (&v["sound"], &v["dataset"]),
+        (&false.into(), &false.into()),
+        "{v}"
+    );
 }
 
 #[test]
@@ -143,13 +159,19 @@ fn publish_retains_replaced_versions_for_readers_and_retain_0s_deletes_them() {
         v["retained"].as_array().map_or(0, Vec::len)
     };
     publish(0, &[]);
-    // A reader opened version 0's file; two publishes replace it.
-    let mut reader = std::fs::File::open(dest.join("date=1/part-0.csv")).unwrap();
+    // A reader is inside version 0's partition directory (it holds the directory open and opens
+    // its files by name later, relative to it); two publishes replace the partition. An open
+    // file would survive deletion anyway: the directory's files must still be there to open.
+    let partition = std::fs::File::open(dest.join("date=1")).unwrap();
+    let inside = format!(
+        "/proc/self/fd/{}/part-0.csv",
+        std::os::fd::AsRawFd::as_raw_fd(&partition)
+    );
     publish(1, &[]);
     publish(2, &[]);
     assert_eq!(retained(), 2, "versions 0 and 1 wait for the retention");
-    let mut text = String::new();
-    std::io::Read::read_to_string(&mut reader, &mut text).unwrap();
+    let text =
+        std::fs::read_to_string(&inside).expect("version 0's file, opened after 2 publishes");
     assert_eq!(text, "id\n0\n");
     let out = run(p.command(&["verify", &url]));
     assert!(
@@ -158,6 +180,10 @@ fn publish_retains_replaced_versions_for_readers_and_retain_0s_deletes_them() {
     );
     publish(3, &["--retain", "0s"]);
     assert_eq!(retained(), 0, "--retain 0s deletes what is kept");
+    assert!(
+        std::fs::read_to_string(&inside).is_err(),
+        "version 0's directory is deleted once nothing is retained"
+    );
     let out = run(p.command(&["publish", "--retain", "soon", src.to_str().unwrap(), &url]));
     assert_eq!(
         out.status.code(),

@@ -6,8 +6,8 @@ use std::fmt;
 pub const MISMATCH: u8 = 65;
 /// A network service is unavailable: etcd or Redis could not be reached (sysexits EX_UNAVAILABLE).
 pub const UNAVAILABLE: u8 = 69;
-/// publish: bad input: a missing SRC, an unreadable or invalid file, a bad partition path
-/// (sysexits EX_NOINPUT).
+/// publish: bad input: a missing SRC, an unreadable or invalid file, a bad partition path; verify:
+/// no dataset at DEST (sysexits EX_NOINPUT).
 pub const BAD_INPUT: u8 = 66;
 /// Something went wrong inside palisade itself or with the operating system (EX_SOFTWARE/EX_OSERR).
 pub const INTERNAL: u8 = 70;
@@ -37,7 +37,8 @@ Exit codes:
   2    bad command line
   65   once: the key was used before with a different command; verify: the dataset is not
        sound (or a manifest or object is corrupt)
-  66   publish: bad input (missing SRC, invalid file, bad partition path); the error names the file
+  66   publish: bad input (missing SRC, invalid file, bad partition path); the error names the file;
+       verify: no dataset at DEST (nothing was ever published there)
   69   etcd, Redis or publish's DEST could not be reached (also: DEST did not confirm the
        commit and could not be read back; run again, or check with `palisade verify`)
   70   internal or operating-system error

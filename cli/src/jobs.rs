@@ -4,7 +4,7 @@ use crate::backend::BackendArgs;
 use crate::exit::{CliError, INTERNAL};
 use clap::Args;
 use futures::StreamExt;
-use palisade_lock::{JobEvent, JobInfo};
+use palisade_lock::{Holder, JobEvent, JobInfo};
 use std::io::Write;
 use std::time::Duration;
 
@@ -35,9 +35,13 @@ pub async fn jobs(args: JobsArgs) -> Result<u8, CliError> {
     // Subscribe before listing, so that nothing that happens in between is missed.
     let mut events = args.watch.then(|| registry.watch());
     let running = registry.running().await?;
-    let mut waiting: Vec<(String, Vec<JobInfo>)> = Vec::new();
+    // Each lock's queue once, however many of its holders run (a semaphore has several).
+    let mut waiting: Vec<(String, Vec<Holder>)> = Vec::new();
     if args.waiters {
         for job in &running {
+            if waiting.iter().any(|(lock, _)| *lock == job.lock) {
+                continue;
+            }
             // A lock's contenders are its holder and then its waiters; a semaphore's waiters
             // are all waiting (its holders are listed as running jobs).
             let queue = match job.permits {
@@ -49,19 +53,22 @@ pub async fn jobs(args: JobsArgs) -> Result<u8, CliError> {
                     .skip(1)
                     .collect(),
             };
-            let queue = queue.iter().filter_map(|h| h.job_info()).collect();
             waiting.push((job.lock.clone(), queue));
         }
     }
+    let queue_of = |lock: &str| {
+        waiting
+            .iter()
+            .find(|(l, _)| l == lock)
+            .map(|(_, queue)| queue.as_slice())
+    };
     let mut out = std::io::stdout().lock();
     if args.json {
-        for (i, job) in running.iter().enumerate() {
+        for job in &running {
             let mut line = json_value(None, job);
-            if let (Some((_, queue)), Some(map)) = (waiting.get(i), line.as_object_mut()) {
-                map.insert(
-                    "waiters".into(),
-                    serde_json::to_value(queue).unwrap_or_default(),
-                );
+            if let (Some(queue), Some(map)) = (queue_of(&job.lock), line.as_object_mut()) {
+                let queue: Vec<serde_json::Value> = queue.iter().map(waiter_json).collect();
+                map.insert("waiters".into(), queue.into());
             }
             writeln!(out, "{line}").map_err(io)?;
         }
@@ -73,20 +80,15 @@ pub async fn jobs(args: JobsArgs) -> Result<u8, CliError> {
         )
         .map_err(io)?;
         if args.waiters {
-            let queue: Vec<JobInfo> = waiting
-                .into_iter()
-                .flat_map(|(lock, q)| {
-                    q.into_iter().map(move |mut j| {
-                        j.lock = lock.clone();
-                        j
-                    })
-                })
+            let rows: Vec<[String; 6]> = waiting
+                .iter()
+                .flat_map(|(lock, queue)| queue.iter().map(|w| waiter_row(lock, w)))
                 .collect();
             writeln!(out).map_err(io)?;
             print_table(
                 &mut out,
                 &["WAITING FOR", "HOST", "PID", "SINCE", "JOB", "COMMAND"],
-                &rows(&queue, |j| (j.lock.clone(), j.name.clone())),
+                &rows,
             )
             .map_err(io)?;
         }
@@ -138,6 +140,35 @@ fn lock_label(job: &JobInfo) -> String {
 fn token(job: &JobInfo) -> String {
     job.fencing_token
         .map_or_else(|| "-".into(), |t| t.to_string())
+}
+
+/// A waiter in `--json`: its job, or `{"registered": false}` for a contender that stored no job
+/// (a library user's plain `acquire`).
+fn waiter_json(waiter: &Holder) -> serde_json::Value {
+    match waiter.job_info() {
+        Some(job) => serde_json::to_value(job).unwrap_or_default(),
+        None => serde_json::json!({ "registered": false }),
+    }
+}
+
+/// A waiter's table row: its job, or dashes for a contender that stored no job.
+fn waiter_row(lock: &str, waiter: &Holder) -> [String; 6] {
+    match waiter.job_info() {
+        Some(job) => {
+            let mut row = rows(std::slice::from_ref(&job), |j| {
+                (lock.into(), j.name.clone())
+            });
+            std::mem::take(&mut row[0])
+        }
+        None => [
+            lock.into(),
+            "-".into(),
+            "-".into(),
+            "-".into(),
+            "-".into(),
+            "(not a registered job)".into(),
+        ],
+    }
 }
 
 fn json_value(event: Option<&str>, job: &JobInfo) -> serde_json::Value {

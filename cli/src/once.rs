@@ -134,7 +134,13 @@ async fn run(
     let slot = child.clone();
     let outcome = store
         .once_with_claim(&args.key, &fingerprint, options, move |claim| async move {
-            let env = [("PALISADE_ONCE_KEY", claim.key().to_string())];
+            // The token identifies this run of the key: a command that records it with its
+            // effect (in the same write) can tell, when it runs again after a lost claim,
+            // that the effect was already made (the run-once contract).
+            let env = [
+                ("PALISADE_ONCE_KEY", claim.key().to_string()),
+                ("PALISADE_ONCE_TOKEN", claim.token().as_str().to_string()),
+            ];
             let started = Child::spawn_forwarding(&command, &env)?;
             *slot.lock().unwrap_or_else(|p| p.into_inner()) = Some(started.clone());
             let status = tokio::select! {

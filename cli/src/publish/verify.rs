@@ -5,7 +5,7 @@ use clap::Args;
 use palisade_idempotency::{Problem, Verification};
 
 use super::{open_store, shown};
-use crate::exit::{CliError, INTERNAL, UNSOUND};
+use crate::exit::{BAD_INPUT, CliError, INTERNAL, UNSOUND};
 
 /// Flags of `palisade verify`.
 #[derive(Debug, Args)]
@@ -23,21 +23,36 @@ pub struct VerifyArgs {
     pub json: bool,
 }
 
-/// Runs `palisade verify`: exit 0 when the dataset is sound, 65 when it is not.
+/// Runs `palisade verify`: exit 0 when the dataset is sound, 65 when it is not, 66 when there is
+/// no dataset at DEST (nothing was ever published there: a mistyped URL must not pass a check).
 pub async fn verify(args: VerifyArgs) -> Result<u8, CliError> {
     let store = open_store(&args.dest)?;
     let v = palisade_idempotency::verify(&store, "", args.hashes).await?;
+    let no_dataset = v.generation == 0 && v.pending_commit.is_none();
     if args.json {
         let mut value =
             serde_json::to_value(&v).map_err(|e| CliError::new(INTERNAL, e.to_string()))?;
         value["dest"] = args.dest.clone().into();
-        value["sound"] = v.is_sound().into();
+        value["sound"] = (v.is_sound() && !no_dataset).into();
+        value["dataset"] = (!no_dataset).into();
         println!("{value}");
+    } else if no_dataset {
+        println!(
+            "{}: NO DATASET: nothing was ever published there (no {MANIFEST}); check the URL",
+            args.dest
+        );
     } else {
         print!("{}", report(&args.dest, &v));
     }
-    Ok(if v.is_sound() { 0 } else { UNSOUND })
+    Ok(match () {
+        () if no_dataset => BAD_INPUT,
+        () if v.is_sound() => 0,
+        () => UNSOUND,
+    })
 }
+
+/// The manifest's file name, as `palisade verify` names it.
+const MANIFEST: &str = "_manifest.json";
 
 fn report(dest: &str, v: &Verification) -> String {
     let what = if v.hashes_checked {
