@@ -42,6 +42,10 @@ macro_rules! suite {
                 common::election($make(2).await).await;
             }
             #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+            async fn observe_follows_the_holder() {
+                common::observe_follows_the_holder($make(2).await).await;
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
             async fn invalid_names() {
                 common::invalid_names($make(1).await).await;
             }

@@ -11,37 +11,31 @@ use futures::StreamExt;
 use palisade_lock::{Coordinator, JobInfo, LockError, RunOutcome, Wait};
 
 /// 24 tasks spread over the fixture's coordinators take a 3-slot semaphore 4 times each. Every
-/// critical section records its enter and exit time; afterwards no instant is inside more than
-/// 3 of them, and tokens strictly increase in the order the slots were granted.
+/// critical section records when its acquire was called, when it entered and when it left;
+/// afterwards no instant is inside more than 3 of them, tokens are unique, and an acquisition
+/// that began after another one had returned has the larger token (the order in which tasks
+/// report their tokens proves nothing: a task can be scheduled late after its grant).
 async fn never_more_than_n_inside(f: Fixture) {
     const PERMITS: u32 = 3;
     let start = Instant::now();
-    let sections: Arc<Mutex<Vec<(Duration, Duration, u64)>>> = Arc::default();
-    let last_token = Arc::new(Mutex::new(0u64));
+    let sections: Arc<Mutex<Vec<Section>>> = Arc::default();
     let mut tasks = Vec::new();
-    for (i, c) in f.clients.iter().cycle().take(24).enumerate() {
+    for c in f.clients.iter().cycle().take(24) {
         let sem = c.semaphore("backfill", PERMITS).unwrap();
-        let (sections, last_token) = (sections.clone(), last_token.clone());
+        let sections = sections.clone();
         tasks.push(tokio::spawn(async move {
             for _ in 0..4 {
+                let asked = start.elapsed();
                 let g = sem.acquire().await.expect("acquire");
                 let enter = start.elapsed();
-                {
-                    let mut last = last_token.lock().unwrap();
-                    assert!(
-                        g.fencing_token() > *last,
-                        "task {i}: token {} after {}",
-                        g.fencing_token(),
-                        *last
-                    );
-                    *last = g.fencing_token();
-                }
                 tokio::time::sleep(Duration::from_millis(5)).await;
                 let exit = start.elapsed();
-                sections
-                    .lock()
-                    .unwrap()
-                    .push((enter, exit, g.fencing_token()));
+                sections.lock().unwrap().push(Section {
+                    asked,
+                    enter,
+                    exit,
+                    token: g.fencing_token(),
+                });
                 g.release().await.expect("release");
             }
         }));
@@ -54,7 +48,7 @@ async fn never_more_than_n_inside(f: Fixture) {
     // Sweep: +1 at each enter, -1 at each exit (exits first at equal times).
     let mut edges: Vec<(Duration, i32)> = sections
         .iter()
-        .flat_map(|(enter, exit, _)| [(*enter, 1), (*exit, -1)])
+        .flat_map(|s| [(s.enter, 1), (s.exit, -1)])
         .collect();
     edges.sort();
     let (mut inside, mut most) = (0, 0);
@@ -63,6 +57,32 @@ async fn never_more_than_n_inside(f: Fixture) {
         most = most.max(inside);
     }
     assert!(most <= PERMITS as i32, "{most} holders inside at once");
+    let mut tokens: Vec<u64> = sections.iter().map(|s| s.token).collect();
+    tokens.sort_unstable();
+    tokens.dedup();
+    assert_eq!(tokens.len(), 96, "every acquisition has its own token");
+    for later in &sections {
+        for earlier in sections.iter().filter(|e| e.enter < later.asked) {
+            assert!(
+                later.token > earlier.token,
+                "an acquisition asked at {:?} got token {} after one that returned at {:?} \
+                 with token {}",
+                later.asked,
+                later.token,
+                earlier.enter,
+                earlier.token
+            );
+        }
+    }
+}
+
+/// One critical section of [`never_more_than_n_inside`].
+#[derive(Clone, Copy, Debug)]
+struct Section {
+    asked: Duration,
+    enter: Duration,
+    exit: Duration,
+    token: u64,
 }
 
 /// N slots are granted at once; the next contender is refused, and `holders` lists the N.
@@ -154,12 +174,14 @@ async fn disagreeing_permits_fail(f: Fixture) {
     );
 }
 
-/// Waiters are served in arrival order: each queues only after the previous one is queued.
+/// Waiters are served in arrival order: each queues only after the previous one is queued. The
+/// grant order is read from the tokens (handed out in grant order), not from the order in which
+/// the tasks report, which the scheduler may swap when two slots free up at once.
 async fn fifo(f: Fixture) {
     let c = &f.clients[0];
     let sem = c.semaphore("queue", 2).unwrap();
     let held = vec![sem.acquire().await.unwrap(), sem.acquire().await.unwrap()];
-    let order: Arc<Mutex<Vec<usize>>> = Arc::default();
+    let order: Arc<Mutex<Vec<(u64, usize)>>> = Arc::default();
     let mut tasks = Vec::new();
     for i in 0..5 {
         let s = f.clients[i % f.clients.len()]
@@ -168,7 +190,7 @@ async fn fifo(f: Fixture) {
         let order = order.clone();
         tasks.push(tokio::spawn(async move {
             let g = s.acquire().await.expect("acquire");
-            order.lock().unwrap().push(i);
+            order.lock().unwrap().push((g.fencing_token(), i));
             tokio::time::sleep(Duration::from_millis(20)).await;
             g.release().await.unwrap();
         }));
@@ -186,7 +208,14 @@ async fn fifo(f: Fixture) {
     for t in tasks {
         bounded("waiters finish", t).await.unwrap();
     }
-    assert_eq!(*order.lock().unwrap(), vec![0, 1, 2, 3, 4]);
+    let mut order = order.lock().unwrap().clone();
+    order.sort_unstable();
+    let granted: Vec<usize> = order.iter().map(|&(_, i)| i).collect();
+    assert_eq!(
+        granted,
+        vec![0, 1, 2, 3, 4],
+        "grant order (by token): {order:?}"
+    );
 }
 
 /// `run_limited` registers every holder under its own entry, with its permits and token.

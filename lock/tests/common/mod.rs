@@ -421,3 +421,43 @@ pub async fn drop_then_relock(f: Fixture) {
         drop(g);
     }
 }
+
+/// `holder` and `observe` follow a lock: free, then A with A's token, then B with B's, then free
+/// again. Polling backends may skip a state that lasts less than a poll, so each step waits for
+/// the state it caused before causing the next.
+pub async fn observe_follows_the_holder(f: Fixture) {
+    let (a, b) = (&f.clients[0], &f.clients[f.clients.len() - 1]);
+    assert!(
+        b.holder("watched").await.unwrap().is_none(),
+        "free at first"
+    );
+    let mut seen = b.observe("watched").unwrap();
+    let first = bounded("observe's first report", seen.next())
+        .await
+        .expect("observe reports the state now");
+    assert!(first.is_none(), "free at first: {first:?}");
+
+    async fn until(
+        seen: &mut futures::stream::BoxStream<'static, Option<palisade_lock::Holder>>,
+        want: Option<u64>,
+    ) {
+        loop {
+            let holder = bounded(&format!("observe to report {want:?}"), seen.next())
+                .await
+                .expect("observe's stream ended");
+            if holder.map(|h| h.fencing_token) == want {
+                return;
+            }
+        }
+    }
+    let ga = a.lock("watched").await.unwrap();
+    until(&mut seen, Some(ga.fencing_token())).await;
+    let now = b.holder("watched").await.unwrap();
+    assert_eq!(now.map(|h| h.fencing_token), Some(ga.fencing_token()));
+    ga.release().await.unwrap();
+    let gb = b.lock("watched").await.unwrap();
+    until(&mut seen, Some(gb.fencing_token())).await;
+    gb.release().await.unwrap();
+    until(&mut seen, None).await;
+    assert!(b.holder("watched").await.unwrap().is_none());
+}
