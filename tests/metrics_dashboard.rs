@@ -62,6 +62,9 @@ async fn the_example_serves_resilience4j_and_envoy_names_over_http() {
     redis.kill().expect("stop redis");
     let d = limiter.check("user:42").await.expect("fail open");
     assert!(d.allowed && d.server_time.is_none());
+    // A peek (cost 0) while Redis is down is answered by the policy too, and counts nothing.
+    let peek = limiter.check_n("user:42", 0).await.expect("fail open");
+    assert!(peek.allowed);
 
     let body = tokio::task::spawn_blocking(move || scrape(addr))
         .await

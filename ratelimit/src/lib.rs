@@ -20,11 +20,12 @@ pub use layer::{BoxError, Mode, RateLimit, RateLimitLayer, Rejected};
 pub use limit::{Algorithm, Limit, MAX_WINDOW, MIN_WINDOW};
 pub use limiter::RateLimiter;
 pub use local::{DefaultClock, LocalLimiter, TokioClock, TokioInstant};
-#[cfg(feature = "tls")]
-pub use redis::connect_with_tls;
 pub use redis::{
     DEFAULT_TIMEOUT, Policy, RedisLimiter, RedisLimiterBuilder, connect, connect_cluster,
+    connect_lazy,
 };
+#[cfg(feature = "tls")]
+pub use redis::{connect_with_tls, connect_with_tls_lazy};
 
 /// The redis crate this limiter is built on (for its connection types).
 pub use ::redis as redis_crate;

@@ -200,8 +200,9 @@ impl From<Limit> for LimitConfig {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 #[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 pub enum Algorithm {
-    /// Exact: one sorted-set entry per admitted unit; never more than `max` in any window.
-    /// Memory per key grows with `max`.
+    /// Exact: one sorted-set entry per admitted decision, carrying its cost; never more than `max`
+    /// units in any window. Memory per key ≈ 120 bytes × the decisions admitted in one window, at
+    /// most `max` entries (fewer when decisions cost more than one unit).
     #[default]
     SlidingLog,
     /// Approximate, O(1) memory per key: the current fixed window plus the previous one weighted

@@ -5,7 +5,10 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use palisade_ratelimit::redis_crate::{self as redis, aio::ConnectionManager};
-use palisade_ratelimit::{Algorithm, Limit, RateLimiter, RedisLimiter, connect, connect_cluster};
+use palisade_ratelimit::{
+    Algorithm, Error, Limit, LocalLimiter, Policy, RateLimiter, RedisLimiter, connect,
+    connect_cluster,
+};
 use palisade_testkit::{Redis, RedisCluster};
 
 async fn conn(url: &str) -> ConnectionManager {
@@ -166,7 +169,8 @@ async fn reset_clears_every_limit_algorithm_and_the_denial_cache() {
     };
     let log = build(Algorithm::SlidingLog);
     let gcra = build(Algorithm::Gcra { burst: 5 });
-    for l in [&log, &gcra] {
+    let window = build(Algorithm::SlidingWindowCounter);
+    for l in [&log, &gcra, &window] {
         assert_eq!(l.check_n("user", 5).await.unwrap().remaining, 0);
         assert!(!l.check("user").await.unwrap().allowed);
         assert!(!l.check("user").await.unwrap().allowed, "cached");
@@ -189,6 +193,46 @@ async fn reset_clears_every_limit_algorithm_and_the_denial_cache() {
     assert!(!gcra.check("user").await.unwrap().allowed);
     gcra.reset("user").await.unwrap();
     assert_eq!(gcra.check("user").await.unwrap().remaining, 4);
+    assert!(!window.check("user").await.unwrap().allowed, "cached");
+    window.reset("user").await.unwrap();
+    let d = window.check("user").await.unwrap();
+    assert!(
+        d.allowed && d.remaining == 4,
+        "window counter after reset: {d:?}"
+    );
+}
+
+/// `reset` clears a key in the `Policy::Local` fallback too, even while Redis is down (the reset
+/// of the Redis keys then fails, and says so).
+#[tokio::test(flavor = "multi_thread")]
+async fn reset_clears_the_local_fallback_while_redis_is_down() {
+    let server = Redis::start().expect("redis-server");
+    let limit = Limit::per_minute(2).unwrap();
+    let limiter = RedisLimiter::builder(conn(&server.url()).await)
+        .limit(limit)
+        .on_unavailable(Policy::Local(LocalLimiter::new(limit).unwrap()))
+        .timeout(Duration::from_millis(300))
+        .build()
+        .unwrap();
+    server.kill().expect("kill redis-server");
+    let local: Vec<bool> = [
+        limiter.check("k").await.unwrap().allowed,
+        limiter.check("k").await.unwrap().allowed,
+        limiter.check("k").await.unwrap().allowed,
+    ]
+    .into();
+    assert_eq!(local, [true, true, false], "the local fallback decides");
+    assert!(
+        matches!(
+            limiter.reset("k").await,
+            Err(Error::Unavailable(_) | Error::Timeout(_))
+        ),
+        "the Redis part of the reset fails while Redis is down"
+    );
+    assert!(
+        limiter.check("k").await.unwrap().allowed,
+        "the local fallback forgot the key"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -216,6 +260,37 @@ async fn a_changed_max_applies_to_the_existing_history() {
         assert!(!p.allowed && p.remaining == 0, "{algorithm:?}: {p:?}");
         assert!(!lowered.check("k").await.unwrap().allowed, "{algorithm:?}");
     }
+}
+
+/// GCRA stores a time (the theoretical arrival time), not a count: a changed rate re-reads the
+/// backlog at the new rate. 100/h used up is one hour of backlog; at 120/h (one unit per 30 s)
+/// that hour is a full burst of 120, so the next unit is due in 30 s; at 50/h in 72 s.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_changed_gcra_rate_rereads_the_backlog_at_the_new_rate() {
+    let server = Redis::start().expect("redis-server");
+    let c = conn(&server.url()).await;
+    let with = |max| {
+        RedisLimiter::builder(c.clone())
+            .prefix("live-gcra")
+            .algorithm(Algorithm::Gcra { burst: max })
+            .limit(Limit::per_hour(max).unwrap())
+            .build()
+            .unwrap()
+    };
+    let (old, raised, lowered) = (with(100), with(120), with(50));
+    assert_eq!(old.check_n("k", 100).await.unwrap().remaining, 0);
+    let near = |d: palisade_ratelimit::Decision, secs: u64| {
+        let retry = d.retry_after.expect("denied with retry_after");
+        assert!(
+            !d.allowed
+                && retry <= Duration::from_secs(secs)
+                && retry > Duration::from_secs(secs - 5),
+            "expected a denial due in about {secs} s: {d:?}"
+        );
+    };
+    near(old.check("k").await.unwrap(), 36);
+    near(raised.check("k").await.unwrap(), 30);
+    near(lowered.check("k").await.unwrap(), 72);
 }
 
 #[tokio::test(flavor = "multi_thread")]

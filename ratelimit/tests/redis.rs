@@ -5,7 +5,7 @@ use std::time::{Duration, Instant};
 use palisade_ratelimit::redis_crate::{self as redis, aio::ConnectionManager};
 use palisade_ratelimit::{
     Algorithm, Error, Limit, LocalLimiter, Policy, RateLimiter, RedisLimiter, connect,
-    connect_cluster,
+    connect_cluster, connect_lazy,
 };
 use palisade_testkit::{Redis, RedisCluster, RedisOptions};
 
@@ -577,6 +577,47 @@ async fn redis_down_from_the_start_is_answered_within_the_timeout() {
         matches!(r, Err(Error::Unavailable(_) | Error::Timeout(_))),
         "acquire fails fast: {r:?}"
     );
+}
+
+/// A process that starts while Redis is down keeps its policy from the first decision
+/// (`connect` would fail instead), and uses Redis once it is up.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_lazy_connection_applies_the_policy_until_redis_is_up() {
+    let server = Redis::start().expect("redis-server");
+    server.kill().expect("kill redis-server");
+    assert!(
+        connect(&server.url(), Duration::from_millis(300))
+            .await
+            .is_err(),
+        "connect fails while Redis is down"
+    );
+    let limiter =
+        RedisLimiter::builder(connect_lazy(&server.url(), Duration::from_millis(300)).unwrap())
+            .limit(Limit::per_minute(1).unwrap())
+            .on_unavailable(Policy::FailOpen)
+            .timeout(Duration::from_millis(300))
+            .build()
+            .unwrap();
+    for _ in 0..3 {
+        let d = limiter.check("k").await.expect("the policy answers");
+        assert!(d.allowed, "admitted by FailOpen while Redis is down: {d:?}");
+    }
+    server.restart().expect("restart redis-server on its port");
+    // Once Redis answers, it decides: one admission per minute, then denials.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut decisions = Vec::new();
+    loop {
+        let d = limiter.check("k").await.expect("a decision");
+        decisions.push(d.allowed);
+        if !d.allowed {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "Redis never decided after its restart: {decisions:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -53,20 +53,68 @@ pub async fn connect_with_tls(
     timeout: Duration,
 ) -> Result<ConnectionManager, Error> {
     install_crypto_provider();
-    let client = redis::Client::build_with_tls(url, certs).map_err(|e| Error::InvalidConfig {
-        field: "tls",
-        reason: format!("is unusable: {e} (it needs a rediss:// URL and PEM certificates)"),
-    })?;
-    manage(client, timeout).await
+    manage(tls_client(url, certs)?, timeout).await
 }
 
-async fn manage(client: redis::Client, timeout: Duration) -> Result<ConnectionManager, Error> {
-    let config = ConnectionManagerConfig::new()
+#[cfg(feature = "tls")]
+fn tls_client(url: &str, certs: redis::TlsCertificates) -> Result<redis::Client, Error> {
+    redis::Client::build_with_tls(url, certs).map_err(|e| Error::InvalidConfig {
+        field: "tls",
+        reason: format!("is unusable: {e} (it needs a rediss:// URL and PEM certificates)"),
+    })
+}
+
+/// Like [`connect`], without connecting now: the first decision connects, and until Redis
+/// answers every decision is unavailable, so the limiter's [`Policy`](crate::Policy) decides.
+/// For a limiter with [`Policy::FailOpen`](crate::Policy::FailOpen) or
+/// [`Policy::Local`](crate::Policy::Local) whose process must start, and keep its policy, while
+/// Redis is down ([`connect`] fails then). Only a malformed URL fails here; a refused password
+/// or certificate fails the first decision with its typed error. Call it inside a Tokio runtime.
+///
+/// ```
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), palisade_ratelimit::Error> {
+/// use palisade_ratelimit::{Limit, Policy, RedisLimiter, connect_lazy};
+/// use std::time::Duration;
+/// // Nothing listens on port 1: every decision is admitted by the policy.
+/// let conn = connect_lazy("redis://127.0.0.1:1/", Duration::from_millis(100))?;
+/// let limiter = RedisLimiter::builder(conn)
+///     .limit(Limit::per_second(10)?)
+///     .on_unavailable(Policy::FailOpen)
+///     .timeout(Duration::from_millis(100))
+///     .build()?;
+/// assert!(limiter.check("partner-api").await?.allowed);
+/// # Ok(()) }
+/// ```
+pub fn connect_lazy(url: &str, timeout: Duration) -> Result<ConnectionManager, Error> {
+    #[cfg(feature = "tls")]
+    install_crypto_provider();
+    let client = redis::Client::open(url).map_err(Error::Redis)?;
+    ConnectionManager::new_lazy_with_config(client, manager_config(timeout)).map_err(Error::Redis)
+}
+
+/// [`connect_with_tls`] without connecting now, as [`connect_lazy`] is to [`connect`].
+#[cfg(feature = "tls")]
+pub fn connect_with_tls_lazy(
+    url: &str,
+    certs: redis::TlsCertificates,
+    timeout: Duration,
+) -> Result<ConnectionManager, Error> {
+    install_crypto_provider();
+    let client = tls_client(url, certs)?;
+    ConnectionManager::new_lazy_with_config(client, manager_config(timeout)).map_err(Error::Redis)
+}
+
+fn manager_config(timeout: Duration) -> ConnectionManagerConfig {
+    ConnectionManagerConfig::new()
         .set_connection_timeout(Some(timeout))
         .set_response_timeout(Some(timeout))
         .set_number_of_retries(2)
-        .set_max_delay(Duration::from_secs(1));
-    ConnectionManager::new_with_config(client, config)
+        .set_max_delay(Duration::from_secs(1))
+}
+
+async fn manage(client: redis::Client, timeout: Duration) -> Result<ConnectionManager, Error> {
+    ConnectionManager::new_with_config(client, manager_config(timeout))
         .await
         .map_err(classify_connect)
 }

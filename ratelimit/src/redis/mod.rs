@@ -19,9 +19,9 @@ use crate::algorithm::{Params, Verdict};
 use crate::{Algorithm, Decision, Error, Limit, LocalLimiter, RateLimiter, stats};
 use cache::DenialCache;
 use connect::classify_unavailable;
+pub use connect::{connect, connect_cluster, connect_lazy};
 #[cfg(feature = "tls")]
-pub use connect::connect_with_tls;
-pub use connect::{connect, connect_cluster};
+pub use connect::{connect_with_tls, connect_with_tls_lazy};
 
 static SLIDING_LOG: LazyLock<Script> =
     LazyLock::new(|| Script::new(&scripts::full(scripts::SLIDING_LOG)));
@@ -438,7 +438,7 @@ where
         if let Some(cache) = &self.inner.cache
             && let Some(d) = cache.lookup(key, n, Instant::now())
         {
-            stats::decided(&self.inner.prefix, n, &d);
+            stats::decided(&self.inner.prefix, n, &d); // never a peek: n >= the cached cost > 0
             return Ok(d);
         }
         match self.run_script(key, n, None).await {
@@ -475,8 +475,11 @@ where
                     }
                     Policy::Local(local) => local.check_n_now(key, n),
                 };
-                let admitted = answer.as_ref().ok().map(|d| d.allowed);
-                stats::unavailable(&self.inner.prefix, admitted);
+                if n > 0 {
+                    // Peeks count nothing, here as when Redis answers.
+                    let admitted = answer.as_ref().ok().map(|d| d.allowed);
+                    stats::unavailable(&self.inner.prefix, admitted);
+                }
                 answer
             }
             Err(e) => Err(e),
