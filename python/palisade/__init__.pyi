@@ -240,19 +240,31 @@ class RateLimiter:
         cluster: bool = False,
         tls_ca: Optional[str] = None,
     ) -> RateLimiter:
-        """``url``: redis:// or rediss:// (``tls_ca``: a PEM CA file to trust instead of the
-        system's roots); with ``cluster=True``, one node's URL or a list of them."""
+        """A limiter on Redis; every decision is one atomic script timed by Redis's clock.
+        ``url``: redis:// or rediss:// (``tls_ca``: a PEM CA file to trust instead of the
+        system's roots); with ``cluster=True``, one node's URL or a list of them.
+        ``on_unavailable``: "closed" connects now and raises Unavailable if Redis is down;
+        "open" (admit) and "local" (decide in this process) connect at the first decision, so
+        the policy answers from the start while Redis is down."""
     @staticmethod
-    def file(dir: str, limits: _Limits) -> RateLimiter: ...
+    def file(dir: str, limits: _Limits) -> RateLimiter:
+        """A limiter shared by the processes of one host: an exact sliding log per key in a
+        file under ``dir``, updated under an exclusive lock."""
     @staticmethod
-    def local(limit: _Limits, *, burst: Optional[int] = None) -> RateLimiter: ...
-    def check(self, key: str, cost: int = 1) -> Decision: ...
+    def local(limits: _Limits, *, burst: Optional[int] = None) -> RateLimiter:
+        """A limiter for this process only (GCRA): one limit, ``burst`` units back to back
+        (default: the limit's count)."""
+    def check(self, key: str, cost: int = 1) -> Decision:
+        """Decides now: admits ``cost`` units for ``key`` or denies with ``retry_after``.
+        ``cost=0`` peeks (remaining, reset_after) without consuming."""
     def acquire(self, key: str, cost: int = 1, timeout: Optional[float] = None) -> Decision:
         """Waits (GIL released) until admitted; raises RateLimited after timeout."""
     async def acquire_async(
         self, key: str, cost: int = 1, timeout: Optional[float] = None
-    ) -> Decision: ...
-    def reset(self, key: str) -> None: ...
+    ) -> Decision:
+        """``acquire`` for asyncio: awaits until admitted; raises RateLimited after timeout."""
+    def reset(self, key: str) -> None:
+        """Forgets ``key``'s history on every limit (the next decision starts empty)."""
 
 def publish(
     src: str,

@@ -18,7 +18,9 @@ class Unavailable(Error, ConnectionError):
 
 
 class AuthError(Error, PermissionError):
-    """A server refused our credentials or our permissions (wrong password, missing role)."""
+    """A server refused our credentials or our permissions (wrong password, missing role or ACL
+    permission), or a TLS certificate was refused (by us or by the server). Retrying does not
+    help: fix the configuration."""
 
 
 class BreakerOpen(Error):

@@ -61,8 +61,9 @@ enum Built {
 }
 
 static BUILT: PerProcess<Arc<Mutex<HashMap<Config, Built>>>> = PerProcess::new();
-/// A standalone connection's identity: its URL and CA.
-type ConnectionId = (String, Option<Vec<u8>>);
+/// A standalone connection's identity: its URL, its CA, and whether it connected lazily (an
+/// "open" or "local" limiter's; a "closed" one connects when it is made, and says if it cannot).
+type ConnectionId = (String, Option<Vec<u8>>, bool);
 static CONNECTIONS: PerProcess<
     Arc<Mutex<HashMap<ConnectionId, palisade_ratelimit::redis_crate::aio::ConnectionManager>>>,
 > = PerProcess::new();
@@ -78,11 +79,21 @@ pub(crate) fn limit_error(py: Python<'_>, e: Error) -> PyErr {
                 .setattr("retry_after", d.retry_after.map(|r| r.as_secs_f64()));
             err
         }
-        Error::Timeout(_) | Error::Unavailable(_) | Error::Tls { .. } => {
-            errors::raise(py, "Unavailable", message)
-        }
+        Error::Timeout(_) | Error::Unavailable(_) => errors::raise(py, "Unavailable", message),
+        // Refusals that retrying does not cure: a certificate, a password, an ACL permission.
+        Error::Tls { .. } => errors::raise(py, "AuthError", message),
+        Error::Redis(ref e) if refused(e) => errors::raise(py, "AuthError", message),
         _ => errors::error(message),
     }
+}
+
+/// Whether Redis refused our credentials (`WRONGPASS`, `NOAUTH`) or an ACL permission (`NOPERM`).
+fn refused(e: &palisade_ratelimit::redis_crate::RedisError) -> bool {
+    use palisade_ratelimit::redis_crate::{ErrorKind, ServerErrorKind};
+    matches!(
+        e.kind(),
+        ErrorKind::AuthenticationFailed | ErrorKind::Server(ServerErrorKind::NoPerm)
+    ) || matches!(e.code(), Some("NOAUTH" | "WRONGPASS" | "NOPERM"))
 }
 
 fn parse_limits(py: Python<'_>, limits: &[String]) -> PyResult<Vec<Limit>> {
@@ -201,21 +212,26 @@ pub(crate) struct RedisParts {
 }
 
 impl RedisParts {
-    /// A connection to the standalone Redis at `url` for this limiter (its CA, if any).
+    /// A connection to the standalone Redis at `url` for this limiter (its CA, if any). With
+    /// `on_unavailable` "open" or "local" it connects at the first decision, so that the policy
+    /// answers from the start when Redis is down (an eager connect would raise instead).
     pub(crate) async fn connect(
         &self,
         url: &str,
     ) -> Result<palisade_ratelimit::redis_crate::aio::ConnectionManager, Error> {
         let timeout = self.timeout.max(Duration::from_secs(5));
-        match &self.tls_ca {
-            Some(ca) => {
-                let certs = palisade_ratelimit::redis_crate::TlsCertificates {
-                    client_tls: None,
-                    root_cert: Some(ca.clone()),
-                };
-                palisade_ratelimit::connect_with_tls(url, certs, timeout).await
+        let lazy = !matches!(self.policy, Policy::FailClosed);
+        let certs = |ca: &Vec<u8>| palisade_ratelimit::redis_crate::TlsCertificates {
+            client_tls: None,
+            root_cert: Some(ca.clone()),
+        };
+        match (&self.tls_ca, lazy) {
+            (Some(ca), false) => {
+                palisade_ratelimit::connect_with_tls(url, certs(ca), timeout).await
             }
-            None => palisade_ratelimit::connect(url, timeout).await,
+            (Some(ca), true) => palisade_ratelimit::connect_with_tls_lazy(url, certs(ca), timeout),
+            (None, false) => palisade_ratelimit::connect(url, timeout).await,
+            (None, true) => palisade_ratelimit::connect_lazy(url, timeout),
         }
     }
 
@@ -250,7 +266,11 @@ fn connection(
     parts: &RedisParts,
 ) -> PyResult<palisade_ratelimit::redis_crate::aio::ConnectionManager> {
     let all = CONNECTIONS.get_or_try_init(|| Ok::<_, PyErr>(Arc::default()))?;
-    let id = (url.to_string(), parts.tls_ca.clone());
+    let id = (
+        url.to_string(),
+        parts.tls_ca.clone(),
+        !matches!(parts.policy, Policy::FailClosed),
+    );
     if let Some(c) = all.lock().unwrap_or_else(|p| p.into_inner()).get(&id) {
         return Ok(c.clone());
     }
@@ -358,7 +378,9 @@ impl RateLimiter {
     /// A limiter on Redis: every decision is one atomic script timed by Redis's clock.
     /// `algorithm`: "sliding_log" (exact), "sliding_window" (approximate, O(1) memory) or
     /// "gcra" (`burst` units back to back). `on_unavailable`: "closed" (raise `Unavailable`),
-    /// "open" (admit) or "local" (decide in this process until Redis is back). Connects now.
+    /// "open" (admit) or "local" (decide in this process until Redis is back). With "closed" it
+    /// connects now and raises `Unavailable` if Redis is down; with "open" or "local" it connects
+    /// at the first decision, so that the policy answers from the start while Redis is down.
     /// `url`: `redis://` or `rediss://` (TLS; `tls_ca`: a PEM file with the CA to trust instead
     /// of the system's roots, read by each process that uses the limiter); with `cluster=True`,
     /// one node's URL or a list of them (a Redis Cluster; every key's state is in one slot).
@@ -416,9 +438,9 @@ impl RateLimiter {
     /// A limiter for this process (GCRA on governor): one limit, `burst` units back to back
     /// (default: the limit's count).
     #[staticmethod]
-    #[pyo3(signature = (limit, *, burst=None))]
-    fn local(py: Python<'_>, limit: Limits, burst: Option<u32>) -> PyResult<Self> {
-        let [limit]: [String; 1] = limit.0.try_into().map_err(|_| {
+    #[pyo3(signature = (limits, *, burst=None))]
+    fn local(py: Python<'_>, limits: Limits, burst: Option<u32>) -> PyResult<Self> {
+        let [limit]: [String; 1] = limits.0.try_into().map_err(|_| {
             errors::config(py, "the local limiter takes one limit, such as \"100/min\"")
         })?;
         let l = RateLimiter::new(Config::Local {

@@ -1,9 +1,11 @@
 import pickle
 import threading
+import time
 
 import pytest
 
 import palisade
+from conftest import wait_until
 
 
 def failing(exc: BaseException):
@@ -143,9 +145,87 @@ def test_events_report_calls_and_transitions_in_order():
         events.get(timeout=-1)
 
 
+def test_events_wait_for_one_from_another_thread():
+    b = palisade.CircuitBreaker("t-events-get")
+    events = b.events()
+    threading.Timer(0.2, b.force_open).start()
+    first = events.get(timeout=30)  # waits, the GIL released, for the timer thread's change
+    assert first is not None, "no event within 30s of force_open() in another thread"
+    assert first == {"type": "state_transition", "from": "closed", "to": "forced_open"}
+
+
 def test_iterating_events_blocks_until_one_arrives_from_another_thread():
     b = palisade.CircuitBreaker("t-events-iter")
+    events = b.events()  # subscribed before the change: its event is kept however late we read
+    got, errors = [], []
+
+    def iterate():
+        try:
+            got.append(next(iter(events)))  # blocks, the GIL released, until an event comes
+        except BaseException as e:  # noqa: BLE001 -- reported by the main thread
+            errors.append(repr(e))
+
+    reader = threading.Thread(target=iterate, daemon=True)
+    reader.start()
+    threading.Timer(0.2, b.force_open).start()
+    reader.join(timeout=30)
+    if reader.is_alive():
+        b.reset()  # another event, so that the reader ends instead of blocking for ever
+        reader.join(timeout=10)
+        pytest.fail("iterating the events did not return within 30s of force_open()")
+    assert errors == [], errors
+    assert got == [{"type": "state_transition", "from": "closed", "to": "forced_open"}]
+
+
+def open_half_open_breaker(name, **options):
+    """A breaker opened by two failures, that lets one probe through 0.2 s later."""
+    b = palisade.CircuitBreaker(name, sliding_window=2, minimum_calls=2, wait_in_open=0.2,
+                                half_open_permits=1, **options)
     events = b.events()
-    threading.Timer(0.2, lambda: b.force_open()).start()
-    first = next(iter(events))  # waits, the GIL released, for the timer thread's change
-    assert first == {"type": "state_transition", "from": "closed", "to": "forced_open"}
+    for _ in range(2):
+        with pytest.raises(OSError):
+            b.call(failing(OSError("down")))
+    # Not asserted here: a call is rejected now. On a loaded machine 0.2 s may already have
+    # passed, and that call would be the probe; the events show the breaker opened.
+    return b, events
+
+
+def probe_when_permitted(b, fn, timeout=20.0):
+    """Calls `fn` through `b` as soon as the breaker permits it (polling, bounded)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return b.call(fn)
+        except palisade.BreakerOpen as e:
+            if time.monotonic() > deadline:
+                pytest.fail(f"the breaker permitted no probe within {timeout}s of wait_in_open=0.2 "
+                            f"(state {e.state!r}, retry_after {e.retry_after!r})")
+            time.sleep(0.02)
+
+
+def transitions(events):
+    return [(e["from"], e["to"]) for e in events.drain() if e["type"] == "state_transition"]
+
+
+def test_half_open_probe_that_succeeds_closes_the_breaker():
+    b, events = open_half_open_breaker("t-half-open-ok")
+    assert probe_when_permitted(b, lambda: "probe") == "probe"
+    assert b.state == "closed"
+    assert transitions(events) == [("closed", "open"), ("open", "half_open"), ("half_open", "closed")]
+    assert b.call(lambda: "normal again") == "normal again"
+
+
+def test_half_open_probe_that_fails_opens_the_breaker_again():
+    b, events = open_half_open_breaker("t-half-open-fail")
+    with pytest.raises(OSError):
+        probe_when_permitted(b, failing(OSError("still down")))
+    assert b.state == "open"  # without automatic_half_open it stays so until the next call
+    assert transitions(events) == [("closed", "open"), ("open", "half_open"), ("half_open", "open")]
+    assert probe_when_permitted(b, lambda: "recovered") == "recovered" and b.state == "closed"
+
+
+def test_automatic_half_open_moves_without_a_call():
+    b, events = open_half_open_breaker("t-half-open-auto", automatic_half_open=True)
+    wait_until(lambda: b.state == "half_open", "the breaker to go half-open by itself")
+    assert b.call(lambda: "probe") == "probe" and b.state == "closed"
+    assert transitions(events) == [("closed", "open"), ("open", "half_open"), ("half_open", "closed")]

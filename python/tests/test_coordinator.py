@@ -44,6 +44,29 @@ def test_a_held_lock_is_refused_at_once_or_after_the_timeout(coordinator):
         pass  # released by the with block
 
 
+def test_guard_release_lets_another_holder_in_at_once(coordinator):
+    outer = coordinator.lock("released")
+    guard = outer.__enter__()
+    try:
+        guard.release()
+        guard.release()  # a second release does nothing
+        other = coordinator.lock("released", timeout=0)  # LockHeld if the release did not free it
+        taken = other.__enter__()
+        assert taken.fencing_token > guard.fencing_token
+    finally:
+        outer.__exit__(None, None, None)  # after release(): must not free the other holder's lock
+    try:
+        with pytest.raises(palisade.LockHeld):
+            with coordinator.lock("released", timeout=0):
+                pytest.fail("the first block's end released the second holder's lock")
+    finally:
+        other.__exit__(None, None, None)
+    with coordinator.semaphore("released-slots", 1, timeout=10) as slot:
+        slot.release()
+        with coordinator.semaphore("released-slots", 1, timeout=0) as again:
+            assert again.fencing_token > slot.fencing_token
+
+
 def test_run_exclusive_runs_or_skips_naming_the_holder(coordinator):
     def job(a, b=0):
         ctx = palisade.current_job()
@@ -73,12 +96,25 @@ def test_run_exclusive_reraises_and_releases(coordinator):
 def test_run_exclusive_waits_when_asked(coordinator):
     guard_ctx = coordinator.lock("queued")
     guard_ctx.__enter__()
-    releaser = threading.Timer(0.3, lambda: guard_ctx.__exit__(None, None, None))
+    releasing, errors = threading.Event(), []
+
+    def release():
+        releasing.set()  # set before the release: a job that runs after it sees it set
+        try:
+            guard_ctx.__exit__(None, None, None)
+        except BaseException as e:  # noqa: BLE001 -- reported by the main thread
+            errors.append(repr(e))
+
+    releaser = threading.Timer(0.3, release)
+    started = time.monotonic()
     releaser.start()
     try:
-        assert coordinator.run_exclusive("queued", lambda: 1, wait=20).value == 1
+        ran = coordinator.run_exclusive("queued", releasing.is_set, wait=20)
     finally:
-        releaser.join()
+        releaser.join(30)
+    assert errors == [], f"releasing the first holder failed: {errors}"
+    assert ran.ran and ran.value is True, "the job ran before the holder released the lock"
+    assert time.monotonic() - started >= 0.3, "run_exclusive did not wait for the release"
 
 
 def test_sixteen_threads_exclude_each_other(coordinator):
@@ -283,24 +319,41 @@ def test_semaphore_admits_permits_holders_with_growing_tokens(coordinator):
 
 
 def test_semaphore_never_lets_more_than_permits_threads_in(coordinator):
-    inside, most, lock = [0], [0], threading.Lock()
+    permits, workers = 2, 8
+    inside, most, finished, errors = [0], [0], [], []
+    changed = threading.Condition()
 
-    def work():
-        with coordinator.semaphore("pool", 2, timeout=60):
-            with lock:
-                inside[0] += 1
-                most[0] = max(most[0], inside[0])
-            time.sleep(0.02)
-            with lock:
-                inside[0] -= 1
+    def work(i):
+        try:
+            with coordinator.semaphore("pool", permits, timeout=60):
+                with changed:
+                    inside[0] += 1
+                    most[0] = max(most[0], inside[0])
+                    changed.notify_all()
+                    # Stay in until `permits` holders were in at once (once is enough): a
+                    # semaphore that admits fewer than `permits` fails the assertion below
+                    # after this bounded wait instead of passing.
+                    changed.wait_for(lambda: most[0] >= permits, timeout=30)
+                time.sleep(0.01)  # overlap with the next holders, GIL released
+                with changed:
+                    inside[0] -= 1
+            with changed:
+                finished.append(i)
+        except BaseException as e:  # noqa: BLE001 -- reported by the main thread
+            with changed:
+                errors.append((i, repr(e)))
 
-    threads = [threading.Thread(target=work) for _ in range(8)]
+    threads = [threading.Thread(target=work, args=(i,), daemon=True) for i in range(workers)]
     for t in threads:
         t.start()
     for t in threads:
         t.join(timeout=120)
-    assert not any(t.is_alive() for t in threads)
-    assert most[0] <= 2, f"{most[0]} threads inside a 2-slot semaphore"
+    stuck = [t.name for t in threads if t.is_alive()]
+    assert not stuck, f"threads still waiting for the semaphore after 120s: {stuck}"
+    assert errors == [], f"threads failed: {errors}"
+    assert sorted(finished) == list(range(workers)), "every thread held a slot once"
+    assert most[0] <= permits, f"{most[0]} threads inside a {permits}-slot semaphore"
+    assert most[0] == permits, f"at most {most[0]} holder(s) at once in a {permits}-slot semaphore"
 
 
 def test_run_limited_runs_at_most_permits_jobs_and_skips_the_rest(coordinator):

@@ -1,6 +1,7 @@
 import multiprocessing
 import os
 import threading
+import time
 import uuid
 
 import pytest
@@ -51,8 +52,9 @@ def test_a_result_that_is_not_json_is_a_type_error_and_not_recorded(store):
 def test_a_key_reused_for_another_request_is_refused(store):
     k = key()
     palisade.once(k, lambda: 1, store=store, fingerprint="a")
-    with pytest.raises(palisade.FingerprintMismatch):
+    with pytest.raises(palisade.FingerprintMismatch) as info:
         palisade.once(k, lambda: 1, store=store, fingerprint="b")
+    assert isinstance(info.value, palisade.OnceError) and isinstance(info.value, palisade.Error)
 
 
 def test_a_key_in_progress_is_refused(store):
@@ -67,11 +69,17 @@ def test_a_key_in_progress_is_refused(store):
     t.start()
     try:
         assert started.wait(30)
-        with pytest.raises(palisade.InProgress):
+        with pytest.raises(palisade.InProgress) as info:
             palisade.once(k, lambda: "other", store=store, fingerprint="f")
+        assert isinstance(info.value, palisade.OnceError) and isinstance(info.value, palisade.Error)
+        waited_from = time.monotonic()
+        with pytest.raises(palisade.InProgress):  # a wait that runs out raises the same
+            palisade.once(k, lambda: "other", store=store, fingerprint="f", wait=0.2)
+        assert time.monotonic() - waited_from >= 0.2, "wait=0.2 gave up before waiting"
     finally:
         release.set()
         t.join(30)
+    assert not t.is_alive(), "the first call did not finish after its job was released"
     assert palisade.once(k, lambda: "other", store=store, fingerprint="f") == "slow"
 
 
@@ -92,26 +100,36 @@ def test_use_after_fork(tmp_path, redis_url):
 def test_sixteen_threads_run_each_key_once(redis_url):
     keys = [key() for _ in range(4)]
     runs, lock = [], threading.Lock()
+    results, errors = {}, []  # by thread: what each call returned; what any thread raised
 
     def job(k):
         with lock:
             runs.append(k)
         return k
 
-    def work():
-        for k in keys:
-            try:
-                assert palisade.once(k, job, k, store=redis_url, fingerprint="t", wait=30) == k
-            except palisade.InProgress:
-                pytest.fail("wait=30 should have waited for the running call")
+    def work(i):
+        got = []
+        try:
+            for k in keys:
+                # wait=30: a call that finds the key in progress waits for its result instead
+                # of raising InProgress.
+                got.append(palisade.once(k, job, k, store=redis_url, fingerprint="t", wait=30))
+        except BaseException as e:  # noqa: BLE001 -- reported by the main thread
+            with lock:
+                errors.append((i, repr(e)))
+        with lock:
+            results[i] = got
 
-    threads = [threading.Thread(target=work) for _ in range(16)]
+    threads = [threading.Thread(target=work, args=(i,), daemon=True) for i in range(16)]
     for t in threads:
         t.start()
     for t in threads:
         t.join(timeout=120)
-        assert not t.is_alive()
-    assert sorted(runs) == sorted(keys)
+    stuck = [t.name for t in threads if t.is_alive()]
+    assert not stuck, f"threads still waiting after 120s: {stuck}"
+    assert errors == [], f"calls raised (InProgress means wait= did not wait): {errors}"
+    assert results == {i: keys for i in range(16)}, "every thread gets every key's result"
+    assert sorted(runs) == sorted(keys), "each key's job ran exactly once"
 
 
 @pytest.mark.parametrize(

@@ -37,14 +37,26 @@ def test_check_admits_up_to_the_limit_then_says_when(make):
     assert limiter.check("user:2").allowed  # keys are independent
 
 
-def test_acquire_waits_for_the_window_and_times_out_at_once_when_it_cannot(make):
+def test_acquire_gives_up_at_once_when_the_timeout_cannot_be_met(make):
+    limiter = make("2/h")
+    for _ in range(2):
+        assert limiter.acquire("k").allowed
+    started = time.monotonic()
+    with pytest.raises(palisade.RateLimited) as info:
+        limiter.acquire("k", timeout=60)  # the next unit is minutes away
+    # Raised as soon as it knew, not after sleeping to the deadline (60 s).
+    assert time.monotonic() - started < 30
+    assert info.value.retry_after > 60 and isinstance(info.value, palisade.Error)
+
+
+def test_acquire_waits_for_the_window(make):
     limiter = make("2/s")
     for _ in range(2):
         assert limiter.acquire("k").allowed
     started = time.monotonic()
     with pytest.raises(palisade.RateLimited) as info:
         limiter.acquire("k", timeout=0.05)
-    assert time.monotonic() - started < 0.5 and info.value.retry_after > 0.05
+    assert info.value.retry_after > 0.05
     assert limiter.acquire("k", timeout=5).allowed
     assert time.monotonic() - started >= 0.2  # it waited for the window to move
 
@@ -57,15 +69,110 @@ def test_acquire_async(make):
         started = time.monotonic()
         second = await limiter.acquire_async("a", timeout=5)
         waited = time.monotonic() - started
-        waiting = asyncio.ensure_future(limiter.acquire_async("a"))
-        await asyncio.sleep(0.05)
-        waiting.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await waiting
         return first, second, waited
 
     first, second, waited = asyncio.run(main())
     assert first.allowed and second.allowed and waited > 0.3
+
+
+def test_cancelling_acquire_async_stops_the_wait_without_consuming(make):
+    limiter = make("1/s")
+
+    async def main():
+        assert (await limiter.acquire_async("a")).allowed  # the window is full for ~1 s
+        waiting = limiter.acquire_async("a")  # its wait has started (on the runtime)
+        waiting.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await waiting
+        assert waiting.cancelled()
+        # Peeks (cost=0) consume nothing. Wait, bounded, until the unit comes back...
+        deadline = time.monotonic() + 20
+        while limiter.check("a", cost=0).remaining < 1:
+            assert time.monotonic() < deadline, "the unit never came back"
+            await asyncio.sleep(0.01)
+        # ...then watch it for a while: a wait that had not stopped would take it now (its
+        # retry comes within ~20 ms of the unit's return) and hold it for a second.
+        watch_until = time.monotonic() + 0.5
+        while time.monotonic() < watch_until:
+            peek = limiter.check("a", cost=0)
+            assert peek.remaining == 1, f"the cancelled acquire_async took the unit: {peek!r}"
+            await asyncio.sleep(0.02)
+        return limiter.check("a")
+
+    after = asyncio.run(main())
+    assert after.allowed and after.remaining == 0
+
+
+@pytest.mark.parametrize("algorithm", ["sliding_log", "sliding_window", "gcra"])
+def test_each_redis_algorithm_admits_the_limit_then_denies(redis_url, algorithm):
+    # Per day: no unit comes back (GCRA: one every 8 h) while the test runs, and the sliding
+    # window counter's window does not roll over in it (its estimate then rounds down).
+    limiter = palisade.RateLimiter.redis(redis_url, "3/d", algorithm=algorithm,
+                                         prefix=f"a-{uuid.uuid4().hex}:")
+    decisions = [limiter.check("k") for _ in range(4)]
+    assert [d.allowed for d in decisions] == [True, True, True, False], decisions
+    assert [d.remaining for d in decisions[:3]] == [2, 1, 0]
+    assert decisions[3].retry_after > 0 and decisions[3].limit == 3
+    assert limiter.check("other").allowed  # keys are independent
+
+
+def test_gcra_burst_admits_burst_units_back_to_back(redis_url):
+    limiter = palisade.RateLimiter.redis(redis_url, "10/min", algorithm="gcra", burst=2,
+                                         prefix=f"b-{uuid.uuid4().hex}:")
+    assert [limiter.check("k").allowed for _ in range(3)] == [True, True, False]
+
+
+@pytest.fixture(params=["redis", "file"])
+def make_shared(request, tmp_path):
+    """The limiters that take several limits (the local one takes one)."""
+    def make_limiter(limits):
+        if request.param == "redis":
+            url = request.getfixturevalue("redis_url")
+            return palisade.RateLimiter.redis(url, limits, prefix=f"m-{uuid.uuid4().hex}:")
+        return palisade.RateLimiter.file(str(tmp_path / f"limits-{uuid.uuid4().hex}"), limits)
+
+    return make_limiter
+
+
+def test_with_two_limits_the_tighter_one_decides(make_shared):
+    per_minute = make_shared(["10/s", "3/min"])  # the minute's limit is reached first
+    decisions = [per_minute.check("k") for _ in range(4)]
+    assert [d.allowed for d in decisions] == [True, True, True, False]
+    denied = decisions[3]
+    assert (denied.limit, denied.window) == (3, 60.0), "the denial describes the 3/min limit"
+    assert denied.retry_after > 1, "denied until the minute's window moves, not the second's"
+
+    per_ten_seconds = make_shared(["5/min", "2/10s"])  # the 10 s limit is reached first
+    decisions = [per_ten_seconds.check("k") for _ in range(3)]
+    assert [d.allowed for d in decisions] == [True, True, False]
+    assert (decisions[2].limit, decisions[2].window) == (2, 10.0)
+    assert 0 < decisions[2].retry_after <= 10
+
+
+def test_a_cost_consumes_that_many_units_and_a_denied_one_none(make):
+    limiter = make("5/h")  # no unit comes back while the test runs (local GCRA: one per 12 min)
+    first = limiter.check("k", cost=3)
+    assert first.allowed and first.remaining == 2
+    assert not limiter.check("k", cost=3).allowed
+    assert limiter.check("k", cost=0).remaining == 2, "a denied cost consumed units"
+    rest = limiter.check("k", cost=2)
+    assert rest.allowed and rest.remaining == 0
+    assert not limiter.check("k").allowed
+    peek = limiter.check("k", cost=0)  # a peek: consumes nothing, says what is left
+    assert peek.remaining == 0
+    with pytest.raises(palisade.ConfigError):
+        limiter.check("k", cost=6)  # more than the limit can ever admit
+
+
+def test_reset_forgets_one_key(make):
+    limiter = make("2/h")
+    for key in ("k", "other"):
+        assert [limiter.check(key).allowed for _ in range(3)] == [True, True, False]
+    limiter.reset("k")
+    again = limiter.check("k")
+    assert again.allowed and again.remaining == 1, "reset did not clear the key's history"
+    assert not limiter.check("other").allowed, "reset cleared another key"
+    limiter.reset("never-seen")  # nothing to forget: not an error
 
 
 def test_sixteen_threads_share_one_limiter_and_never_exceed_it(make):
@@ -192,8 +299,8 @@ def test_rediss_with_a_private_ca(redis_tls):
                                      prefix=f"t-{uuid.uuid4().hex}:")
     assert [lim.check("k").allowed for _ in range(4)] == [True, True, True, False]
     assert pickle.loads(pickle.dumps(lim)).check("k").allowed is False
-    # The system's roots do not know the test CA: refused, saying why.
-    with pytest.raises(palisade.Unavailable, match="(?i)certificate"):
+    # The system's roots do not know the test CA: refused, saying why (retrying does not help).
+    with pytest.raises(palisade.AuthError, match="(?i)certificate"):
         palisade.RateLimiter.redis(redis_tls["url"], "3/min", timeout=2)
     with pytest.raises(palisade.ConfigError, match="tls_ca"):
         palisade.RateLimiter.redis(redis_tls["url"], "3/min", tls_ca="/nonexistent/ca.pem")
