@@ -110,6 +110,49 @@ async fn on_a_local_directory_a_reader_keeps_its_version_through_three_publishes
     );
 }
 
+/// A retention that is not zero runs out on a local directory: a commit with a 1 s retention
+/// deletes the versions replaced over a second ago and keeps the one it replaces itself.
+#[tokio::test(flavor = "multi_thread")]
+async fn on_a_local_directory_the_retention_runs_out_and_the_next_commit_deletes() {
+    let (dest, src) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let store = DatasetStore::local(dest.path());
+    // Long retentions first (a busy machine cannot make them run out), then one of 1 s.
+    let (long, short) = (
+        Some(Duration::from_secs(3600)),
+        Some(Duration::from_secs(1)),
+    );
+    publish(&store, src.path(), 0, long).await;
+    let handle = std::fs::File::open(dest.path().join("sales/p=a")).unwrap();
+    publish(&store, src.path(), 1, long).await; // replaces version 0
+    publish(&store, src.path(), 2, long).await; // and version 1
+    let replaced = std::time::Instant::now();
+    let generations = |v: &palisade_idempotency::Verification| {
+        let mut g: Vec<u64> = v.retained.iter().map(|r| r.generation).collect();
+        g.dedup();
+        g
+    };
+    let v = verify(&store, "sales", false).await.unwrap();
+    assert_eq!(
+        generations(&v),
+        [2, 3],
+        "both replaced versions are kept: {v:?}"
+    );
+    assert!(read_through(&handle).is_some_and(|f| f.len() == 2));
+    // A lower bound only: however late this runs, versions 0 and 1 were replaced over a second
+    // before the next commit.
+    if let Some(left) = Duration::from_millis(1100).checked_sub(replaced.elapsed()) {
+        tokio::time::sleep(left).await;
+    }
+    publish(&store, src.path(), 3, short).await;
+    let v = verify(&store, "sales", false).await.unwrap();
+    assert!(
+        read_through(&handle).is_none_or(|f| f.is_empty()),
+        "version 0 is deleted once its retention ran out: {v:?}"
+    );
+    // Version 1 went too; version 2, replaced by this commit, stays for its retention.
+    assert_eq!(generations(&v), [4], "{v:?}");
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn on_s3_a_reader_keeps_its_version_until_the_retention_passes_on_the_store_clock() {
     let s3 = moto::start().await;

@@ -72,7 +72,7 @@ impl WriterBuilder {
     /// after the commit). As table formats keep snapshots: on an object store the manifest lists
     /// such versions ([`Manifest::retired`](crate::Manifest::retired)) and the first commit after
     /// the retention, timed on the store's clock, deletes them; on a local directory they wait in
-    /// `_staging/retired/` and the first `open` or commit after the retention deletes them.
+    /// `_retired/` and the first `open` or commit after the retention deletes them.
     pub fn retain(mut self, retain: Duration) -> Self {
         self.retain = retain;
         self
