@@ -92,9 +92,11 @@ pub struct PublishArgs {
     #[arg(long)]
     pub json: bool,
 
-    /// How long replaced partition versions are kept for readers that are still reading them
-    /// (a query that listed the files before this publish); the first publish after that deletes
-    /// them. `0s` deletes them right after the commit.
+    /// How long replaced partition versions are kept for readers that are still reading them;
+    /// the first publish after that deletes them. `0s` deletes them right after the commit.
+    /// On object stores, objects listed before this publish stay readable by key until then; on
+    /// file:// only open handles keep the old version (paths listed before then resolve to the
+    /// new version's files or are gone).
     #[arg(long, value_parser = humantime::parse_duration, default_value = "1h", value_name = "DURATION")]
     pub retain: Duration,
 
