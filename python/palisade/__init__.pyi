@@ -72,24 +72,34 @@ class CircuitBreaker:
     def events(self) -> BreakerEvents:
         """A subscription to this breaker's events from now on."""
     @property
-    def name(self) -> str: ...
+    def name(self) -> str:
+        """The breaker's name."""
     @property
-    def state(self) -> BreakerState: ...
+    def state(self) -> BreakerState:
+        """The current state: "closed", "open", "half_open", "forced_open", "disabled" or
+        "metrics_only"."""
     @property
     def metrics(self) -> Dict[str, Any]:
         """state, failure_rate, slow_call_rate, buffered_calls, failed_buffered_calls,
         slow_buffered_calls, successful_calls, failed_calls, slow_calls, ignored_calls,
         not_permitted_calls."""
     @property
-    def options(self) -> Dict[str, Any]: ...
+    def options(self) -> Dict[str, Any]:
+        """The keyword options the breaker was built with (for pickling and logs)."""
     @property
-    def record(self) -> Optional[Tuple[Type[BaseException], ...]]: ...
+    def record(self) -> Optional[Tuple[Type[BaseException], ...]]:
+        """The exception classes counted as failures (None: every exception)."""
     @property
-    def ignore(self) -> Optional[Tuple[Type[BaseException], ...]]: ...
-    def force_open(self) -> None: ...
-    def disable(self) -> None: ...
-    def metrics_only(self) -> None: ...
-    def reset(self) -> None: ...
+    def ignore(self) -> Optional[Tuple[Type[BaseException], ...]]:
+        """The exception classes counted as neither success nor failure (None: none)."""
+    def force_open(self) -> None:
+        """Rejects every call until ``reset()``, ``disable()`` or ``metrics_only()``."""
+    def disable(self) -> None:
+        """Permits every call and records nothing until another state is set."""
+    def metrics_only(self) -> None:
+        """Permits every call and records outcomes, never changing state by itself."""
+    def reset(self) -> None:
+        """Back to closed with an empty window."""
 
 def breaker(name: str, **options: Any) -> CircuitBreaker:
     """The process-wide breaker ``name`` (made with ``options`` on first use)."""
@@ -98,14 +108,16 @@ class Guard:
     """A held lock."""
 
     @property
-    def name(self) -> str: ...
+    def name(self) -> str:
+        """The lock name."""
     @property
     def fencing_token(self) -> int:
         """Strictly increasing per lock name: pass it to the storage you write."""
     @property
     def lost(self) -> bool:
         """Whether the lease behind the lock is lost."""
-    def release(self) -> None: ...
+    def release(self) -> None:
+        """Releases the lock now (leaving the ``with`` block does it too). Idempotent."""
 
 class Lock:
     """``coordinator.lock(name)``: a context manager that takes the lock on enter."""
@@ -119,24 +131,30 @@ class Ran:
     value: Any
     fencing_token: int
     @property
-    def ran(self) -> Literal[True]: ...
+    def ran(self) -> Literal[True]:
+        """Always True."""
 
 class Skipped:
     """``run_exclusive``: the lock was held; ``holder`` is the running job's info, if known."""
 
     holder: Optional[Dict[str, Any]]
     @property
-    def ran(self) -> Literal[False]: ...
+    def ran(self) -> Literal[False]:
+        """Always False."""
 
 class JobContext:
     """What a function running under ``run_exclusive`` sees of its lock."""
 
     @property
-    def name(self) -> str: ...
+    def name(self) -> str:
+        """The lock name."""
     @property
-    def fencing_token(self) -> int: ...
+    def fencing_token(self) -> int:
+        """The fencing token to pass to the storage the job writes."""
     @property
-    def lost(self) -> bool: ...
+    def lost(self) -> bool:
+        """Whether the lease is lost: stop writing; ``run_exclusive`` raises ``LeaseLost`` at
+        the end."""
     def check(self) -> None:
         """Raises ``LeaseLost`` if the lease is lost."""
 
@@ -156,9 +174,14 @@ class Coordinator:
         password: Optional[str] = None,
         tls: Union[None, bool, Dict[str, str]] = None,
         namespace: str = "palisade/",
-    ) -> Coordinator: ...
+    ) -> Coordinator:
+        """A coordinator on etcd; connects now, so a wrong endpoint fails here. ``ttl``: the
+        session lease in whole seconds (>= 2); ``tls``: True (system roots) or a dict of PEM
+        file paths ``ca``, ``cert`` + ``key``."""
     @staticmethod
-    def file(dir: str) -> Coordinator: ...
+    def file(dir: str) -> Coordinator:
+        """A coordinator for the processes of one host: ``flock`` files under ``dir`` (created
+        if missing). The kernel releases a lock when its holder's process dies."""
     def lock(self, name: str, timeout: Optional[float] = None) -> Lock:
         """None: wait until free; 0: raise LockHeld if held; seconds: raise LockTimeout."""
     def semaphore(self, name: str, permits: int, timeout: Optional[float] = None) -> Lock:
@@ -172,7 +195,10 @@ class Coordinator:
         *args: Any,
         wait: Union[None, float, Literal["forever"]] = None,
         **kwargs: Any,
-    ) -> Union[Ran, Skipped]: ...
+    ) -> Union[Ran, Skipped]:
+        """Runs ``fn`` holding the lock ``name``, registered as a running job. ``wait``: None
+        skips at once if held, seconds waits that long, "forever" until free. Raises
+        ``LeaseLost`` if the lease was lost while ``fn`` ran; re-raises what ``fn`` raises."""
     def run_limited(
         self,
         name: str,
@@ -184,7 +210,9 @@ class Coordinator:
         **kwargs: Any,
     ) -> Union[Ran, Skipped]:
         """``run_exclusive`` on one of ``permits`` slots of the semaphore ``name``."""
-    def running_jobs(self) -> List[Dict[str, Any]]: ...
+    def running_jobs(self) -> List[Dict[str, Any]]:
+        """The jobs running under ``run_exclusive`` (on files: this host's), as dicts: name,
+        lock, host, pid, started_at (Unix seconds), command, metadata, fencing_token."""
 
 def once(
     key: str,
@@ -205,18 +233,23 @@ class Decision:
     """A limiter's answer (truthy when allowed)."""
 
     @property
-    def allowed(self) -> bool: ...
+    def allowed(self) -> bool:
+        """Whether the request was admitted (and its cost recorded)."""
     @property
-    def remaining(self) -> int: ...
+    def remaining(self) -> int:
+        """Units still available in the window after this decision."""
     @property
     def retry_after(self) -> Optional[float]:
         """Seconds until the same request would be admitted; None if allowed."""
     @property
-    def reset_after(self) -> float: ...
+    def reset_after(self) -> float:
+        """Seconds until the limit is fully replenished."""
     @property
-    def limit(self) -> int: ...
+    def limit(self) -> int:
+        """The units the limit admits per window."""
     @property
-    def window(self) -> float: ...
+    def window(self) -> float:
+        """The window of the limit this decision describes, in seconds."""
     def headers(self, name: str = "default") -> Dict[str, str]:
         """RateLimit-Policy, RateLimit and (when denied) Retry-After."""
     def __bool__(self) -> bool: ...

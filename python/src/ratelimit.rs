@@ -2,8 +2,10 @@
 //!
 //! A `RateLimiter` object is its configuration. The limiter it stands for is built on first use
 //! in each process: one Redis connection per process and URL (shared by every limiter on that
-//! URL), the file limiter's state is on disk, an in-process limiter's state is this process's
-//! (each constructor call makes a new one; its pickled copies share it within a process).
+//! URL) for `acquire` and `acquire_async`, plus one per thread that calls `check` (its decisions
+//! then need no hand-over between threads: `ratelimit_thread`); the file limiter's state is on
+//! disk, an in-process limiter's state is this process's (each constructor call makes a new one;
+//! its pickled copies share it within a process).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
