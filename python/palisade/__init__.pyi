@@ -62,6 +62,7 @@ class CircuitBreaker:
         half_open_permits: Optional[int] = None,
         max_wait_in_half_open: Optional[float] = None,
         automatic_half_open: Optional[bool] = None,
+        event_capacity: Optional[int] = None,
         record: Optional[_ExcClasses] = None,
         ignore: Optional[_ExcClasses] = None,
     ) -> None: ...

@@ -29,6 +29,7 @@ struct Options {
     half_open_permits: Option<u32>,
     max_wait_in_half_open: Option<f64>,
     automatic_half_open: Option<bool>,
+    event_capacity: Option<usize>,
 }
 
 fn seconds(py: Python<'_>, option: &str, s: f64) -> PyResult<Duration> {
@@ -101,6 +102,9 @@ impl Options {
         if let Some(v) = self.automatic_half_open {
             b = b.automatic_half_open(v);
         }
+        if let Some(v) = self.event_capacity {
+            b = b.event_capacity(v);
+        }
         b.build().map_err(|e| errors::config(py, e.to_string()))
     }
 
@@ -127,7 +131,8 @@ impl Options {
             open_backoff_jitter,
             half_open_permits,
             max_wait_in_half_open,
-            automatic_half_open
+            automatic_half_open,
+            event_capacity
         );
         Ok(d)
     }
@@ -189,7 +194,8 @@ impl CircuitBreaker {
         slow_call_duration=None, slow_call_detection=None, sliding_window=None,
         sliding_window_time=None, minimum_calls=None, wait_in_open=None, open_backoff_max=None,
         open_backoff_multiplier=None, open_backoff_jitter=None, half_open_permits=None,
-        max_wait_in_half_open=None, automatic_half_open=None, record=None, ignore=None
+        max_wait_in_half_open=None, automatic_half_open=None, event_capacity=None, record=None,
+        ignore=None
     ))]
     #[allow(clippy::too_many_arguments)]
     fn new(
@@ -209,6 +215,7 @@ impl CircuitBreaker {
         half_open_permits: Option<u32>,
         max_wait_in_half_open: Option<f64>,
         automatic_half_open: Option<bool>,
+        event_capacity: Option<usize>,
         record: Option<Bound<'_, PyAny>>,
         ignore: Option<Bound<'_, PyAny>>,
     ) -> PyResult<Self> {
@@ -227,6 +234,7 @@ impl CircuitBreaker {
             half_open_permits,
             max_wait_in_half_open,
             automatic_half_open,
+            event_capacity,
         };
         Ok(CircuitBreaker {
             inner: options.build(py, name)?,

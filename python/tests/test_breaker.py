@@ -90,6 +90,7 @@ def test_pickles_as_configuration_into_the_process_registry():
         ({"wait_in_open": -1}, "wait_in_open"),
         ({"sliding_window": 10, "sliding_window_time": 10}, "sliding_window"),
         ({"record": "not a class"}, "record"),
+        ({"event_capacity": 0}, "event_capacity"),
     ],
 )
 def test_bad_options_raise_config_error_naming_the_option(options, option):
@@ -229,3 +230,13 @@ def test_automatic_half_open_moves_without_a_call():
     wait_until(lambda: b.state == "half_open", "the breaker to go half-open by itself")
     assert b.call(lambda: "probe") == "probe" and b.state == "closed"
     assert transitions(events) == [("closed", "open"), ("open", "half_open"), ("half_open", "closed")]
+
+
+def test_a_subscriber_that_falls_behind_its_event_capacity_misses_the_oldest():
+    b = palisade.CircuitBreaker("t-capacity", event_capacity=2)
+    assert b.options == {"event_capacity": 2}
+    events = b.events()
+    for _ in range(5):
+        b.call(lambda: None)
+    kept = events.drain()
+    assert 0 < len(kept) <= 2, f"a capacity of 2 keeps at most 2 events: {kept}"
