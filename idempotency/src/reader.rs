@@ -116,7 +116,9 @@ impl Dataset {
                 reason: "it has several files: read them with `read_file`",
             });
         }
-        self.read_object(&entry.object, &entry.hash).await.map(Some)
+        self.read_object(partition, &entry.object, &entry.hash)
+            .await
+            .map(Some)
     }
 
     /// Reads one file of a multi-file partition, by its name in the partition, and checks it
@@ -130,15 +132,45 @@ impl Dataset {
         else {
             return Ok(None);
         };
-        self.read_object(&file.object, &file.hash).await.map(Some)
+        self.read_object(partition, &file.object, &file.hash)
+            .await
+            .map(Some)
     }
 
-    async fn read_object(&self, object: &str, hash: &ContentHash) -> Result<Bytes> {
+    /// Reads one object of this version. On object stores a replaced version's objects stay
+    /// under their keys for the writer's retention. On a local directory a later commit swaps
+    /// the partition's directory and moves the old one to the retired area, so a file that is
+    /// no longer this version's at its live path is looked for there (while the retention keeps
+    /// it): a `Dataset` opened before a publish reads its own version throughout.
+    async fn read_object(
+        &self,
+        partition: &str,
+        object: &str,
+        hash: &ContentHash,
+    ) -> Result<Bytes> {
         let (bytes, shown) = match &self.backend {
             Backend::Local(root) => {
-                let path = root.join(&self.prefix).join(object);
-                let p = path.clone();
-                let b = blocking(move || std::fs::read(&p).map_err(io("read", &p))).await?;
+                let dir = root.join(&self.prefix);
+                let path = dir.join(object);
+                let generation = self.manifest.as_ref().map_or(0, |m| m.generation);
+                let (p, partition, object, hash) = (
+                    path.clone(),
+                    partition.to_string(),
+                    object.to_string(),
+                    *hash,
+                );
+                let b = blocking(move || {
+                    let live = std::fs::read(&p);
+                    if live
+                        .as_ref()
+                        .is_ok_and(|b| ContentHash::of_bytes(b) == hash)
+                    {
+                        return live.map_err(io("read", &p));
+                    }
+                    let retired = retired_copy(&dir, generation, &partition, &object, &hash)?;
+                    retired.map_or_else(|| live.map_err(io("read", &p)), Ok)
+                })
+                .await?;
                 (Bytes::from(b), path.display().to_string())
             }
             Backend::Object { store, base } => {
@@ -153,4 +185,32 @@ impl Dataset {
         }
         Ok(bytes)
     }
+}
+
+/// The content of `object` (of `partition`) as a version replaced after `generation` left it in
+/// the retired area of the local dataset at `dir`, if a retained copy has `hash`.
+fn retired_copy(
+    dir: &std::path::Path,
+    generation: u64,
+    partition: &str,
+    object: &str,
+    hash: &ContentHash,
+) -> Result<Option<Vec<u8>>> {
+    let Some(name) = object
+        .strip_prefix(partition)
+        .and_then(|rest| rest.strip_prefix('/'))
+    else {
+        return Ok(None);
+    };
+    for (_, replaced_by, old) in crate::swap::retained(dir)? {
+        if replaced_by <= generation {
+            continue;
+        }
+        if let Ok(bytes) = std::fs::read(old.join(name))
+            && ContentHash::of_bytes(&bytes) == *hash
+        {
+            return Ok(Some(bytes));
+        }
+    }
+    Ok(None)
 }

@@ -72,10 +72,21 @@ async fn on_a_local_directory_a_reader_keeps_its_version_through_three_publishes
     let (dest, src) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
     let store = DatasetStore::local(dest.path());
     publish(&store, src.path(), 0, None).await;
-    // The reader opens version 0 of p=a, then three publishes replace it.
+    // The reader opens version 0 of p=a, then three publishes replace it. A `Dataset` opened
+    // at version 0 reads by the manifest's paths, which now hold version 3.
     let handle = std::fs::File::open(dest.path().join("sales/p=a")).unwrap();
+    let dataset = Dataset::open(&store, "sales").await.unwrap();
     for v in 1..=3 {
         publish(&store, src.path(), v, None).await;
+    }
+    for p in ["p=a", "p=b"] {
+        let got = dataset.read_file(p, "part-1.csv").await;
+        let want = format!("{p} part-1.csv version 0\n").repeat(100);
+        let text = got.map(|b| b.map(|b| String::from_utf8_lossy(&b).into_owned()));
+        assert!(
+            matches!(&text, Ok(Some(t)) if *t == want),
+            "the Dataset opened at version 0 reads version 0 of {p}: {text:.80?}"
+        );
     }
     let seen = read_through(&handle).expect("the opened version is still there");
     assert_eq!(seen.len(), 2, "{seen:?}");
@@ -107,6 +118,10 @@ async fn on_a_local_directory_a_reader_keeps_its_version_through_three_publishes
     assert!(
         read_through(&handle).is_none_or(|f| f.is_empty()),
         "version 0 is gone after the retention"
+    );
+    assert!(
+        dataset.read_file("p=a", "part-1.csv").await.is_err(),
+        "version 0 cannot be read once it is no longer retained"
     );
 }
 
