@@ -430,7 +430,9 @@ async fn a_paused_redis_costs_at_most_the_timeout() {
     let took = started.elapsed();
     server.resume().expect("SIGCONT");
     assert!(matches!(result, Err(Error::Timeout(_))), "{result:?}");
-    assert!(took < Duration::from_millis(700), "took {took:?}");
+    // Bounded by the 200 ms timeout (a paused server never answers); the slack is for a busy
+    // machine.
+    assert!(took < Duration::from_secs(2), "took {took:?}");
     until_redis_decides(&limiter, "k").await;
 }
 
@@ -562,7 +564,7 @@ async fn redis_down_from_the_start_is_answered_within_the_timeout() {
         let started = Instant::now();
         let r = limiter.check("k").await;
         assert!(
-            started.elapsed() < Duration::from_millis(800),
+            started.elapsed() < Duration::from_secs(2), // the 300 ms timeout, with slack
             "took {:?}",
             started.elapsed()
         );
