@@ -74,7 +74,7 @@ fn tls_client(url: &str, certs: redis::TlsCertificates) -> Result<redis::Client,
 /// ```
 /// # #[tokio::main(flavor = "current_thread")]
 /// # async fn main() -> Result<(), palisade_ratelimit::Error> {
-/// use palisade_ratelimit::{Limit, Policy, RedisLimiter, connect_lazy};
+/// use palisade_ratelimit::{Limit, Policy, RateLimiter, RedisLimiter, connect_lazy};
 /// use std::time::Duration;
 /// // Nothing listens on port 1: every decision is admitted by the policy.
 /// let conn = connect_lazy("redis://127.0.0.1:1/", Duration::from_millis(100))?;
