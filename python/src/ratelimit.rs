@@ -382,7 +382,8 @@ impl RateLimiter {
     /// "gcra" (`burst` units back to back). `on_unavailable`: "closed" (raise `Unavailable`),
     /// "open" (admit) or "local" (decide in this process until Redis is back). With "closed" it
     /// connects now and raises `Unavailable` if Redis is down; with "open" or "local" it connects
-    /// at the first decision, so that the policy answers from the start while Redis is down.
+    /// at the first decision, so that the policy answers from the start while Redis is down
+    /// (with `cluster=True` the cluster is reached when the limiter is made, whatever the policy).
     /// `url`: `redis://` or `rediss://` (TLS; `tls_ca`: a PEM file with the CA to trust instead
     /// of the system's roots, read by each process that uses the limiter); with `cluster=True`,
     /// one node's URL or a list of them (a Redis Cluster; every key's state is in one slot).

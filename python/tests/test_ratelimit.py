@@ -302,5 +302,9 @@ def test_rediss_with_a_private_ca(redis_tls):
     # The system's roots do not know the test CA: refused, saying why (retrying does not help).
     with pytest.raises(palisade.AuthError, match="(?i)certificate"):
         palisade.RateLimiter.redis(redis_tls["url"], "3/min", timeout=2)
+    # "open" connects at the first check: a refused certificate is not an outage to admit through.
+    lazy = palisade.RateLimiter.redis(redis_tls["url"], "3/min", on_unavailable="open", timeout=5)
+    with pytest.raises(palisade.AuthError, match="(?i)certificate"):
+        lazy.check("k")
     with pytest.raises(palisade.ConfigError, match="tls_ca"):
         palisade.RateLimiter.redis(redis_tls["url"], "3/min", tls_ca="/nonexistent/ca.pem")

@@ -56,7 +56,14 @@ pub enum Error {
 
     /// Connecting over TLS (`rediss://`) failed because a certificate was refused: the server's
     /// by us (e.g. the CA given does not sign it), or ours by the server. Retrying does not help;
-    /// `problem` says which certificate to fix. Only returned while connecting.
+    /// `problem` says which certificate to fix. Returned while connecting: by [`connect`] and
+    /// [`connect_with_tls`], or, with [`connect_lazy`], by the decision that connects (whatever
+    /// the [`Policy`]: a refused certificate is not an outage).
+    ///
+    /// [`connect`]: crate::connect
+    /// [`connect_with_tls`]: crate::connect_with_tls
+    /// [`connect_lazy`]: crate::connect_lazy
+    /// [`Policy`]: crate::Policy
     #[error("TLS with Redis failed: {problem}")]
     Tls {
         /// Which certificate was refused, and by whom.

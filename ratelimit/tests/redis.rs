@@ -384,8 +384,9 @@ async fn redis_killed_and_restarted_under_each_policy() {
             let started = Instant::now();
             let result = limiter.check("k").await;
             let took = started.elapsed();
+            // Bounded by the timeout (a dead server's socket may hang); slack for a busy machine.
             assert!(
-                took < timeout + Duration::from_millis(500),
+                took < timeout + Duration::from_secs(3),
                 "{name}: call {i} took {took:?}"
             );
             match name {

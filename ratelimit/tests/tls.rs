@@ -7,7 +7,8 @@ use std::time::{Duration, Instant};
 
 use palisade_ratelimit::redis_crate::{ClientTlsConfig, TlsCertificates};
 use palisade_ratelimit::{
-    Error, Limit, RateLimiter, RedisLimiter, TlsProblem, connect, connect_with_tls,
+    Error, Limit, Policy, RateLimiter, RedisLimiter, TlsProblem, connect, connect_with_tls,
+    connect_with_tls_lazy,
 };
 use palisade_testkit::{CertFiles, Redis, RedisOptions, TlsFiles};
 
@@ -141,4 +142,28 @@ async fn a_plain_url_with_tls_certificates_is_a_config_error() {
         matches!(result, Err(Error::InvalidConfig { field: "tls", .. })),
         "{result:?}"
     );
+}
+
+/// With a lazy connection the first decision connects: a refused certificate is still a typed
+/// error there, not an outage that a FailOpen policy would quietly admit through.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_lazy_connection_reports_a_refused_certificate_whatever_the_policy() {
+    let files = TlsFiles::generate().expect("certificates");
+    let redis = Redis::start_with(RedisOptions::default().tls(&files)).expect("redis with TLS");
+    let conn = connect_with_tls_lazy(
+        &redis.url(),
+        certs(&files.wrong_ca, Some(&files.client())),
+        TIMEOUT,
+    )
+    .expect("a lazy connection is made without connecting");
+    let limiter = RedisLimiter::builder(conn)
+        .limit(Limit::per_second(5).unwrap())
+        .on_unavailable(Policy::FailOpen)
+        .timeout(BOUND)
+        .build()
+        .unwrap();
+    let decided = tokio::time::timeout(BOUND * 2, limiter.check("k"))
+        .await
+        .expect("the decision ends in time");
+    assert_eq!(tls_problem(decided), TlsProblem::ServerCertificateUntrusted);
 }

@@ -116,7 +116,7 @@ fn manager_config(timeout: Duration) -> ConnectionManagerConfig {
 async fn manage(client: redis::Client, timeout: Duration) -> Result<ConnectionManager, Error> {
     ConnectionManager::new_with_config(client, manager_config(timeout))
         .await
-        .map_err(classify_connect)
+        .map_err(classify)
 }
 
 /// Connects to a Redis Cluster for a limiter (the cluster's async connection, which follows
@@ -131,10 +131,7 @@ where
     #[cfg(feature = "tls")]
     install_crypto_provider();
     let client = redis::cluster::ClusterClient::new(urls).map_err(Error::Redis)?;
-    client
-        .get_async_connection()
-        .await
-        .map_err(classify_connect)
+    client.get_async_connection().await.map_err(classify)
 }
 
 /// rustls needs a process-wide crypto provider and the redis crate selects none; use ring
@@ -147,8 +144,9 @@ fn install_crypto_provider() {
     }
 }
 
-/// A connection error: a refused certificate is [`Error::Tls`], the rest as for a decision.
-fn classify_connect(e: RedisError) -> Error {
+/// An error of a connection or of a decision: a refused certificate is [`Error::Tls`] (with
+/// [`connect_lazy`] the decision that connects meets it), the rest is unavailable or refused.
+pub(crate) fn classify(e: RedisError) -> Error {
     #[cfg(feature = "tls")]
     if let Some(problem) = crate::TlsProblem::find(&e) {
         return Error::Tls { problem, source: e };
@@ -156,7 +154,7 @@ fn classify_connect(e: RedisError) -> Error {
     classify_unavailable(e)
 }
 
-pub(crate) fn classify_unavailable(e: RedisError) -> Error {
+fn classify_unavailable(e: RedisError) -> Error {
     if is_unavailable(&e) {
         Error::Unavailable(e)
     } else {

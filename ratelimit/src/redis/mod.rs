@@ -18,7 +18,7 @@ use tokio::time::Instant;
 use crate::algorithm::{Params, Verdict};
 use crate::{Algorithm, Decision, Error, Limit, LocalLimiter, RateLimiter, stats};
 use cache::DenialCache;
-use connect::classify_unavailable;
+use connect::classify;
 pub use connect::{connect, connect_cluster, connect_lazy};
 #[cfg(feature = "tls")]
 pub use connect::{connect_with_tls, connect_with_tls_lazy};
@@ -325,7 +325,7 @@ where
         let unlinked = tokio::time::timeout(self.inner.timeout, cmd.query_async::<i64>(&mut conn));
         match unlinked.await {
             Err(_elapsed) => Err(Error::Timeout(self.inner.timeout)),
-            Ok(Err(e)) => Err(classify_unavailable(e)),
+            Ok(Err(e)) => Err(classify(e)),
             Ok(Ok(_)) => {
                 tracing::info!(key, "rate limit: key reset");
                 Ok(())
@@ -362,7 +362,7 @@ where
         let reply: Vec<i64> =
             match tokio::time::timeout(self.inner.timeout, inv.invoke_async(&mut conn)).await {
                 Err(_elapsed) => return Err(Error::Timeout(self.inner.timeout)),
-                Ok(Err(e)) => return Err(classify_unavailable(e)),
+                Ok(Err(e)) => return Err(classify(e)),
                 Ok(Ok(reply)) => reply,
             };
         #[cfg(feature = "metrics")]
