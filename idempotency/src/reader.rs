@@ -187,8 +187,10 @@ impl Dataset {
     }
 }
 
-/// The content of `object` (of `partition`) as a version replaced after `generation` left it in
-/// the retired area of the local dataset at `dir`, if a retained copy has `hash`.
+/// The content of `object` (of `partition`) as a version replaced after `generation` left it,
+/// if a copy with `hash` is still kept: first where a commit under way (or interrupted after its
+/// decision) holds the old versions, then in the retired area, where that commit moves them when
+/// it finishes (in this order, so that a move between the two looks is not missed).
 fn retired_copy(
     dir: &std::path::Path,
     generation: u64,
@@ -202,15 +204,19 @@ fn retired_copy(
     else {
         return Ok(None);
     };
-    for (_, replaced_by, old) in crate::swap::retained(dir)? {
-        if replaced_by <= generation {
-            continue;
-        }
-        if let Ok(bytes) = std::fs::read(old.join(name))
-            && ContentHash::of_bytes(&bytes) == *hash
-        {
-            return Ok(Some(bytes));
-        }
+    let read = |old: &std::path::Path| {
+        std::fs::read(old.join(name))
+            .ok()
+            .filter(|bytes| ContentHash::of_bytes(bytes) == *hash)
+    };
+    if let Some(bytes) = crate::swap::in_flight(dir)?
+        .iter()
+        .find_map(|old| read(old))
+    {
+        return Ok(Some(bytes));
     }
-    Ok(None)
+    Ok(crate::swap::retained(dir)?
+        .into_iter()
+        .filter(|(_, replaced_by, _)| *replaced_by > generation)
+        .find_map(|(_, _, old)| read(&old)))
 }

@@ -90,6 +90,23 @@ fn leftovers(dir: &Path, p: &Pending) -> Vec<PathBuf> {
     v
 }
 
+/// Where the old versions of a commit that is under way (or was interrupted after its decision)
+/// are until it finishes: the staged paths they were swapped to, the fallback's aside paths, and
+/// removed partitions' aside paths. Empty when no commit is pending. For readers: no lock.
+pub(crate) fn in_flight(dir: &Path) -> Result<Vec<PathBuf>> {
+    let path = dir.join(PENDING_FILE);
+    let bytes = match std::fs::read(&path) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(io("read", &path)(e)),
+    };
+    match serde_json::from_slice::<Pending>(&bytes) {
+        Ok(pending) => Ok(leftovers(dir, &pending)),
+        // Being replaced or deleted under us: nothing in flight worth reading.
+        Err(_) => Ok(Vec::new()),
+    }
+}
+
 /// Where the fallback (two renames) puts the old version.
 fn old_aside(staged: &Path) -> PathBuf {
     let mut s = staged.as_os_str().to_owned();
@@ -204,10 +221,14 @@ pub(crate) fn finish(dir: &Path, pending: &Pending, force_fallback: bool) -> Res
             warn!(error = %e, "could not delete a swap marker; the next open sweeps it");
         }
     }
+    // The old versions move to the retired area before the pending record goes: until then the
+    // record is what leads readers (and a crash's recovery) to them in the staging area, and a
+    // crash in between would leave them there for the next open to sweep, under readers that
+    // opened them.
+    retire(dir, pending);
     let pending_path = dir.join(PENDING_FILE);
     remove_file_if_exists(&pending_path)?;
     fsync_dir(dir)?;
-    retire(dir, pending);
     Ok(())
 }
 

@@ -319,6 +319,11 @@ async fn sigkill_during_multi_file_runs_leaves_whole_directories_and_converges()
         } else {
             rng.random_range(micros * 4 / 10..(micros * 9 / 10).max(micros * 4 / 10 + 1))
         };
+        // A reader that opened version v-1 before the run; it must read all of it after the
+        // kill wherever that lands (live, in the staging area of a commit under way, retired).
+        let earlier = Dataset::open(&DatasetStore::local(dir.join("out")), "table")
+            .await
+            .unwrap();
         let (mut child, _) = spawn_child(dir, v);
         std::thread::sleep(Duration::from_micros(delay));
         let _ = child.kill(); // SIGKILL
@@ -328,6 +333,19 @@ async fn sigkill_during_multi_file_runs_leaves_whole_directories_and_converges()
             run_time = (run_time * 3 / 4).max(Duration::from_millis(1));
         } else {
             landed += 1;
+        }
+        let in_flight = dir.join("out/table/_manifest.pending.json").exists();
+        for (p, entry) in &earlier.manifest().expect("committed").partitions {
+            for f in &entry.files {
+                let got = earlier.read_file(p, &f.name).await;
+                assert!(
+                    matches!(got, Ok(Some(_))),
+                    "version {v}: the reader of version {} cannot read {p}/{} after the kill \
+                     (commit in flight: {in_flight}): {got:?}",
+                    v - 1,
+                    f.name
+                );
+            }
         }
         let (new, pending) = check_after_kill(dir, v).await;
         if new {
