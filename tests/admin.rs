@@ -32,17 +32,26 @@ fn wait_for_waiters(p: &Palisade, lock: &str, n: usize) -> serde_json::Value {
     }
 }
 
-/// Whether process `pid` is gone (or a zombie: dead, not yet reaped by whoever inherited it).
-fn gone(pid: u32) -> bool {
+/// The state letter and start time (clock ticks since boot) of process `pid`, if it exists.
+fn stat(pid: u32) -> Option<(char, u64)> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // After "pid (comm)": state is the first field, starttime the twentieth.
+    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+    Some((
+        fields.first()?.chars().next()?,
+        fields.get(19)?.parse().ok()?,
+    ))
+}
+
+/// Whether the process `pid` that started at `started` is gone (or a zombie: dead, not yet
+/// reaped by whoever inherited it); a new process that reuses the pid does not count.
+fn gone(pid: u32, started: u64) -> bool {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-        let state = stat
-            .rsplit(')')
-            .next()
-            .and_then(|s| s.trim_start().chars().next());
-        if matches!(state, None | Some('Z')) {
-            return true;
+        match stat(pid) {
+            None | Some(('Z', _)) => return true,
+            Some((_, other)) if other != started => return true,
+            Some(_) => {}
         }
         if Instant::now() >= deadline {
             return false;
@@ -72,6 +81,7 @@ fn unlock_on_etcd_revokes_the_holder_its_command_stops_and_the_waiter_runs() {
     );
     let command = std::fs::read_to_string(p.dir.path().join("command")).expect("command's pid");
     let command: u32 = command.trim().parse().expect("a pid");
+    let (_, command_started) = stat(command).expect("the holder's command runs");
     let waiter = p.spawn(&[
         "run",
         "--lock",
@@ -115,7 +125,7 @@ fn unlock_on_etcd_revokes_the_holder_its_command_stops_and_the_waiter_runs() {
         "the holder saw its lease revoked: {out:?}"
     );
     assert!(
-        gone(command),
+        gone(command, command_started),
         "the holder's command (sleep 600, pid {command}) still runs after its lease was revoked"
     );
     let out = wait_bounded(waiter, Duration::from_secs(30));

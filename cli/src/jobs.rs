@@ -35,11 +35,13 @@ pub async fn jobs(args: JobsArgs) -> Result<u8, CliError> {
     // Subscribe before listing, so that nothing that happens in between is missed.
     let mut events = args.watch.then(|| registry.watch());
     let running = registry.running().await?;
-    // Each lock's queue once, however many of its holders run (a semaphore has several).
-    let mut waiting: Vec<(String, Vec<Holder>)> = Vec::new();
+    // Each lock's queue once, however many of its holders run (a semaphore has several). A lock
+    // and a semaphore may share a name (they are apart in the store): keyed by both.
+    let mut waiting: Vec<((String, bool), Vec<Holder>)> = Vec::new();
+    let key = |job: &JobInfo| (job.lock.clone(), job.permits.is_some());
     if args.waiters {
         for job in &running {
-            if waiting.iter().any(|(lock, _)| *lock == job.lock) {
+            if waiting.iter().any(|(k, _)| *k == key(job)) {
                 continue;
             }
             // A lock's contenders are its holder and then its waiters; a semaphore's waiters
@@ -53,20 +55,20 @@ pub async fn jobs(args: JobsArgs) -> Result<u8, CliError> {
                     .skip(1)
                     .collect(),
             };
-            waiting.push((job.lock.clone(), queue));
+            waiting.push((key(job), queue));
         }
     }
-    let queue_of = |lock: &str| {
+    let queue_of = |job: &JobInfo| {
         waiting
             .iter()
-            .find(|(l, _)| l == lock)
+            .find(|(k, _)| *k == key(job))
             .map(|(_, queue)| queue.as_slice())
     };
     let mut out = std::io::stdout().lock();
     if args.json {
         for job in &running {
             let mut line = json_value(None, job);
-            if let (Some(queue), Some(map)) = (queue_of(&job.lock), line.as_object_mut()) {
+            if let (Some(queue), Some(map)) = (queue_of(job), line.as_object_mut()) {
                 let queue: Vec<serde_json::Value> = queue.iter().map(waiter_json).collect();
                 map.insert("waiters".into(), queue.into());
             }
@@ -82,7 +84,7 @@ pub async fn jobs(args: JobsArgs) -> Result<u8, CliError> {
         if args.waiters {
             let rows: Vec<[String; 6]> = waiting
                 .iter()
-                .flat_map(|(lock, queue)| queue.iter().map(|w| waiter_row(lock, w)))
+                .flat_map(|((lock, _), queue)| queue.iter().map(|w| waiter_row(lock, w)))
                 .collect();
             writeln!(out).map_err(io)?;
             print_table(

@@ -229,7 +229,9 @@ impl Drop for Server {
 /// only once every one of its threads is stopped (state `T` in `/proc/<pid>/task/*/stat`). The
 /// kernel stops each thread when it is next scheduled, so on a busy machine a thread can still
 /// answer a request for a while after the signal is sent, and after the main thread has stopped:
-/// a test that injects a pause must not race it. Returns at once if the process has exited.
+/// a test that injects a pause must not race it. A process that exited meanwhile (or was never
+/// there: `ESRCH`) counts as paused; exited threads (`Z`, `X`) are not waited for, and a thread
+/// stopped under a tracer (`t`) counts as stopped.
 pub fn pause_process(pid: u32) -> Result<(), Error> {
     signal_and_wait(pid, Signal::SIGSTOP, &format!("process {pid}"))
 }
@@ -247,8 +249,10 @@ fn signal_and_wait(pid: u32, signal: Signal, label: &str) -> Result<(), Error> {
             std::io::Error::other("pid out of range"),
         )
     })?);
-    kill(target, signal)
-        .map_err(|errno| io(format!("sending {signal} to {label}"), errno.into()))?;
+    match kill(target, signal) {
+        Err(nix::errno::Errno::ESRCH) => return Ok(()), // gone: nothing left to stop or run
+        sent => sent.map_err(|errno| io(format!("sending {signal} to {label}"), errno.into()))?,
+    }
     let stopped = match signal {
         Signal::SIGSTOP => true,
         Signal::SIGCONT => false,
@@ -257,13 +261,15 @@ fn signal_and_wait(pid: u32, signal: Signal, label: &str) -> Result<(), Error> {
     let deadline = Instant::now() + STARTUP_TIMEOUT;
     loop {
         let states = thread_states(pid);
+        // Exited threads (a main thread that called pthread_exit, a process being reaped) never
+        // change state again: only the live ones are waited for (none left: it exited).
+        let mut live = states.iter().filter(|&&state| !matches!(state, 'Z' | 'X'));
         let done = if stopped {
-            states.iter().all(|&state| state == 'T')
+            live.all(|&state| matches!(state, 'T' | 't'))
         } else {
-            !states.contains(&'T')
+            live.all(|&state| !matches!(state, 'T' | 't'))
         };
-        // No threads left (or only zombies): the process exited, nothing to wait for.
-        if done || states.iter().all(|&state| state == 'Z') {
+        if done {
             return Ok(());
         }
         if Instant::now() >= deadline {
