@@ -240,3 +240,39 @@ def test_a_subscriber_that_falls_behind_its_event_capacity_misses_the_oldest():
         b.call(lambda: None)
     kept = events.drain()
     assert 0 < len(kept) <= 2, f"a capacity of 2 keeps at most 2 events: {kept}"
+
+
+def _use_registry_in_child(results):
+    b = palisade.breaker("t-fork-registry", minimum_calls=2)
+    results.put(b.call(lambda: "called"))
+
+
+def test_a_fork_while_another_thread_holds_the_registry_works_in_the_child():
+    import multiprocessing
+
+    parent = palisade.breaker("t-fork-registry", minimum_calls=2)
+    assert parent.call(lambda: 1) == 1
+    holding, release = threading.Event(), threading.Event()
+
+    def hold():
+        with palisade._registry_lock:
+            holding.set()
+            release.wait(timeout=60)
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    try:
+        assert holding.wait(timeout=30), "the thread never took the registry's lock"
+        ctx = multiprocessing.get_context("fork")
+        results = ctx.Queue()
+        child = ctx.Process(target=_use_registry_in_child, args=(results,))
+        child.start()
+        child.join(timeout=60)
+        if child.exitcode is None:
+            child.kill()
+        assert child.exitcode == 0, "the child hung on (or failed behind) the registry's lock"
+        assert results.get(timeout=30) == "called"
+    finally:
+        release.set()
+        holder.join(timeout=30)
+    assert palisade.breaker("t-fork-registry", minimum_calls=2) is parent

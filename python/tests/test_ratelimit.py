@@ -211,9 +211,8 @@ def _use(limiter):
 def test_use_after_fork(make):
     limiter = make("5/min")
     assert limiter.check("forked").allowed  # the parent is connected before the fork
-    # A local limiter lives in each process (a forked worker starts from the parent's state, 4
-    # of 5 left), so at most 4 checks in one worker: which worker gets how many is the pool's
-    # choice. The shared limiters admit 4 more in all, whoever asks.
+    # A local limiter lives in each process (a worker's starts empty), so 4 checks are admitted
+    # whichever worker gets how many. The shared limiters admit 4 more in all, whoever asks.
     calls = 4 if make.kind == "local" else 6
     with multiprocessing.get_context("fork").Pool(2) as pool:
         allowed = pool.map_async(_use, [limiter] * calls).get(timeout=120)
@@ -221,6 +220,27 @@ def test_use_after_fork(make):
         assert all(allowed)  # each process has its own in-process limiter
     else:
         assert sorted(allowed) == [False, False] + [True] * 4  # shared across processes
+
+
+def _check_inherited(limiter, results):
+    results.put(limiter.check("inherited").remaining)
+
+
+def test_an_inherited_limiter_works_in_a_forked_child(make):
+    limiter = make("5/min")
+    assert limiter.check("inherited").remaining == 4  # built (and connected) in the parent
+    ctx = multiprocessing.get_context("fork")
+    results = ctx.Queue()
+    # With fork, a Process's arguments are inherited, not pickled: the child holds the parent's
+    # limiter object, whose connection and runtime belong to the parent.
+    child = ctx.Process(target=_check_inherited, args=(limiter, results))
+    child.start()
+    child.join(timeout=120)
+    assert child.exitcode == 0, f"the child failed (exit code {child.exitcode})"
+    # A shared limiter's state is shared; an in-process limiter starts empty in each process.
+    assert results.get(timeout=30) == (4 if make.kind == "local" else 3)
+    after = limiter.check("inherited").remaining
+    assert after == (3 if make.kind == "local" else 2), "the parent still works"
 
 
 @pytest.mark.parametrize(
