@@ -86,9 +86,20 @@ fn refused(message: &str) -> bool {
 
 /// A palisade-idempotency error as its Python class.
 pub fn idempotency(py: Python<'_>, e: palisade_idempotency::Error) -> PyErr {
-    use palisade_idempotency::Error as E;
     let message = chain(&e);
-    let class = match e {
+    raise(py, idempotency_class(&e), message)
+}
+
+/// A palisade-idempotency error as its Python class, its message prefixed with `context` (such
+/// as which store it came from).
+pub fn idempotency_in(py: Python<'_>, context: &str, e: palisade_idempotency::Error) -> PyErr {
+    let message = format!("{context}: {}", chain(&e));
+    raise(py, idempotency_class(&e), message)
+}
+
+fn idempotency_class(e: &palisade_idempotency::Error) -> &'static str {
+    use palisade_idempotency::Error as E;
+    match e {
         E::MissingKey
         | E::InvalidKey { .. }
         | E::Config { .. }
@@ -99,12 +110,12 @@ pub fn idempotency(py: Python<'_>, e: palisade_idempotency::Error) -> PyErr {
         E::OwnershipLost { .. } => "OwnershipLost",
         E::ClaimLost { .. } => "ClaimLost",
         E::NotRecorded { .. } => "NotRecorded",
+        E::Redis { source, .. } if crate::ratelimit::refused(source) => "AuthError",
         E::Redis { .. } => "Unavailable",
         E::Fenced { .. } | E::FencingTokenRequired { .. } => "Fenced",
         E::Conflict { .. } => "Conflict",
         _ => "Error",
-    };
-    raise(py, class, message)
+    }
 }
 
 /// A breaker's rejection as `palisade.BreakerOpen`, with `retry_after` (seconds or `None`) and

@@ -49,7 +49,13 @@ fn open(py: Python<'_>, url: &str) -> PyResult<Store> {
         })?;
         match connected {
             Ok(Ok(s)) => Store::Redis(s),
-            Ok(Err(e)) => return Err(errors::idempotency(py, e)),
+            Ok(Err(e)) => {
+                return Err(errors::idempotency_in(
+                    py,
+                    &format!("Redis at {}", redact(url)),
+                    e,
+                ));
+            }
             Err(_) => {
                 return Err(errors::raise(
                     py,

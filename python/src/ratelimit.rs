@@ -90,7 +90,7 @@ pub(crate) fn limit_error(py: Python<'_>, e: Error) -> PyErr {
 }
 
 /// Whether Redis refused our credentials (`WRONGPASS`, `NOAUTH`) or an ACL permission (`NOPERM`).
-fn refused(e: &palisade_ratelimit::redis_crate::RedisError) -> bool {
+pub(crate) fn refused(e: &palisade_ratelimit::redis_crate::RedisError) -> bool {
     use palisade_ratelimit::redis_crate::{ErrorKind, ServerErrorKind};
     matches!(
         e.kind(),

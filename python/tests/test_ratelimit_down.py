@@ -79,6 +79,10 @@ def test_a_refused_password_is_an_auth_error_not_an_outage(workdir):
             no_password.check("k")
         right = palisade.RateLimiter.redis(f"redis://:s3cret@127.0.0.1:{port}/0", "1/s")
         assert right.check("k").allowed
+        # The same for a once store on that server.
+        with pytest.raises(palisade.AuthError):
+            palisade.once("k", lambda: 1, store=f"redis://:wrong@127.0.0.1:{port}/0")
+        assert palisade.once("k", lambda: 1, store=f"redis://:s3cret@127.0.0.1:{port}/0") == 1
     finally:
         server.stop()
 

@@ -101,10 +101,19 @@ impl std::fmt::Debug for RedisStore {
     }
 }
 
+/// How a store's connection (re)connects: 3 attempts, at most a second apart.
+fn manager_config() -> redis::aio::ConnectionManagerConfig {
+    redis::aio::ConnectionManagerConfig::new()
+        .set_number_of_retries(2)
+        .set_max_delay(Duration::from_secs(1))
+}
+
 impl RedisStore {
     /// Connects to `url` with the key prefix `palisade:idem:`. A `rediss://` URL needs the `tls`
     /// feature and trusts the system's roots (webpki); for a private CA or a client certificate
-    /// use `RedisStore::connect_with_tls` (with the `tls` feature).
+    /// use `RedisStore::connect_with_tls` (with the `tls` feature). Gives up after 3 attempts, so
+    /// that a refused password or an unreachable server is an error in about a second (the
+    /// client's default of 7 attempts took several seconds to say a password was wrong).
     pub async fn connect(url: &str) -> Result<Self> {
         #[cfg(feature = "tls")]
         install_crypto_provider();
@@ -113,7 +122,7 @@ impl RedisStore {
             source,
         })?;
         let conn = client
-            .get_connection_manager()
+            .get_connection_manager_with_config(manager_config())
             .await
             .map_err(|source| Error::Redis {
                 op: "connect",
@@ -148,11 +157,8 @@ impl RedisStore {
             op: "open TLS client",
             source,
         })?;
-        let config = redis::aio::ConnectionManagerConfig::new()
-            .set_number_of_retries(2)
-            .set_max_delay(Duration::from_secs(1));
         let conn = client
-            .get_connection_manager_with_config(config)
+            .get_connection_manager_with_config(manager_config())
             .await
             .map_err(|source| Error::Redis {
                 op: "connect",
