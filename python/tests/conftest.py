@@ -9,9 +9,10 @@ import shutil
 import socket
 import subprocess
 import tempfile
+import threading
 import time
 import urllib.request
-from typing import Callable, Iterator, List
+from typing import Callable, Iterator, List, Optional
 
 import pytest
 
@@ -88,20 +89,34 @@ def workdir() -> Iterator[str]:
     shutil.rmtree(d, ignore_errors=True)
 
 
+def redis_server(workdir: str, port: int, *extra: str, name: str = "redis",
+                 ready: Optional[Callable[[], bool]] = None) -> Server:
+    """A redis-server on 127.0.0.1:`port` without persistence, with `extra` arguments; `url` is
+    its URL. Ready when it answers PING (or when `ready` says so)."""
+    argv = [find("redis-server"), "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+            "--appendonly", "no", "--protected-mode", "no", "--dir", workdir, *extra]
+    server = Server(argv, ready or (lambda: redis_ping(port)), f"{name} on port {port}",
+                    os.path.join(workdir, f"{name}-{port}.log"))
+    server.url = f"redis://127.0.0.1:{port}/0"  # type: ignore[attr-defined]
+    return server
+
+
+def run_threads(work: Callable[[int], None], count: int, what: str,
+                timeout: float = 120.0) -> None:
+    """Runs `work(i)` for i in range(count) on as many threads and waits (bounded) for all of
+    them; a thread still running after `timeout` seconds fails the test, named with `what`."""
+    threads = [threading.Thread(target=work, args=(i,), daemon=True) for i in range(count)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=timeout)
+    stuck = [t.name for t in threads if t.is_alive()]
+    assert not stuck, f"threads still {what} after {timeout:.0f}s: {stuck}"
+
+
 @pytest.fixture(scope="session")
 def redis_url(workdir: str) -> Iterator[str]:
-    binary = find("redis-server")
-
-    def make() -> Server:
-        port = free_port()
-        argv = [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-                "--appendonly", "no", "--protected-mode", "no", "--dir", workdir]
-        server = Server(argv, lambda: redis_ping(port), f"redis-server on port {port}",
-                        os.path.join(workdir, f"redis-{port}.log"))
-        server.url = f"redis://127.0.0.1:{port}/0"  # type: ignore[attr-defined]
-        return server
-
-    server = start(make)
+    server = start(lambda: redis_server(workdir, free_port()))
     yield server.url  # type: ignore[attr-defined]
     server.stop()
 

@@ -9,7 +9,7 @@ import uuid
 import pytest
 
 import palisade
-from conftest import find, wait_until
+from conftest import find, run_threads, wait_until
 
 
 @pytest.fixture(params=["file", "etcd"])
@@ -343,13 +343,7 @@ def test_semaphore_never_lets_more_than_permits_threads_in(coordinator):
             with changed:
                 errors.append((i, repr(e)))
 
-    threads = [threading.Thread(target=work, args=(i,), daemon=True) for i in range(workers)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=120)
-    stuck = [t.name for t in threads if t.is_alive()]
-    assert not stuck, f"threads still waiting for the semaphore after 120s: {stuck}"
+    run_threads(work, workers, "waiting for the semaphore")
     assert errors == [], f"threads failed: {errors}"
     assert sorted(finished) == list(range(workers)), "every thread held a slot once"
     assert most[0] <= permits, f"{most[0]} threads inside a {permits}-slot semaphore"

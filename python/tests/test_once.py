@@ -7,6 +7,7 @@ import uuid
 import pytest
 
 import palisade
+from conftest import run_threads
 
 
 @pytest.fixture(params=["file", "redis", "memory"])
@@ -120,13 +121,7 @@ def test_sixteen_threads_run_each_key_once(redis_url):
         with lock:
             results[i] = got
 
-    threads = [threading.Thread(target=work, args=(i,), daemon=True) for i in range(16)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=120)
-    stuck = [t.name for t in threads if t.is_alive()]
-    assert not stuck, f"threads still waiting after 120s: {stuck}"
+    run_threads(work, 16, "waiting")
     assert errors == [], f"calls raised (InProgress means wait= did not wait): {errors}"
     assert results == {i: keys for i in range(16)}, "every thread gets every key's result"
     assert sorted(runs) == sorted(keys), "each key's job ran exactly once"

@@ -218,7 +218,9 @@ def tree(root):
     return {str(p.relative_to(root)): p.read_bytes() for p in Path(root).rglob("*") if p.is_file()}
 
 
-def test_dry_run_reports_what_would_be_written_and_writes_nothing(tmp_path):
+def published_then_changed(tmp_path):
+    """SRC published to DEST as buckets 0 and 1, then changed: bucket 1 grows a row, buckets 2
+    and 3 appear, bucket 0 is gone from SRC. Returns (src, dest, DEST's URL)."""
     src, dest = tmp_path / "out", tmp_path / "dest"
     url = f"file://{dest}"
     write_output(src, [0, 1])
@@ -226,6 +228,11 @@ def test_dry_run_reports_what_would_be_written_and_writes_nothing(tmp_path):
     write_output(src, [1, 2, 3])
     with open(os.path.join(src, "bucket=1", "part-0000-1.csv"), "a") as f:
         f.write("10\n")
+    return src, dest, url
+
+
+def test_dry_run_reports_what_would_be_written_and_writes_nothing(tmp_path):
+    src, dest, url = published_then_changed(tmp_path)
     before = tree(dest)
 
     dry = palisade.publish(str(src), url, dry_run=True)
@@ -250,13 +257,7 @@ def test_dry_run_reports_what_would_be_written_and_writes_nothing(tmp_path):
 
 
 def test_the_commands_dry_run_reports_the_same_plan(tmp_path):
-    src, dest = tmp_path / "out", tmp_path / "dest"
-    url = f"file://{dest}"
-    write_output(src, [0, 1])
-    palisade.publish(str(src), url)
-    write_output(src, [1, 2, 3])
-    with open(os.path.join(src, "bucket=1", "part-0000-1.csv"), "a") as f:
-        f.write("10\n")
+    src, dest, url = published_then_changed(tmp_path)
     before = tree(dest)
     dry = palisade.publish(str(src), url, dry_run=True)
     cli = cli_publish(src, url, "--dry-run")  # its --dry-run --json: the same shape and plan

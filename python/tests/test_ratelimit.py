@@ -1,6 +1,5 @@
 import asyncio
 import multiprocessing
-import os
 import pickle
 import threading
 import time
@@ -267,20 +266,9 @@ def test_unreachable_redis(tmp_path):
 
 
 def test_on_unavailable_policies_when_redis_goes_away(workdir):
-    from conftest import Server, find, free_port, redis_ping, start
+    from conftest import free_port, redis_server, start
 
-    binary = find("redis-server")
-
-    def make():
-        port = free_port()
-        server = Server([binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-                         "--appendonly", "no", "--dir", workdir],
-                        lambda: redis_ping(port), f"redis-server on port {port}",
-                        os.path.join(workdir, f"redis-gone-{port}.log"))
-        server.url = f"redis://127.0.0.1:{port}/0"
-        return server
-
-    server = start(make)
+    server = start(lambda: redis_server(workdir, free_port(), name="redis-gone"))
     try:
         limiters = {
             policy: palisade.RateLimiter.redis(server.url, "2/min", on_unavailable=policy,

@@ -2,14 +2,13 @@
 by their policy from the first decision (an executor that starts during a Redis outage must not
 fail), and use Redis once it is up."""
 
-import os
 import threading
 import time
 
 import pytest
 
 import palisade
-from conftest import Server, find, free_port, redis_ping
+from conftest import free_port, redis_server
 
 
 def down_url() -> tuple:
@@ -34,13 +33,7 @@ def test_open_admits_while_redis_is_down_and_redis_decides_once_it_is_up(workdir
     t.join(timeout=30)
     assert seen == [True], f"a new thread's decision while Redis is down: {seen}"
 
-    server = Server(
-        [find("redis-server"), "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-         "--appendonly", "no", "--protected-mode", "no", "--dir", workdir],
-        lambda: redis_ping(port),
-        f"redis-server on port {port}",
-        os.path.join(workdir, f"redis-late-{port}.log"),
-    )
+    server = redis_server(workdir, port, name="redis-late")
     try:
         # Once Redis answers, it decides: one admission a minute, then denials.
         deadline = time.monotonic() + 30
@@ -64,13 +57,8 @@ def test_local_decides_in_this_process_while_redis_is_down():
 
 def test_a_refused_password_is_an_auth_error_not_an_outage(workdir):
     port = free_port()
-    server = Server(
-        [find("redis-server"), "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-         "--appendonly", "no", "--requirepass", "s3cret", "--dir", workdir],
-        lambda: redis_ping_refused(port),
-        f"redis-server with a password on port {port}",
-        os.path.join(workdir, f"redis-auth-{port}.log"),
-    )
+    server = redis_server(workdir, port, "--requirepass", "s3cret", name="redis-auth",
+                          ready=lambda: redis_ping_refused(port))
     try:
         with pytest.raises(palisade.AuthError):
             palisade.RateLimiter.redis(f"redis://:wrong@127.0.0.1:{port}/0", "1/s")
