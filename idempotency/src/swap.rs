@@ -94,17 +94,28 @@ fn leftovers(dir: &Path, p: &Pending) -> Vec<PathBuf> {
 /// are until it finishes: the staged paths they were swapped to, the fallback's aside paths, and
 /// removed partitions' aside paths. Empty when no commit is pending. For readers: no lock.
 pub(crate) fn in_flight(dir: &Path) -> Result<Vec<PathBuf>> {
+    match read_pending(dir) {
+        Ok(pending) => Ok(pending.map_or_else(Vec::new, |p| leftovers(dir, &p))),
+        // Not readable as a record: nothing in flight worth reading from.
+        Err(Error::CorruptManifest { .. }) => Ok(Vec::new()),
+        Err(e) => Err(e),
+    }
+}
+
+/// The pending record, if a commit was decided and is not finished.
+fn read_pending(dir: &Path) -> Result<Option<Pending>> {
     let path = dir.join(PENDING_FILE);
     let bytes = match std::fs::read(&path) {
         Ok(b) => b,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(io("read", &path)(e)),
     };
-    match serde_json::from_slice::<Pending>(&bytes) {
-        Ok(pending) => Ok(leftovers(dir, &pending)),
-        // Being replaced or deleted under us: nothing in flight worth reading.
-        Err(_) => Ok(Vec::new()),
-    }
+    serde_json::from_slice(&bytes)
+        .map(Some)
+        .map_err(|e| Error::CorruptManifest {
+            path: path.display().to_string(),
+            reason: format!("not valid JSON: {e}"),
+        })
 }
 
 /// Where the fallback (two renames) puts the old version.
@@ -132,17 +143,10 @@ pub(crate) fn write_pending(dir: &Path, run_dir: &Path, pending: &Pending) -> Re
 
 /// Completes a pending commit if there is one. Manifest lock held. Returns whether there was one.
 pub(crate) fn complete_pending(dir: &Path) -> Result<bool> {
-    let path = dir.join(PENDING_FILE);
-    let bytes = match std::fs::read(&path) {
-        Ok(b) => b,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
-        Err(e) => return Err(io("read", &path)(e)),
+    let Some(pending) = read_pending(dir)? else {
+        return Ok(false);
     };
-    let pending: Pending = serde_json::from_slice(&bytes).map_err(|e| Error::CorruptManifest {
-        path: path.display().to_string(),
-        reason: format!("not valid JSON: {e}"),
-    })?;
-    pending.check(&path)?;
+    pending.check(&dir.join(PENDING_FILE))?;
     warn!(
         generation = pending.manifest.generation,
         "completing a commit that was interrupted after its decision"

@@ -84,6 +84,15 @@ fn refused(message: &str) -> bool {
     .any(|said| message.contains(said))
 }
 
+/// Whether Redis refused our credentials (`WRONGPASS`, `NOAUTH`) or an ACL permission (`NOPERM`).
+pub(crate) fn redis_refused(e: &palisade_ratelimit::redis_crate::RedisError) -> bool {
+    use palisade_ratelimit::redis_crate::{ErrorKind, ServerErrorKind};
+    matches!(
+        e.kind(),
+        ErrorKind::AuthenticationFailed | ErrorKind::Server(ServerErrorKind::NoPerm)
+    ) || matches!(e.code(), Some("NOAUTH" | "WRONGPASS" | "NOPERM"))
+}
+
 /// A palisade-idempotency error as its Python class.
 pub fn idempotency(py: Python<'_>, e: palisade_idempotency::Error) -> PyErr {
     let message = chain(&e);
@@ -110,7 +119,7 @@ fn idempotency_class(e: &palisade_idempotency::Error) -> &'static str {
         E::OwnershipLost { .. } => "OwnershipLost",
         E::ClaimLost { .. } => "ClaimLost",
         E::NotRecorded { .. } => "NotRecorded",
-        E::Redis { source, .. } if crate::ratelimit::refused(source) => "AuthError",
+        E::Redis { source, .. } if redis_refused(source) => "AuthError",
         E::Redis { .. } => "Unavailable",
         E::Fenced { .. } | E::FencingTokenRequired { .. } => "Fenced",
         E::Conflict { .. } => "Conflict",

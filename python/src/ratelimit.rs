@@ -84,18 +84,9 @@ pub(crate) fn limit_error(py: Python<'_>, e: Error) -> PyErr {
         Error::Timeout(_) | Error::Unavailable(_) => errors::raise(py, "Unavailable", message),
         // Refusals that retrying does not cure: a certificate, a password, an ACL permission.
         Error::Tls { .. } => errors::raise(py, "AuthError", message),
-        Error::Redis(ref e) if refused(e) => errors::raise(py, "AuthError", message),
+        Error::Redis(ref e) if errors::redis_refused(e) => errors::raise(py, "AuthError", message),
         _ => errors::error(message),
     }
-}
-
-/// Whether Redis refused our credentials (`WRONGPASS`, `NOAUTH`) or an ACL permission (`NOPERM`).
-pub(crate) fn refused(e: &palisade_ratelimit::redis_crate::RedisError) -> bool {
-    use palisade_ratelimit::redis_crate::{ErrorKind, ServerErrorKind};
-    matches!(
-        e.kind(),
-        ErrorKind::AuthenticationFailed | ErrorKind::Server(ServerErrorKind::NoPerm)
-    ) || matches!(e.code(), Some("NOAUTH" | "WRONGPASS" | "NOPERM"))
 }
 
 fn parse_limits(py: Python<'_>, limits: &[String]) -> PyResult<Vec<Limit>> {
