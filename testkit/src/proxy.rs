@@ -376,9 +376,14 @@ async fn serve(client: TcpStream, shared: Arc<Shared>) {
     };
     if was_reset {
         counters.reset.fetch_add(1, Ordering::Relaxed);
-        // Closing a socket with SO_LINGER 0 sends an RST instead of a FIN.
+        // Closing a socket with SO_LINGER 0 sends an RST instead of a FIN. A dropped write half
+        // would shut its direction down first (a FIN, which the peer reads as an orderly end
+        // before the RST arrives), so the write halves are forgotten: the sockets close once,
+        // when the read halves drop.
         let _ = client_read.as_ref().set_zero_linger();
         let _ = server_read.as_ref().set_zero_linger();
+        client_write.forget();
+        server_write.forget();
     }
 }
 
