@@ -501,7 +501,7 @@ fn once_keeps_the_key_of_a_run_that_outlasts_its_claim_ttl() {
         "--key",
         "k",
         "--claim-ttl",
-        "1s",
+        "3s",
         "--",
         "sh",
         "-c",
@@ -509,7 +509,9 @@ fn once_keeps_the_key_of_a_run_that_outlasts_its_claim_ttl() {
     ]);
     wait_for_file(&p.dir.path().join("started"), "the first run to start");
     // Well past --claim-ttl: the claim would have lapsed twice over if palisade did not renew it.
-    std::thread::sleep(Duration::from_millis(2500));
+    // (A TTL of 3 s: renewals every second, each an fsynced write, survive a busy machine's
+    // stalls.)
+    std::thread::sleep(Duration::from_millis(7000));
     let busy = p.output(&["once", "--key", "k", "--no-wait", "--", "sh", "-c", HOLD]);
     assert_eq!(
         busy.status.code(),

@@ -187,8 +187,10 @@ where
     else {
         panic!("{name}: the released key is not free");
     };
+    // The next renewal (a third of the TTL away) finds the key taken; the 10 s are for a busy
+    // machine, where a renewal's fsync can take long.
     let ran = ends(
-        ttl * 3,
+        ttl * 3 + Duration::from_secs(10),
         &format!("{name}: the job whose claim was taken over"),
         runner,
     )

@@ -349,9 +349,11 @@ async fn registry_entry_expires_when_process_is_killed() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn etcd_restart_within_ttl_keeps_sessions() {
+    // A TTL of 20 s: the restart (kill, start, health check) and the client's reconnect take
+    // a few seconds on a busy machine, all of it within the TTL.
     let etcd = Arc::new(etcd_server().await);
-    let c = etcd_coordinator(&etcd.endpoints(), 10).await;
-    let other = etcd_coordinator(&etcd.endpoints(), 10).await;
+    let c = etcd_coordinator(&etcd.endpoints(), 20).await;
+    let other = etcd_coordinator(&etcd.endpoints(), 20).await;
     let guard = c.lock("survive").await.unwrap();
     let e2 = etcd.clone();
     tokio::task::spawn_blocking(move || e2.restart())
@@ -364,7 +366,7 @@ async fn etcd_restart_within_ttl_keeps_sessions() {
         let s = session.clone();
         async move {
             s.deadline()
-                .is_some_and(|d| d > restarted + Duration::from_secs(8))
+                .is_some_and(|d| d > restarted + Duration::from_secs(16))
         }
     })
     .await;
@@ -432,7 +434,9 @@ async fn cluster_keeps_working_without_its_leader() {
             .unwrap()
             .expect("start a 3-member etcd cluster"),
     );
-    let c = etcd_coordinator(&cluster.endpoints(), 5).await;
+    // A TTL of 15 s: the election of a new leader and the client's move to another member
+    // take a few seconds on a busy machine, all of it within the TTL.
+    let c = etcd_coordinator(&cluster.endpoints(), 15).await;
     c.lock("ha").await.unwrap().release().await.unwrap();
     let cl = cluster.clone();
     tokio::task::spawn_blocking(move || {
@@ -757,12 +761,14 @@ async fn waiter_fails_at_once_when_its_key_vanishes() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn lock_outlives_its_ttl_while_kept_alive() {
     let etcd = etcd_server().await;
-    let holder = etcd_coordinator(&etcd.endpoints(), 2).await;
-    let other = etcd_coordinator(&etcd.endpoints(), 2).await;
+    // A TTL of 4 s: renewals every 1.3 s, so a busy machine's stalls of a second or two do not
+    // lose the lease (with a TTL of 2 s, a stall of 1.3 s would).
+    let holder = etcd_coordinator(&etcd.endpoints(), 4).await;
+    let other = etcd_coordinator(&etcd.endpoints(), 4).await;
     let guard = holder.lock("long").await.unwrap();
     let started = tokio::time::Instant::now();
-    // Three TTLs; the other client keeps trying meanwhile.
-    while started.elapsed() < Duration::from_secs(6) {
+    // Over two TTLs; the other client keeps trying meanwhile.
+    while started.elapsed() < Duration::from_secs(9) {
         assert!(
             matches!(other.try_lock("long").await, Err(LockError::Held { .. })),
             "a second holder got the lock after {:?}",
@@ -777,10 +783,12 @@ async fn lock_outlives_its_ttl_while_kept_alive() {
 
 /// What an operator does to break a stuck lock, `etcdctl lease revoke` or `etcdctl del` of the
 /// holder's key, is noticed by the holder at once (its key is watched), not at its next renewal
-/// a third of the TTL later, and never for a deleted key.
+/// a third of the TTL later, and never for a deleted key. It takes a few milliseconds; the
+/// bound asserted is 2 s, a fifth of the time to the next renewal, so that a busy machine's
+/// scheduling delays do not fail the test while a holder that relied on renewals would.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_revoked_lease_or_a_deleted_key_is_noticed_within_200_ms() {
-    const NOTICE: Duration = Duration::from_millis(200);
+async fn a_revoked_lease_or_a_deleted_key_is_noticed_long_before_a_renewal() {
+    const NOTICE: Duration = Duration::from_secs(2);
     let etcd = etcd_server().await;
     let mut raw = etcd_client::Client::connect(etcd.endpoints(), None)
         .await
@@ -936,9 +944,11 @@ async fn cancelled_acquires_leave_no_key_behind() {
     proxy.pass();
     let other = etcd_coordinator(&etcd.endpoints(), 30).await;
     let started = std::time::Instant::now();
-    let guard = tokio::time::timeout(Duration::from_secs(5), other.lock("orphans"))
+    // The clean-up deletes the orphans one by one in the background; a leaked key would block
+    // for as long as the cancelled acquires' session lives, i.e. for ever here.
+    let guard = tokio::time::timeout(Duration::from_secs(20), other.lock("orphans"))
         .await
-        .expect("another coordinator must get the lock within 5 s while the cancelled acquires' session lives")
+        .expect("another coordinator must get the lock within 20 s while the cancelled acquires' session lives")
         .unwrap();
     println!("acquired after {:?}", started.elapsed());
     assert!(

@@ -17,17 +17,16 @@ async fn conn(url: &str) -> ConnectionManager {
         .unwrap_or_else(|e| panic!("connect to {url}: {e}"))
 }
 
-/// The longest `EVALSHA` (µs) in the slow log since `SLOWLOG RESET` (which logs every command,
-/// see `slowlog-log-slower-than 0` below), and how many were logged.
-async fn longest_evalsha(c: &mut ConnectionManager) -> (u64, usize) {
+/// How long each `EVALSHA` (µs) in the slow log since `SLOWLOG RESET` held Redis (the slow log
+/// records every command, see `slowlog-log-slower-than 0` below), shortest first.
+async fn evalsha_times(c: &mut ConnectionManager) -> Vec<u64> {
     let entries: Vec<redis::Value> = redis::cmd("SLOWLOG")
         .arg("GET")
         .arg(-1)
         .query_async(c)
         .await
         .expect("SLOWLOG GET");
-    let mut longest = 0;
-    let mut count = 0;
+    let mut times = Vec::new();
     for e in entries {
         let redis::Value::Array(fields) = e else {
             continue;
@@ -39,11 +38,11 @@ async fn longest_evalsha(c: &mut ConnectionManager) -> (u64, usize) {
         };
         let is_eval = matches!(args.first(), Some(redis::Value::BulkString(b)) if b.eq_ignore_ascii_case(b"evalsha"));
         if is_eval {
-            longest = longest.max(*us as u64);
-            count += 1;
+            times.push(*us as u64);
         }
     }
-    (longest, count)
+    times.sort_unstable();
+    times
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -76,8 +75,8 @@ async fn big_costs_and_long_logs_do_not_hold_redis() {
         assert!(d.allowed && d.remaining == 900_000 - i * 100_000, "{d:?}");
     }
     assert!(!limiter.check_n("big", 100_000).await.unwrap().allowed);
-    let (big, calls) = longest_evalsha(&mut admin).await;
-    println!("check_n(key, 100_000) held Redis for at most {big} µs ({calls} calls)");
+    let big = evalsha_times(&mut admin).await;
+    println!("check_n(key, 100_000) held Redis for {big:?} µs");
 
     // A long log: 20,000 decisions on one key, then denials that search it and peeks.
     futures::stream::iter(0..20_000)
@@ -94,17 +93,28 @@ async fn big_costs_and_long_logs_do_not_hold_redis() {
     assert!(!d.allowed && d.remaining == 980_000, "{d:?}");
     assert_eq!(limiter.peek("long").await.unwrap().remaining, 980_000);
     assert!(limiter.check_n("long", 100_000).await.unwrap().allowed);
-    let (long, calls) = longest_evalsha(&mut admin).await;
-    println!("on a 20,000-member log, a decision held Redis for at most {long} µs ({calls} calls)");
+    let long = evalsha_times(&mut admin).await;
+    println!("on a 20,000-member log, decisions held Redis for {long:?} µs");
     let members: usize = redis::cmd("ZCARD")
         .arg(&limiter.redis_keys("long")[0])
         .query_async(&mut admin)
         .await
         .unwrap();
     assert_eq!(members, 20_001, "one member per admitted decision");
-    // Generous for a busy 2-core machine: the old script took seconds for such costs.
-    for (what, us) in [("a 100,000-unit decision", big), ("a long log", long)] {
-        assert!(us < 50_000, "{what} held Redis for {us} µs");
+    // The old script took 615 ms for every such call. The slow log measures wall-clock time
+    // inside redis-server, so on a busy machine one call can include a wait for the CPU: the
+    // median must be a few milliseconds, and no call may come near the old script's time.
+    for (what, times) in [("a 100,000-unit decision", &big), ("a long log", &long)] {
+        assert!(times.len() >= 3, "{what}: {times:?}");
+        let (median, longest) = (times[times.len() / 2], times[times.len() - 1]);
+        assert!(
+            median < 5_000,
+            "{what} held Redis for {median} µs (median of {times:?})"
+        );
+        assert!(
+            longest < 200_000,
+            "{what} held Redis for {longest} µs ({times:?})"
+        );
     }
 }
 
