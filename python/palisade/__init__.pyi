@@ -279,8 +279,8 @@ class RateLimiter:
         system's roots); with ``cluster=True``, one node's URL or a list of them.
         ``on_unavailable``: "closed" connects now and raises Unavailable if Redis is down;
         "open" (admit) and "local" (decide in this process) connect at the first decision, so
-        the policy answers from the start while Redis is down (with ``cluster=True`` the cluster
-        is reached when the limiter is made, whatever the policy)."""
+        the policy answers from the start while Redis is down (with ``cluster=True`` too: while
+        no node answers)."""
     @staticmethod
     def file(dir: str, limits: _Limits) -> RateLimiter:
         """A limiter shared by the processes of one host: an exact sliding log per key in a

@@ -175,7 +175,7 @@ impl Config {
                     tls_ca: read_ca(py, tls_ca.as_deref())?,
                 };
                 if *cluster {
-                    let conn = cluster_connection(py, url, parts.tls_ca.is_some())?;
+                    let conn = cluster_connection(py, url, &parts)?;
                     Built::RedisCluster(parts.build(py, conn)?)
                 } else {
                     let conn = connection(py, url, &parts)?;
@@ -274,23 +274,34 @@ fn connection(
     Ok(map.entry(id).or_insert(conn).clone())
 }
 
-/// A connection to the Redis Cluster whose nodes (some of them) are `urls`, joined by `,`.
+/// A connection to the Redis Cluster whose nodes (some of them) are `urls`, joined by `,`. Like
+/// a standalone connection, it is made at the first decision with `on_unavailable` "open" or
+/// "local" (the policy answers while no node does), and now with "closed".
 fn cluster_connection(
     py: Python<'_>,
     urls: &str,
-    with_ca: bool,
+    parts: &RedisParts,
 ) -> PyResult<palisade_ratelimit::redis_crate::cluster_async::ClusterConnection> {
-    if with_ca {
+    if parts.tls_ca.is_some() {
         return Err(errors::config(
             py,
             "tls_ca: not supported with cluster=True yet; rediss:// node URLs trust the system's roots",
         ));
     }
     let nodes: Vec<String> = urls.split(',').map(str::to_string).collect();
-    block_on(py, async move {
-        palisade_ratelimit::connect_cluster(nodes).await
-    })?
-    .map_err(|e| limit_error(py, e))
+    let timeout = parts.timeout.max(Duration::from_secs(5));
+    if matches!(parts.policy, Policy::FailClosed) {
+        block_on(py, async move {
+            palisade_ratelimit::connect_cluster(nodes).await
+        })?
+        .map_err(|e| limit_error(py, e))
+    } else {
+        // The pending connection's task is spawned on the runtime of the calling context.
+        block_on(py, async move {
+            palisade_ratelimit::connect_cluster_lazy(nodes, timeout)
+        })?
+        .map_err(|e| limit_error(py, e))
+    }
 }
 
 impl Built {
@@ -374,7 +385,7 @@ impl RateLimiter {
     /// "open" (admit) or "local" (decide in this process until Redis is back). With "closed" it
     /// connects now and raises `Unavailable` if Redis is down; with "open" or "local" it connects
     /// at the first decision, so that the policy answers from the start while Redis is down
-    /// (with `cluster=True` the cluster is reached when the limiter is made, whatever the policy).
+    /// (with `cluster=True` too: while no node answers).
     /// `url`: `redis://` or `rediss://` (TLS; `tls_ca`: a PEM file with the CA to trust instead
     /// of the system's roots, read by each process that uses the limiter); with `cluster=True`,
     /// one node's URL or a list of them (a Redis Cluster; every key's state is in one slot).

@@ -55,6 +55,19 @@ def test_local_decides_in_this_process_while_redis_is_down():
     assert [limiter.check("k").allowed for _ in range(3)] == [True, True, False]
 
 
+def test_a_cluster_limiter_made_while_no_node_answers_follows_its_policy():
+    nodes = [down_url()[1], down_url()[1]]
+    with pytest.raises(palisade.Unavailable):
+        palisade.RateLimiter.redis(nodes, "2/min", cluster=True, on_unavailable="closed",
+                                   timeout=0.2)
+    opened = palisade.RateLimiter.redis(nodes, "2/min", cluster=True, on_unavailable="open",
+                                        timeout=0.2)
+    assert [opened.check("k").allowed for _ in range(3)] == [True, True, True]
+    local = palisade.RateLimiter.redis(nodes, "2/min", cluster=True, on_unavailable="local",
+                                       timeout=0.2)
+    assert [local.check("k").allowed for _ in range(3)] == [True, True, False]
+
+
 def test_a_refused_password_is_an_auth_error_not_an_outage(workdir):
     port = free_port()
     server = redis_server(workdir, port, "--requirepass", "s3cret", name="redis-auth",

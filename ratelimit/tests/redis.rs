@@ -5,7 +5,7 @@ use std::time::{Duration, Instant};
 use palisade_ratelimit::redis_crate::{self as redis, aio::ConnectionManager};
 use palisade_ratelimit::{
     Algorithm, Error, Limit, LocalLimiter, Policy, RateLimiter, RedisLimiter, connect,
-    connect_cluster, connect_lazy,
+    connect_cluster, connect_cluster_lazy, connect_lazy,
 };
 use palisade_testkit::{Redis, RedisCluster, RedisOptions};
 
@@ -618,6 +618,62 @@ async fn a_lazy_connection_applies_the_policy_until_redis_is_up() {
         assert!(
             Instant::now() < deadline,
             "Redis never decided after its restart: {decisions:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// The same for a Redis Cluster: `connect_cluster_lazy` returns at once while no node can be
+/// reached (`connect_cluster` fails), the policy answers meanwhile, and the cluster decides once
+/// its nodes answer. The nodes are reached through fault proxies that refuse every connection
+/// until they are switched to pass.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_lazy_cluster_connection_applies_the_policy_until_the_cluster_answers() {
+    let cluster = tokio::task::spawn_blocking(|| RedisCluster::start(3))
+        .await
+        .unwrap()
+        .expect("start a Redis Cluster");
+    let proxies: Vec<_> = (0..cluster.len())
+        .map(|i| cluster.node(i).proxy().expect("proxy"))
+        .collect();
+    proxies.iter().for_each(|p| p.reset());
+    let urls: Vec<String> = proxies
+        .iter()
+        .map(|p| format!("redis://{}/", p.addr()))
+        .collect();
+    let eager = tokio::time::timeout(Duration::from_secs(30), connect_cluster(urls.clone())).await;
+    assert!(
+        matches!(eager, Ok(Err(_))),
+        "connect_cluster fails while no node answers"
+    );
+    let timeout = Duration::from_millis(300);
+    let limiter = RedisLimiter::builder(connect_cluster_lazy(urls, timeout).unwrap())
+        .limit(Limit::per_minute(1).unwrap())
+        .on_unavailable(Policy::FailOpen)
+        .timeout(timeout)
+        .build()
+        .unwrap();
+    for _ in 0..3 {
+        let d = limiter.check("k").await.expect("the policy answers");
+        assert!(
+            d.allowed && d.server_time.is_none(),
+            "admitted by FailOpen while the cluster is unreachable: {d:?}"
+        );
+    }
+    proxies.iter().for_each(|p| p.pass());
+    // Once a node answers, the cluster decides: one admission per minute, then denials.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut decisions = Vec::new();
+    loop {
+        let d = limiter.check("k").await.expect("a decision");
+        decisions.push((d.allowed, d.server_time.is_some()));
+        if !d.allowed {
+            assert!(d.server_time.is_some(), "{d:?}");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the cluster never decided once reachable: {decisions:?}"
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }

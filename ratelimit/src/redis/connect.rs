@@ -134,6 +134,28 @@ where
     client.get_async_connection().await.map_err(classify)
 }
 
+/// Like [`connect_cluster`], without connecting now, as [`connect_lazy`] is to [`connect`]: the
+/// first decision reaches the cluster, and until one of `urls` answers every decision is
+/// unavailable, so the limiter's [`Policy`](crate::Policy) decides. `timeout` bounds each
+/// connection attempt and each answer. Only malformed URLs fail here. Call it inside a Tokio
+/// runtime.
+pub fn connect_cluster_lazy<I, T>(
+    urls: I,
+    timeout: Duration,
+) -> Result<redis::cluster_async::ClusterConnection, Error>
+where
+    I: IntoIterator<Item = T>,
+    T: redis::IntoConnectionInfo,
+{
+    #[cfg(feature = "tls")]
+    install_crypto_provider();
+    let client = redis::cluster::ClusterClient::new(urls).map_err(Error::Redis)?;
+    let config = redis::cluster::ClusterConfig::new()
+        .set_connection_timeout(timeout)
+        .set_response_timeout(timeout);
+    Ok(client.get_pending_async_connection_with_config(config))
+}
+
 /// rustls needs a process-wide crypto provider and the redis crate selects none; use ring
 /// unless the application installed one already.
 #[cfg(feature = "tls")]
