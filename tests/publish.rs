@@ -665,7 +665,7 @@ fn sigkill_at_random_points_leaves_whole_partitions_and_a_rerun_converges() {
     // twentieth longer after a kill that landed. It settles where about one publish in seven
     // finishes, so kill points still reach the commit at the end.
     let mut window = full + full / 10;
-    let (mut kills, mut version, mut committed) = (0, 0u32, 0);
+    let (mut kills, mut version, mut committed, mut killed_after_commit) = (0, 0u32, 0, 0);
     while kills < 20 {
         version += 1;
         assert!(
@@ -680,7 +680,8 @@ fn sigkill_at_random_points_leaves_whole_partitions_and_a_rerun_converges() {
         std::thread::sleep(Duration::from_micros(rng.next() % window.max(1)));
         signal(child.id(), nix::sys::signal::Signal::SIGKILL);
         let out = wait_bounded(child, Duration::from_secs(30));
-        if out.status.code().is_none() {
+        let killed = out.status.code().is_none();
+        if killed {
             kills += 1;
             window += window / 20;
         } else {
@@ -689,12 +690,14 @@ fn sigkill_at_random_points_leaves_whole_partitions_and_a_rerun_converges() {
         let seen = check_readers(&f, parts, &files_of, size);
         if seen.values().any(|v| *v == version) {
             committed += 1;
+            killed_after_commit += usize::from(killed);
         }
     }
 
     eprintln!(
-        "{kills} kills in {version} publishes, {committed} of them committed (a full publish \
-         took {full} us; the kill window ended at {window} us)"
+        "{kills} kills in {version} publishes, {committed} of them committed ({killed_after_commit} \
+         killed after their commit; a full publish took {full} us; the kill window ended at \
+         {window} us)"
     );
     // A rerun converges to SRC.
     f.publish(&[src.to_str().unwrap(), &f.dest()]);

@@ -356,17 +356,19 @@ async fn etcd_restart_within_ttl_keeps_sessions() {
     let other = etcd_coordinator(&etcd.endpoints(), 20).await;
     let guard = c.lock("survive").await.unwrap();
     let e2 = etcd.clone();
+    let restarting = tokio::time::Instant::now();
     tokio::task::spawn_blocking(move || e2.restart())
         .await
         .unwrap()
         .expect("restart etcd");
-    let restarted = tokio::time::Instant::now();
     let session = c.session();
     eventually("a renewal acknowledged after the restart", || {
         let s = session.clone();
         async move {
             s.deadline()
-                .is_some_and(|d| d > restarted + Duration::from_secs(16))
+                // A deadline is a renewal's send time + 99 % of the TTL (19.8 s): only a renewal
+                // sent after the restart began gets past restarting + 19.8 s.
+                .is_some_and(|d| d > restarting + Duration::from_millis(19_800))
         }
     })
     .await;
@@ -439,6 +441,7 @@ async fn cluster_keeps_working_without_its_leader() {
     let c = etcd_coordinator(&cluster.endpoints(), 15).await;
     c.lock("ha").await.unwrap().release().await.unwrap();
     let cl = cluster.clone();
+    let killing = tokio::time::Instant::now();
     tokio::task::spawn_blocking(move || {
         let leader = cl.leader()?;
         cl.member(leader).kill()
@@ -455,6 +458,17 @@ async fn cluster_keeps_working_without_its_leader() {
         last = g.fencing_token();
         g.release().await.unwrap();
     }
+    // The session's keepalive goes on through the other members: only a renewal sent after the
+    // kill began pushes the deadline past killing + 14.85 s (99 % of the TTL).
+    let session = c.session();
+    eventually("a renewal acknowledged after the leader was killed", || {
+        let s = session.clone();
+        async move {
+            s.deadline()
+                .is_some_and(|d| d > killing + Duration::from_millis(14_850))
+        }
+    })
+    .await;
     assert!(!c.session().is_lost());
 }
 

@@ -279,8 +279,9 @@ class RateLimiter:
         system's roots); with ``cluster=True``, one node's URL or a list of them.
         ``on_unavailable``: "closed" connects now and raises Unavailable if Redis is down;
         "open" (admit) and "local" (decide in this process) connect at the first decision, so
-        the policy answers from the start while Redis is down (with ``cluster=True`` too: while
-        no node answers)."""
+        the policy answers from the start while Redis is down (with ``cluster=True`` it waits up
+        to a second for the cluster, then connects in the background). A refused password
+        raises AuthError whatever the policy."""
     @staticmethod
     def file(dir: str, limits: _Limits) -> RateLimiter:
         """A limiter shared by the processes of one host: an exact sliding log per key in a

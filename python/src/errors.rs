@@ -84,13 +84,9 @@ fn refused(message: &str) -> bool {
     .any(|said| message.contains(said))
 }
 
-/// Whether Redis refused our credentials (`WRONGPASS`, `NOAUTH`) or an ACL permission (`NOPERM`).
+/// Whether Redis refused our credentials or an ACL permission (the crate's one check).
 pub(crate) fn redis_refused(e: &palisade_ratelimit::redis_crate::RedisError) -> bool {
-    use palisade_ratelimit::redis_crate::{ErrorKind, ServerErrorKind};
-    matches!(
-        e.kind(),
-        ErrorKind::AuthenticationFailed | ErrorKind::Server(ServerErrorKind::NoPerm)
-    ) || matches!(e.code(), Some("NOAUTH" | "WRONGPASS" | "NOPERM"))
+    palisade_ratelimit::is_refusal(e)
 }
 
 /// A palisade-idempotency error as its Python class.

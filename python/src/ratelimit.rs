@@ -274,9 +274,10 @@ fn connection(
     Ok(map.entry(id).or_insert(conn).clone())
 }
 
-/// A connection to the Redis Cluster whose nodes (some of them) are `urls`, joined by `,`. Like
-/// a standalone connection, it is made at the first decision with `on_unavailable` "open" or
-/// "local" (the policy answers while no node does), and now with "closed".
+/// A connection to the Redis Cluster whose nodes (some of them) are `urls`, joined by `,`. It is
+/// made now; with `on_unavailable` "open" or "local", a cluster that does not answer now (an
+/// outage, not a refusal) gets a connection made in the background instead, so that the policy
+/// answers until a node does.
 fn cluster_connection(
     py: Python<'_>,
     urls: &str,
@@ -289,18 +290,29 @@ fn cluster_connection(
         ));
     }
     let nodes: Vec<String> = urls.split(',').map(str::to_string).collect();
+    let lazy = !matches!(parts.policy, Policy::FailClosed);
     let timeout = parts.timeout.max(Duration::from_secs(5));
-    if matches!(parts.policy, Policy::FailClosed) {
-        block_on(py, async move {
-            palisade_ratelimit::connect_cluster(nodes).await
-        })?
-        .map_err(|e| limit_error(py, e))
+    // How long the limiter's making may wait for the cluster: with a policy to fall back on, a
+    // second at most (a cluster that has not answered by then is connected in the background).
+    let wait = if lazy {
+        parts.timeout.max(Duration::from_secs(1))
     } else {
-        // The pending connection's task is spawned on the runtime of the calling context.
-        block_on(py, async move {
+        timeout
+    };
+    let attempt = nodes.clone();
+    let now = block_on(py, async move {
+        tokio::time::timeout(wait, palisade_ratelimit::connect_cluster(attempt))
+            .await
+            .unwrap_or(Err(Error::Timeout(wait)))
+    })?;
+    match now {
+        Ok(conn) => Ok(conn),
+        Err(Error::Unavailable(_) | Error::Timeout(_)) if lazy => block_on(py, async move {
+            // Inside the runtime: the connection's task is spawned there.
             palisade_ratelimit::connect_cluster_lazy(nodes, timeout)
         })?
-        .map_err(|e| limit_error(py, e))
+        .map_err(|e| limit_error(py, e)),
+        Err(e) => Err(limit_error(py, e)),
     }
 }
 
@@ -385,7 +397,8 @@ impl RateLimiter {
     /// "open" (admit) or "local" (decide in this process until Redis is back). With "closed" it
     /// connects now and raises `Unavailable` if Redis is down; with "open" or "local" it connects
     /// at the first decision, so that the policy answers from the start while Redis is down
-    /// (with `cluster=True` too: while no node answers).
+    /// (with `cluster=True` it waits up to a second for the cluster, then connects in the
+    /// background; a refused password raises `AuthError` whatever the policy).
     /// `url`: `redis://` or `rediss://` (TLS; `tls_ca`: a PEM file with the CA to trust instead
     /// of the system's roots, read by each process that uses the limiter); with `cluster=True`,
     /// one node's URL or a list of them (a Redis Cluster; every key's state is in one slot).

@@ -12,7 +12,7 @@ import tempfile
 import threading
 import time
 import urllib.request
-from typing import Callable, Iterator, List, Optional
+from typing import Callable, Iterator, List, Optional, Tuple
 
 import pytest
 
@@ -172,27 +172,34 @@ def free_port_pair(offset: int) -> int:
     raise RuntimeError("no free port pair")
 
 
-def redis_cluster_ok(port: int) -> bool:
+def redis_cluster_ok(port: int, password: Optional[str] = None) -> bool:
     with socket.create_connection(("127.0.0.1", port), timeout=1) as s:
+        if password:
+            s.sendall(f"AUTH {password}\r\n".encode())
+            if not s.recv(64).startswith(b"+OK"):
+                return False
         s.sendall(b"CLUSTER INFO\r\n")
         return b"cluster_state:ok" in s.recv(4096)
 
 
-@pytest.fixture(scope="session")
-def redis_cluster(workdir: str) -> Iterator[List[str]]:
-    """Three cluster-enabled redis-servers joined by `redis-cli --cluster create`; their URLs."""
+def start_redis_cluster(workdir: str, name: str, password: Optional[str] = None
+                        ) -> Tuple[List[Server], List[str]]:
+    """Three cluster-enabled redis-servers joined by `redis-cli --cluster create` (with
+    `password` required by every node, if given); the servers and their URLs (no password)."""
     binary, cli = find("redis-server"), find("redis-cli")
+    auth = ["--requirepass", password, "--masterauth", password] if password else []
     servers: List[Server] = []
 
     def node() -> Server:
         port = free_port_pair(10000)
-        d = os.path.join(workdir, f"cluster-{port}")
+        d = os.path.join(workdir, f"{name}-{port}")
         os.makedirs(d, exist_ok=True)
         argv = [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
                 "--appendonly", "no", "--protected-mode", "no", "--dir", d,
                 "--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
-                "--cluster-node-timeout", "2000"]
-        server = Server(argv, lambda: redis_ping(port), f"cluster node on port {port}",
+                "--cluster-node-timeout", "2000", *auth]
+        ready = (lambda: redis_ping_refused(port)) if password else (lambda: redis_ping(port))
+        server = Server(argv, ready, f"{name} node on port {port}",
                         os.path.join(d, "redis.log"))
         server.port = port  # type: ignore[attr-defined]
         return server
@@ -201,15 +208,36 @@ def redis_cluster(workdir: str) -> Iterator[List[str]]:
         for _ in range(3):
             servers.append(start(node))
         ports = [s.port for s in servers]  # type: ignore[attr-defined]
-        subprocess.run([cli, "--cluster", "create", *[f"127.0.0.1:{p}" for p in ports],
+        subprocess.run([cli, *(["-a", password, "--no-auth-warning"] if password else []),
+                        "--cluster", "create", *[f"127.0.0.1:{p}" for p in ports],
                         "--cluster-replicas", "0", "--cluster-yes"],
                        check=True, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
                        timeout=60)
-        wait_until(lambda: all(redis_cluster_ok(p) for p in ports), "cluster_state:ok", 60)
-        yield [f"redis://127.0.0.1:{p}/" for p in ports]
+        wait_until(lambda: all(redis_cluster_ok(p, password) for p in ports),
+                   "cluster_state:ok", 60)
+    except BaseException:
+        for s in servers:
+            s.stop()
+        raise
+    return servers, [f"redis://127.0.0.1:{p}/" for p in ports]
+
+
+@pytest.fixture(scope="session")
+def redis_cluster(workdir: str) -> Iterator[List[str]]:
+    """A Redis Cluster of three masters; their URLs."""
+    servers, urls = start_redis_cluster(workdir, "cluster")
+    try:
+        yield urls
     finally:
         for s in servers:
             s.stop()
+
+
+def redis_ping_refused(port: int) -> bool:
+    """Ready: the server answers PING, asking for a password."""
+    with socket.create_connection(("127.0.0.1", port), timeout=1) as s:
+        s.sendall(b"PING\r\n")
+        return s.recv(64).startswith(b"-NOAUTH")
 
 
 @pytest.fixture(scope="session")

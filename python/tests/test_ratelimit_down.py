@@ -8,7 +8,7 @@ import time
 import pytest
 
 import palisade
-from conftest import free_port, redis_server
+from conftest import free_port, redis_ping_refused, redis_server, start_redis_cluster
 
 
 def down_url() -> tuple:
@@ -88,10 +88,16 @@ def test_a_refused_password_is_an_auth_error_not_an_outage(workdir):
         server.stop()
 
 
-def redis_ping_refused(port: int) -> bool:
-    """Ready: the server answers PING, asking for a password."""
-    import socket
-
-    with socket.create_connection(("127.0.0.1", port), timeout=1) as s:
-        s.sendall(b"PING\r\n")
-        return s.recv(64).startswith(b"-NOAUTH")
+def test_a_cluster_that_refuses_the_password_is_an_auth_error_whatever_the_policy(workdir):
+    servers, urls = start_redis_cluster(workdir, "cluster-auth", password="s3cret")
+    try:
+        wrong = [u.replace("redis://", "redis://:wrong@") for u in urls]
+        for policy in ("closed", "open", "local"):
+            with pytest.raises(palisade.AuthError):
+                palisade.RateLimiter.redis(wrong, "1/min", cluster=True, on_unavailable=policy)
+        right = [u.replace("redis://", "redis://:s3cret@") for u in urls]
+        limiter = palisade.RateLimiter.redis(right, "1/min", cluster=True, on_unavailable="open")
+        assert [limiter.check("k").allowed for _ in range(2)] == [True, False]
+    finally:
+        for s in servers:
+            s.stop()

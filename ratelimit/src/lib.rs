@@ -22,7 +22,7 @@ pub use limiter::RateLimiter;
 pub use local::{DefaultClock, LocalLimiter, TokioClock, TokioInstant};
 pub use redis::{
     DEFAULT_TIMEOUT, Policy, RedisLimiter, RedisLimiterBuilder, connect, connect_cluster,
-    connect_cluster_lazy, connect_lazy,
+    connect_cluster_lazy, connect_lazy, is_refusal,
 };
 #[cfg(feature = "tls")]
 pub use redis::{connect_with_tls, connect_with_tls_lazy};

@@ -163,6 +163,7 @@ async fn an_etcd_client_behind_a_reset_proxy_is_never_served() {
         .await
         .expect("a request to a reset proxy must end by the client's own timeout");
     assert!(outcome.is_err(), "a reset connection answered: {outcome:?}");
+    assert!(proxy.stats().connections_reset >= 1, "{:?}", proxy.stats());
 
     let options = ConnectOptions::new()
         .with_connect_timeout(CLIENT_TIMEOUT)

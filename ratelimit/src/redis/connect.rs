@@ -134,11 +134,18 @@ where
     client.get_async_connection().await.map_err(classify)
 }
 
-/// Like [`connect_cluster`], without connecting now, as [`connect_lazy`] is to [`connect`]: the
-/// first decision reaches the cluster, and until one of `urls` answers every decision is
-/// unavailable, so the limiter's [`Policy`](crate::Policy) decides. `timeout` bounds each
-/// connection attempt and each answer. Only malformed URLs fail here. Call it inside a Tokio
+/// Like [`connect_cluster`], without waiting for the cluster, as [`connect_lazy`] is to
+/// [`connect`]: the connection is made in the background (and again while no node answers), and
+/// until one of `urls` answers every decision is unavailable, so the limiter's
+/// [`Policy`](crate::Policy) decides. `timeout` bounds each attempt to reach a node and each
+/// node's answer; the limiter's own `timeout` bounds each decision. Only unusable URLs fail
+/// here (malformed, or nodes with different credentials or databases). Call it inside a Tokio
 /// runtime.
+///
+/// Unlike [`connect_cluster`], it cannot tell a refused password from an outage (the background
+/// connection keeps the reason to itself): a limiter on it answers by its policy while its
+/// credentials are refused. Where that matters, try [`connect_cluster`] first and fall back to
+/// this only on [`Error::Unavailable`], as the Python package does.
 pub fn connect_cluster_lazy<I, T>(
     urls: I,
     timeout: Duration,
@@ -177,11 +184,28 @@ pub(crate) fn classify(e: RedisError) -> Error {
 }
 
 fn classify_unavailable(e: RedisError) -> Error {
-    if is_unavailable(&e) {
+    if is_unavailable(&e) && !is_refusal(&e) {
         Error::Unavailable(e)
     } else {
         Error::Redis(e)
     }
+}
+
+/// Whether Redis refused our credentials (`WRONGPASS`, `NOAUTH`, redis-rs's
+/// `AuthenticationFailed`) or an ACL permission (`NOPERM`): a refusal that retrying does not
+/// cure, as opposed to an outage. Also when the refusal is only in the error's text: a cluster
+/// connection that could reach no node reports "Failed to create initial connections" (an I/O
+/// kind) with one node's error ("Password authentication failed - AuthenticationFailed") as the
+/// detail.
+pub fn is_refusal(e: &RedisError) -> bool {
+    const CODES: [&str; 3] = ["NOAUTH", "WRONGPASS", "NOPERM"];
+    matches!(
+        e.kind(),
+        ErrorKind::AuthenticationFailed | ErrorKind::Server(ServerErrorKind::NoPerm)
+    ) || e.code().is_some_and(|code| CODES.contains(&code))
+        || e.detail().is_some_and(|detail| {
+            detail.contains("AuthenticationFailed") || CODES.iter().any(|c| detail.contains(c))
+        })
 }
 
 /// Whether an error means "Redis is not there right now" (the policy applies) rather than

@@ -19,7 +19,7 @@ use crate::algorithm::{Params, Verdict};
 use crate::{Algorithm, Decision, Error, Limit, LocalLimiter, RateLimiter, stats};
 use cache::DenialCache;
 use connect::classify;
-pub use connect::{connect, connect_cluster, connect_cluster_lazy, connect_lazy};
+pub use connect::{connect, connect_cluster, connect_cluster_lazy, connect_lazy, is_refusal};
 #[cfg(feature = "tls")]
 pub use connect::{connect_with_tls, connect_with_tls_lazy};
 
