@@ -84,11 +84,6 @@ fn refused(message: &str) -> bool {
     .any(|said| message.contains(said))
 }
 
-/// Whether Redis refused our credentials or an ACL permission (the crate's one check).
-pub(crate) fn redis_refused(e: &palisade_ratelimit::redis_crate::RedisError) -> bool {
-    palisade_ratelimit::is_refusal(e)
-}
-
 /// A palisade-idempotency error as its Python class.
 pub fn idempotency(py: Python<'_>, e: palisade_idempotency::Error) -> PyErr {
     let message = chain(&e);
@@ -115,7 +110,7 @@ fn idempotency_class(e: &palisade_idempotency::Error) -> &'static str {
         E::OwnershipLost { .. } => "OwnershipLost",
         E::ClaimLost { .. } => "ClaimLost",
         E::NotRecorded { .. } => "NotRecorded",
-        E::Redis { source, .. } if redis_refused(source) => "AuthError",
+        E::Redis { source, .. } if palisade_ratelimit::is_refusal(source) => "AuthError",
         E::Redis { .. } => "Unavailable",
         E::Fenced { .. } | E::FencingTokenRequired { .. } => "Fenced",
         E::Conflict { .. } => "Conflict",

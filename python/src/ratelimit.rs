@@ -84,7 +84,9 @@ pub(crate) fn limit_error(py: Python<'_>, e: Error) -> PyErr {
         Error::Timeout(_) | Error::Unavailable(_) => errors::raise(py, "Unavailable", message),
         // Refusals that retrying does not cure: a certificate, a password, an ACL permission.
         Error::Tls { .. } => errors::raise(py, "AuthError", message),
-        Error::Redis(ref e) if errors::redis_refused(e) => errors::raise(py, "AuthError", message),
+        Error::Redis(ref e) if palisade_ratelimit::is_refusal(e) => {
+            errors::raise(py, "AuthError", message)
+        }
         _ => errors::error(message),
     }
 }
@@ -212,8 +214,8 @@ impl RedisParts {
         &self,
         url: &str,
     ) -> Result<palisade_ratelimit::redis_crate::aio::ConnectionManager, Error> {
-        let timeout = self.timeout.max(Duration::from_secs(5));
-        let lazy = !matches!(self.policy, Policy::FailClosed);
+        let timeout = self.connect_timeout();
+        let lazy = self.has_fallback();
         let certs = |ca: &Vec<u8>| palisade_ratelimit::redis_crate::TlsCertificates {
             client_tls: None,
             root_cert: Some(ca.clone()),
@@ -226,6 +228,18 @@ impl RedisParts {
             (None, false) => palisade_ratelimit::connect(url, timeout).await,
             (None, true) => palisade_ratelimit::connect_lazy(url, timeout),
         }
+    }
+
+    /// Whether the policy answers while Redis cannot ("open" or "local"): then connections are
+    /// made lazily, so that a limiter can be made during an outage.
+    fn has_fallback(&self) -> bool {
+        !matches!(self.policy, Policy::FailClosed)
+    }
+
+    /// How long reaching Redis may take: the decision timeout, but at least 5 s (connecting
+    /// takes more round trips than a decision).
+    fn connect_timeout(&self) -> Duration {
+        self.timeout.max(Duration::from_secs(5))
     }
 
     pub(crate) fn build<C>(&self, py: Python<'_>, conn: C) -> PyResult<RedisLimiter<C>>
@@ -259,11 +273,7 @@ fn connection(
     parts: &RedisParts,
 ) -> PyResult<palisade_ratelimit::redis_crate::aio::ConnectionManager> {
     let all = CONNECTIONS.get_or_try_init(|| Ok::<_, PyErr>(Arc::default()))?;
-    let id = (
-        url.to_string(),
-        parts.tls_ca.clone(),
-        !matches!(parts.policy, Policy::FailClosed),
-    );
+    let id = (url.to_string(), parts.tls_ca.clone(), parts.has_fallback());
     if let Some(c) = all.lock().unwrap_or_else(|p| p.into_inner()).get(&id) {
         return Ok(c.clone());
     }
@@ -290,8 +300,8 @@ fn cluster_connection(
         ));
     }
     let nodes: Vec<String> = urls.split(',').map(str::to_string).collect();
-    let lazy = !matches!(parts.policy, Policy::FailClosed);
-    let timeout = parts.timeout.max(Duration::from_secs(5));
+    let lazy = parts.has_fallback();
+    let timeout = parts.connect_timeout();
     // How long the limiter's making may wait for the cluster: with a policy to fall back on, a
     // second at most (a cluster that has not answered by then is connected in the background).
     let wait = if lazy {

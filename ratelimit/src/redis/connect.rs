@@ -128,10 +128,10 @@ where
     I: IntoIterator<Item = T>,
     T: redis::IntoConnectionInfo,
 {
-    #[cfg(feature = "tls")]
-    install_crypto_provider();
-    let client = redis::cluster::ClusterClient::new(urls).map_err(Error::Redis)?;
-    client.get_async_connection().await.map_err(classify)
+    cluster_client(urls)?
+        .get_async_connection()
+        .await
+        .map_err(classify)
 }
 
 /// Like [`connect_cluster`], without waiting for the cluster, as [`connect_lazy`] is to
@@ -154,13 +154,21 @@ where
     I: IntoIterator<Item = T>,
     T: redis::IntoConnectionInfo,
 {
-    #[cfg(feature = "tls")]
-    install_crypto_provider();
-    let client = redis::cluster::ClusterClient::new(urls).map_err(Error::Redis)?;
     let config = redis::cluster::ClusterConfig::new()
         .set_connection_timeout(timeout)
         .set_response_timeout(timeout);
-    Ok(client.get_pending_async_connection_with_config(config))
+    Ok(cluster_client(urls)?.get_pending_async_connection_with_config(config))
+}
+
+/// The cluster client both cluster connections start from (its URLs checked, TLS ready).
+fn cluster_client<I, T>(urls: I) -> Result<redis::cluster::ClusterClient, Error>
+where
+    I: IntoIterator<Item = T>,
+    T: redis::IntoConnectionInfo,
+{
+    #[cfg(feature = "tls")]
+    install_crypto_provider();
+    redis::cluster::ClusterClient::new(urls).map_err(Error::Redis)
 }
 
 /// rustls needs a process-wide crypto provider and the redis crate selects none; use ring
