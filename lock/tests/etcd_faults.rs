@@ -362,16 +362,7 @@ async fn etcd_restart_within_ttl_keeps_sessions() {
         .unwrap()
         .expect("restart etcd");
     let session = c.session();
-    eventually("a renewal acknowledged after the restart", || {
-        let s = session.clone();
-        async move {
-            s.deadline()
-                // A deadline is a renewal's send time + 99 % of the TTL (19.8 s): only a renewal
-                // sent after the restart began gets past restarting + 19.8 s.
-                .is_some_and(|d| d > restarting + Duration::from_millis(19_800))
-        }
-    })
-    .await;
+    renewed_after(&session, restarting, 20, "the restart").await;
     assert!(!guard.is_lost() && !session.is_lost());
     assert!(matches!(
         other.try_lock("survive").await,
@@ -458,18 +449,27 @@ async fn cluster_keeps_working_without_its_leader() {
         last = g.fencing_token();
         g.release().await.unwrap();
     }
-    // The session's keepalive goes on through the other members: only a renewal sent after the
-    // kill began pushes the deadline past killing + 14.85 s (99 % of the TTL).
-    let session = c.session();
-    eventually("a renewal acknowledged after the leader was killed", || {
+    // The session's keepalive goes on through the other members.
+    renewed_after(&c.session(), killing, 15, "the leader was killed").await;
+    assert!(!c.session().is_lost());
+}
+
+/// Waits (bounded) until `session` has a renewal acknowledged that was sent after `since`. A
+/// deadline is a renewal's send time + 99 % of the TTL, so only such a renewal gets it past
+/// `since` + 99 % of `ttl_secs` (the lease's grant or a renewal sent before `since` does not).
+async fn renewed_after(
+    session: &palisade_lock::Session,
+    since: tokio::time::Instant,
+    ttl_secs: u64,
+    fault: &str,
+) {
+    let ttl = Duration::from_secs(ttl_secs);
+    let bound = since + (ttl - ttl / 100);
+    eventually(&format!("a renewal acknowledged after {fault}"), || {
         let s = session.clone();
-        async move {
-            s.deadline()
-                .is_some_and(|d| d > killing + Duration::from_millis(14_850))
-        }
+        async move { s.deadline().is_some_and(|d| d > bound) }
     })
     .await;
-    assert!(!c.session().is_lost());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
